@@ -1,0 +1,32 @@
+"""Every environment variable the package reads, in one place, with its default.
+
+Nothing else in the package touches ``os.environ``: call the functions here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Root of everything atu builds and reuses (generated worlds, trained default models).
+# Default: $XDG_CACHE_HOME/atu, else ~/.cache/atu, like Hugging Face's cache.
+ATU_CACHE = "ATU_CACHE"
+# Standard XDG base directory for caches.
+XDG_CACHE_HOME = "XDG_CACHE_HOME"
+# Hugging Face's offline switch; set by atu only when loading the packaged default encoder.
+HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
+
+
+def cache_root() -> Path:
+    """The directory under which atu caches built artifacts."""
+    explicit = os.environ.get(ATU_CACHE)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get(XDG_CACHE_HOME)
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "atu"
+
+
+def set_hub_offline() -> None:
+    """Forbid Hugging Face hub calls in this process (the packaged encoder needs none)."""
+    os.environ[HF_HUB_OFFLINE] = "1"

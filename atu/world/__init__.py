@@ -1,0 +1,1 @@
+"""The embedded default: a generated world of fictional people and a small Llama that knows it."""
