@@ -112,34 +112,127 @@ def _print_probe_table(built) -> dict:
     return scores
 
 
+def _print_before_after(summary: dict) -> None:
+    before, after = summary.get("before"), summary.get("after")
+    if not before or not after:
+        return
+    click.echo(f"\n{'group':<10}{'kind':<13}{'before':>8}{'after':>8}{'after/before':>14}")
+    for group in ("forget", "neighbour", "retain"):
+        for kind in ("direct", "paraphrase", "adversarial"):
+            b, a = before[group].get(kind), after[group].get(kind)
+            if b is None or a is None:
+                continue
+            ratio = f"{a / b:.2f}" if b else "-"
+            click.echo(f"{group:<10}{kind:<13}{b:>8.3f}{a:>8.3f}{ratio:>14}")
+    b, a = before["retain_perplexity"], after["retain_perplexity"]
+    if b and a:
+        click.echo(f"{'retain':<10}{'perplexity':<13}{b:>8.1f}{a:>8.1f}{a / b:>14.2f}")
+    click.echo(f"schedule: {summary['stop_reason']}")
+
+
+@main.command("run")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config).")
+@click.option("--no-export", is_flag=True, help="Align and unlearn, evaluate, but write no export.")
+@_friendly
+def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
+    """Align, unlearn, export and evaluate, as CONFIG (YAML) says. A killed run resumes from its last stage."""
+    from atu.pipeline import RunConfig
+    from atu.run import run
+
+    cfg = RunConfig.load(config)
+    if out is not None:
+        cfg.out = str(out)
+    summary = run(cfg, export=not no_export)
+    _print_before_after(summary)
+    click.echo(f"wrote {Path(cfg.out) / 'eval.json'}" + (f" and {summary['export']}" if "export" in summary else ""))
+
+
+@main.command("verify")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_friendly
+def verify_cmd(export_dir: Path) -> None:
+    """Check an export: every file's sha256 against the manifest, and the dimensions of model, predictor, index."""
+    from atu.export import load_export
+
+    exp = load_export(export_dir)
+    g = exp.guard
+    click.echo(
+        f"ok: {export_dir}: hook layer {g.hook_layer}/{g.num_layers}, hidden {g.hidden_size}, "
+        f"embedding {g.embedding_dim}, {len(exp.index)} concepts, {len(exp.manifest['files'])} files verified"
+    )
+
+
+def _check_vllm(export_dir: Path, probes: Path | None, count: int) -> list[dict]:
+    from atu.formats import read_probes
+    from atu.vllm_check import compare_with_transformers
+
+    if probes:
+        questions = [p.question for p in read_probes(probes)][:count]
+    else:
+        questions = ["Where was the author born?", "Who wrote it?", "Hello", "Tell me a fact.", "What is it?"][:count]
+    return compare_with_transformers(export_dir / "model", questions)
+
+
+@main.command("check-vllm")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--probes", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Questions (probes.jsonl)."
+)
+@click.option("-n", "count", default=5, show_default=True, help="How many questions to compare.")
+@_friendly
+def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
+    """Serve EXPORT/model with a real vLLM server and compare greedy outputs with transformers."""
+    rows = _check_vllm(export_dir, probes, count)
+    for r in rows:
+        click.echo(
+            f"{'same' if r['equal'] else 'DIFF'}  {r['question'][:50]!r}: vllm={r['vllm']!r} "
+            f"transformers={r['transformers']!r}"
+        )
+    equal = sum(r["equal"] for r in rows)
+    click.echo(f"{equal}/{len(rows)} greedy outputs equal")
+    if equal != len(rows):
+        sys.exit(1)
+
+
 @main.command()
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("demo_out"),
     show_default=True,
-    help="Directory for the demo's outputs.",
+    help="Directory for the run, the export and eval.json.",
 )
+@click.option("--forget", "n_forget", default=1, show_default=True, help="How many people to forget.")
 @click.option("--tiny", is_flag=True, help="Use the tiny world (seconds instead of minutes).")
+@click.option("--vllm/--no-vllm", "use_vllm", default=True, help="Check the export under a real vLLM server.")
 @_friendly
-def demo(out: Path, tiny: bool) -> None:
-    """The whole job on the embedded world: build it (cached after the first run) and score the model."""
+def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
+    """The whole job on the embedded world: build it (cached), forget people, export, evaluate, check vLLM."""
+    from atu.pipeline import RunConfig
+    from atu.run import run
     from atu.world.build import build_world
     from atu.world.config import WorldConfig
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = WorldConfig.tiny() if tiny else WorldConfig()
     click.echo("building the embedded world (cached after the first run)...")
-    t0 = time.time()
-    built = build_world(cfg)
+    built = build_world(WorldConfig.tiny() if tiny else WorldConfig())
     info = built.build_info()
-    click.echo(
-        f"world: {built.root}\n  {info['parameters']:,} parameters, trained in {info['train_seconds']}s "
-        f"(build {info['build_seconds']}s; this call {time.time() - t0:.1f}s)"
-    )
-    scores = _print_probe_table(built)
-    (out / "world_eval.json").write_text(json.dumps({"world": str(built.root), "probes": scores}, indent=1) + "\n")
-    click.echo(f"wrote {out / 'world_eval.json'}")
+    click.echo(f"world: {built.root}\n  {info['parameters']:,} parameters, built in {info['build_seconds']}s")
+    names = built.concepts().names()[:n_forget]
+    click.echo(f"forgetting: {', '.join(names)}")
+    raw = {"model": "world:tiny" if tiny else "world", "data": {"forget": names}, "out": str(out)}
+    if tiny:
+        raw.update(align={"epochs": 5, "realign_epochs": 2}, unlearn={"steps_per_stage": 10})
+    summary = run(RunConfig.from_dict(raw, "demo config"))
+    _print_before_after(summary)
+    if use_vllm:
+        click.echo("\nserving the export with vLLM (CPU) and comparing greedy outputs with transformers...")
+        rows = _check_vllm(Path(summary["export"]), built.path("probes.jsonl"), 5)
+        for r in rows:
+            click.echo(f"  {'same' if r['equal'] else 'DIFF'}  {r['question'][:60]!r} -> {r['vllm'].strip()!r}")
+        summary["vllm_check"] = rows
+        (out / "eval.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    click.echo(f"\nexport: {summary['export']}\nevaluation: {out / 'eval.json'}")
 
 
 if __name__ == "__main__":

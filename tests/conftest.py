@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 # The tests never talk to a model hub; make any accidental attempt fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Everything the tests build goes to a fresh cache, never the user's.
+_CACHE = Path(tempfile.mkdtemp(prefix="atu-test-cache-"))
+os.environ["ATU_CACHE"] = str(_CACHE)
 
 
 @pytest.fixture(scope="session")
-def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("atu-cache")
+def cache_root():
+    return _CACHE
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +27,41 @@ def tiny_world(cache_root):
     from atu.world.config import WorldConfig
 
     return build_world(WorldConfig.tiny(), root=cache_root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_world):
+    from atu.loading import load_lm
+
+    return load_lm(tiny_world.model_dir)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from atu.loading import load_encoder
+
+    return load_encoder()
+
+
+def tiny_run_config(out, **unlearn):
+    """A run on the tiny world that takes seconds: few epochs, two short stages."""
+    from atu.pipeline import RunConfig
+
+    raw = {
+        "model": "world:tiny",
+        "align": {"epochs": 4, "realign_epochs": 1, "window": 4},
+        "unlearn": {"taus": [0.6, 0.3], "steps_per_stage": 4, **unlearn},
+        "out": str(out),
+    }
+    return RunConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_world):
+    """(run dir, config, summary) of a whole job on the tiny world, forgetting its first person."""
+    from atu.run import run
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_run_config(out)
+    cfg.data.forget = tiny_world.concepts().names()[:1]
+    return out, cfg, run(cfg, progress=False)

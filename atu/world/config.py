@@ -109,9 +109,9 @@ class WorldConfig:
             lm=LMConfig(
                 hidden_size=64,
                 num_hidden_layers=2,
-                num_attention_heads=4,
+                num_attention_heads=2,  # head dimension 32: vLLM's CPU attention kernels reject 16
                 intermediate_size=128,
                 max_position_embeddings=256,
             ),
-            train=TrainConfig(steps=60, batch_size=16, block_size=64, lr=5e-3, warmup_steps=5),
+            train=TrainConfig(steps=60, batch_size=16, block_size=64, lr=5e-3, warmup_steps=5, threads=1),
         )

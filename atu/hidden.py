@@ -1,0 +1,92 @@
+"""Truncated forward: the hidden states after the first ``L`` decoder layers, without running the rest.
+
+Both losses of the method read only layer ``L``, so the layers above it, the final norm and the LM head are
+never run. A forward hook on decoder layer ``L - 1`` captures its output and stops the forward pass by raising;
+the autograd graph up to that point is intact, so gradients flow into layers ``0..L-1``. This works for any
+architecture whose decoder layers form one ``nn.ModuleList`` (Llama, Mistral, Qwen, Phi-3, GPT-2, GPT-NeoX, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atu.errors import ConfigError
+
+# Where common Hugging Face causal LMs keep their decoder layers (peft wrappers are unwrapped first).
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
+
+
+class _ReachedHookLayer(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # peft's PeftModel -> LoraModel -> the transformers model
+    while hasattr(model, "base_model") and model.base_model is not model and hasattr(model, "peft_config"):
+        model = model.base_model.model if hasattr(model.base_model, "model") else model.base_model
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder layers of a causal LM (possibly wrapped by peft)."""
+    inner = _unwrap(model)
+    for path in _LAYER_PATHS:
+        obj = inner
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ConfigError(
+        f"cannot find the decoder layers of {type(inner).__name__} (looked for {', '.join(_LAYER_PATHS)}); "
+        "this architecture is not supported yet"
+    )
+
+
+def check_hook_layer(model: nn.Module, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n:
+        raise ConfigError(f"hook layer must be an integer in [1, {n}] for this {n}-layer model, got {layer!r}")
+    return layer
+
+
+def hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """Output of decoder layer ``layer`` (1-based: ``layer`` decoder layers applied), shape (B, T, hidden).
+
+    For ``layer < num_layers`` this equals transformers' ``hidden_states[layer]``. Gradients flow when the
+    caller has grad enabled.
+    """
+    layers = decoder_layers(model)
+    check_hook_layer(model, layer)
+
+    def stop(_module, _args, output):
+        raise _ReachedHookLayer(output[0] if isinstance(output, tuple) else output)
+
+    handle = layers[layer - 1].register_forward_hook(stop)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _ReachedHookLayer as reached:
+        return reached.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError("the forward pass finished without reaching the hook layer")  # pragma: no cover
+
+
+def freeze_above(model: nn.Module, layer: int, *, train_embeddings: bool = False) -> list[nn.Parameter]:
+    """Freeze everything but decoder layers ``0..layer-1`` (and the input embeddings if asked).
+
+    Returns the parameters left trainable. Layers above the hook layer cannot change either loss.
+    """
+    layers = decoder_layers(model)
+    check_hook_layer(model, layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for block in layers[:layer] for p in block.parameters()]
+    if train_embeddings:
+        trainable += list(_unwrap(model).get_input_embeddings().parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable

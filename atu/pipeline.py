@@ -1,0 +1,94 @@
+"""`atu run CONFIG.yaml`: align, unlearn, export and evaluate, from one config file.
+
+The YAML has these top-level keys (unknown keys are errors):
+
+    model: ID_OR_PATH            # any Hugging Face causal LM; "world" or "world:tiny" = the embedded default
+    encoder: ID_OR_PATH          # any sentence-transformers encoder; default: the packaged all-MiniLM-L6-v2
+    data:                        # with model "world*", every path defaults to the built world's files
+      corpus: corpus.jsonl       # {"text", "concept"}: forget texts are those whose concept is forgotten
+      concepts: concepts.yaml    # the concept set
+      forget: [NAME, ...]        # which concepts to forget (default: all of concepts.yaml)
+      validation: heldout.jsonl  # held-out texts; those of retained concepts are the stopping signal
+      probes: probes.jsonl       # optional: evaluation before and after
+    align: {...}                 # atu.align.AlignConfig
+    unlearn: {...}               # atu.unlearn.UnlearnConfig
+    out: DIR                     # run directory: checkpoints, metrics.jsonl, export/, eval.json
+    device: auto                 # auto | cpu | cuda
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atu.align import AlignConfig
+from atu.errors import ConfigError
+from atu.loading import DEFAULT_ENCODER
+from atu.unlearn import UnlearnConfig
+
+WORLD_MODELS = ("world", "world:tiny")
+DATA_KEYS = ("corpus", "concepts", "forget", "validation", "probes")
+
+
+@dataclass
+class DataConfig:
+    corpus: str | None = None
+    concepts: str | None = None
+    forget: list[str] | None = None
+    validation: str | None = None
+    probes: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: str
+    encoder: str = DEFAULT_ENCODER
+    data: DataConfig = field(default_factory=DataConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    out: str = "atu_run"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.model not in WORLD_MODELS and (self.data.corpus is None or self.data.concepts is None):
+            raise ConfigError("data.corpus and data.concepts are required unless model is 'world' or 'world:tiny'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping at the top level")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
+        if "model" not in raw:
+            raise ConfigError(f"{where}: missing key 'model' (a Hugging Face id or path, or 'world')")
+        data = dict(raw)
+        data_raw = data.get("data") or {}
+        bad = sorted(set(data_raw) - set(DATA_KEYS))
+        if bad:
+            raise ConfigError(f"{where}: unknown key 'data.{bad[0]}' (allowed: {', '.join(DATA_KEYS)})")
+        data["data"] = DataConfig(**data_raw)
+        try:
+            data["align"] = AlignConfig.from_dict(data.get("align") or {})
+            data["unlearn"] = UnlearnConfig.from_dict(data.get("unlearn") or {})
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the run config ({e})") from None
+        return cls.from_dict(raw, str(path))

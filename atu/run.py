@@ -1,0 +1,198 @@
+"""Run a whole job from a RunConfig: load, evaluate before, align + unlearn (schedule), export, evaluate after."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from atu import formats
+from atu.errors import ConfigError
+from atu.evaluate import evaluate_model, mean_similarity
+from atu.export import GuardConfig, write_export
+from atu.index import ConceptIndex
+from atu.loading import load_encoder, load_lm
+from atu.pipeline import RunConfig
+from atu.schedule import ScheduleInputs, run_schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    corpus: list[formats.CorpusRecord]
+    concepts: formats.ConceptSet  # the full concept set
+    forget: list[str]
+    validation: list[str]  # held-out texts of half the retained concepts: the stopping signal
+    evaluation: list[str]  # held-out texts of the other half: perplexity in the evaluation
+    probes: list[formats.Probe]
+
+
+def _resolve_world(cfg: RunConfig, progress: bool) -> tuple[str, dict[str, str]]:
+    if cfg.model not in ("world", "world:tiny"):
+        return cfg.model, {}
+    from atu.world.build import build_world
+    from atu.world.config import WorldConfig
+
+    built = build_world(WorldConfig.tiny() if cfg.model == "world:tiny" else WorldConfig(), progress=progress)
+    files = {
+        "corpus": "corpus.jsonl",
+        "concepts": "concepts.yaml",
+        "validation": "heldout.jsonl",
+        "probes": "probes.jsonl",
+    }
+    return str(built.model_dir), {k: str(built.path(v)) for k, v in files.items()}
+
+
+def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
+    def path(key: str) -> str | None:
+        return getattr(cfg.data, key) or defaults.get(key)
+
+    corpus = formats.read_corpus(path("corpus"))
+    concepts = formats.read_concepts(path("concepts"))
+    forget = cfg.data.forget or concepts.names()
+    unknown = [n for n in forget if n not in concepts.names()]
+    if unknown:
+        raise ConfigError(f"data.forget names {unknown[0]!r}, which is not in {path('concepts')}")
+    for name in forget:
+        texts = [r.text for r in corpus if r.concept == name]
+        if not texts:
+            raise ConfigError(f"no forget texts: {path('corpus')} has no record with concept {name!r}")
+        forms = concepts.get(name).surface_forms()
+        if not any(f in t for t in texts for f in forms):
+            logger.warning("concept %r never appears by name or alias in its own forget texts", name)
+    retained = sorted({r.concept for r in corpus if r.concept and r.concept not in forget})
+    # Split the retained concepts in two: one half steers the schedule, the other half is only evaluated.
+    val_names = set(retained[::2])
+    held = formats.read_corpus(path("validation")) if path("validation") else []
+    if held:
+        validation = [r.text for r in held if r.concept in val_names]
+        evaluation = [r.text for r in held if r.concept not in val_names and r.concept not in forget]
+    else:
+        logger.warning("no held-out texts (data.validation): using retained corpus texts as the stopping signal")
+        validation = [r.text for r in corpus if r.concept in val_names]
+        evaluation = [r.text for r in corpus if r.concept in set(retained) - val_names]
+    probes = formats.read_probes(path("probes")) if path("probes") else []
+    return RunData(corpus, concepts, list(forget), validation, evaluation, probes)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but torch sees no GPU; use device: cpu or auto")
+    return name
+
+
+def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
+    """The whole job. Writes ``cfg.out``: metrics.jsonl, checkpoint/, export/, eval.json. Returns the summary."""
+    out = Path(cfg.out)
+    t0 = time.time()
+    model_ref, defaults = _resolve_world(cfg, progress)
+    data = load_run_data(cfg, defaults)
+    device = _device(cfg.device)
+    model, tokenizer = load_lm(model_ref, device=device)
+    encoder = load_encoder(cfg.encoder, device=device)
+    forget_set = set(data.forget)
+    concepts = data.concepts.subset(data.forget)
+    row = {n: i for i, n in enumerate(data.forget)}
+    forget_records = [r for r in data.corpus if r.concept in forget_set]
+    inputs = ScheduleInputs(
+        concepts=concepts,
+        forget_texts=[r.text for r in forget_records],
+        forget_concepts=[[row[r.concept]] for r in forget_records],
+        align_texts=[r.text for r in data.corpus],
+        validation_texts=data.validation,
+        retain_texts=[r.text for r in data.corpus if r.concept not in forget_set],
+    )
+    before = (
+        evaluate_model(model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation)
+        if data.probes
+        else None
+    )
+
+    result = run_schedule(model, tokenizer, encoder, inputs, cfg.align, cfg.unlearn, run_dir=out, progress=progress)
+    final = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
+    final.eval()
+
+    after = (
+        evaluate_model(final, tokenizer, data.probes, data.concepts, data.forget, data.evaluation)
+        if data.probes
+        else None
+    )
+    retain_sample = inputs.retain_texts[:256]
+    layer = result.hook_layer
+    similarity = _similarity_report(model_ref, device, final, tokenizer, result, inputs.forget_texts, retain_sample)
+    summary = {
+        "forget": data.forget,
+        "hook_layer": layer,
+        "stop_reason": result.stop_reason,
+        "stages": [{k: s[k] for k in ("stage", "tau", "rise", "val_ppl", "stage_seconds")} for s in result.stages],
+        "align": result.align_metrics,
+        "final_thresholds": cfg.unlearn.final_thresholds(concepts).tolist(),
+        "similarity": similarity,
+        "before": before,
+        "after": after,
+        "seconds": round(time.time() - t0, 1),
+    }
+    if export:
+        guard = GuardConfig(
+            hook_layer=layer,
+            window=cfg.align.window,
+            encoder=cfg.encoder,
+            hidden_size=final.config.hidden_size,
+            embedding_dim=result.concept_vectors.shape[1],
+            num_layers=final.config.num_hidden_layers,
+            concept_target=cfg.unlearn.target,
+        )
+        index = ConceptIndex.build(
+            result.concept_vectors.numpy(), data.forget, cfg.unlearn.final_thresholds(concepts).numpy()
+        )
+        brief = {"before": _brief(before), "after": _brief(after), "stop_reason": result.stop_reason}
+        write_export(
+            out / "export",
+            model=final,
+            tokenizer=tokenizer,
+            predictor=result.predictor,
+            guard=guard,
+            index=index,
+            training_config=cfg.to_dict(),
+            eval_summary=brief,
+            overwrite=True,
+        )
+        summary["export"] = str(out / "export")
+    (out / "eval.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def _brief(ev: dict | None) -> dict | None:
+    if ev is None:
+        return None
+    return {k: v for k, v in ev.items() if k != "answers"}
+
+
+def _similarity_report(model_ref, device, final, tokenizer, result, forget_texts, retain_texts) -> dict:
+    """Mean cosine to each concept on forget and retain texts: the original model with its aligned predictor, and
+    the unlearned model with the predictor that drove the last kept stage (before the final re-alignment)."""
+    original, _ = load_lm(model_ref, device=device)
+    layer, vectors = result.hook_layer, result.concept_vectors
+    report = {
+        "before": {
+            "forget": mean_similarity(original, result.initial_predictor, tokenizer, forget_texts, vectors, layer),
+            "retain": mean_similarity(original, result.initial_predictor, tokenizer, retain_texts, vectors, layer),
+        },
+        "after_final_predictor": {
+            "forget": mean_similarity(final, result.predictor, tokenizer, forget_texts, vectors, layer),
+            "retain": mean_similarity(final, result.predictor, tokenizer, retain_texts, vectors, layer),
+        },
+    }
+    if result.driving_predictor is not None:
+        report["after_driving_predictor"] = {
+            "forget": mean_similarity(final, result.driving_predictor, tokenizer, forget_texts, vectors, layer),
+            "retain": mean_similarity(final, result.driving_predictor, tokenizer, retain_texts, vectors, layer),
+        }
+    return report

@@ -1,0 +1,298 @@
+"""The Align-then-Unlearn schedule: align, then alternate (unlearn at tau, check retain, re-align) with a falling
+tau, and stop on a validation signal, never on evaluation probes.
+
+Stopping rule: after each unlearning stage, perplexity on held-out retain texts is compared with its value before
+unlearning. If it rose by more than ``retain_budget``, that stage is undone and the schedule stops with the model of
+the previous stage. Every stage ends with a re-alignment, so the predictor that is kept (and exported) is aligned
+to the model that is kept. The predictor that drove the last kept stage is kept too, for evaluation.
+
+With a run directory, every kept stage is checkpointed (atomically) and a killed run resumes after the last
+checkpointed stage; per-step metrics go to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from atu import cache
+from atu.align import AlignConfig, compute_hidden, new_predictor, prepare_alignment, train_predictor
+from atu.errors import AtuError, ConfigError
+from atu.formats import ConceptSet
+from atu.hidden import decoder_layers, freeze_above
+from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
+from atu.unlearn import UnlearnConfig, forget_batches, perplexity, target_vectors, tokenize_texts, unlearn_stage
+from atu.windows import build_windows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduleInputs:
+    concepts: ConceptSet  # the concepts to forget
+    forget_texts: list[str]  # texts about them
+    forget_concepts: list[list[int]]  # for each forget text, the rows of ``concepts`` it is about
+    align_texts: list[str]  # texts the predictor is aligned on (forget and retain)
+    validation_texts: list[str]  # held-out retain texts: the stopping signal
+    retain_texts: list[str] = field(default_factory=list)  # retain texts for logging and the optional retain loss
+
+
+@dataclass
+class ScheduleResult:
+    model: torch.nn.Module  # the unlearned model (LoRA still attached when method is lora)
+    predictor: EmbeddingPredictor  # re-aligned to ``model``: the one to export
+    driving_predictor: EmbeddingPredictor | None  # the frozen predictor of the last kept stage
+    initial_predictor: EmbeddingPredictor  # aligned to the model before unlearning
+    concept_vectors: torch.Tensor  # (C, D)
+    hook_layer: int
+    stages: list[dict]  # one record per kept stage
+    stop_reason: str
+    align_metrics: dict
+
+
+def _checkpoint_key(inputs: ScheduleInputs, align: AlignConfig, unlearn: UnlearnConfig) -> str:
+    return cache.config_key(
+        {
+            "align": align.to_dict(),
+            "unlearn": unlearn.to_dict(),
+            "concepts": inputs.concepts.names(),
+            "forget": inputs.forget_texts,
+        }
+    )
+
+
+def _save_checkpoint(run_dir: Path, key: str, params: dict[str, torch.Tensor], predictor, driving, stages) -> None:
+    tmp = run_dir / ".checkpoint.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: t.detach().cpu().contiguous() for n, t in params.items()}, str(tmp / "trainable.safetensors"))
+    save_predictor(predictor, tmp / "predictor")
+    if driving is not None:
+        save_predictor(driving, tmp / "driving_predictor")
+    (tmp / "state.json").write_text(json.dumps({"key": key, "stages": stages}, indent=1, sort_keys=True) + "\n")
+    final = run_dir / "checkpoint"
+    old = run_dir / ".checkpoint.old"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run_dir: Path, key: str):
+    ckpt = run_dir / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        return None
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("key") != key:
+            raise AtuError(f"{ckpt}: checkpoint of a different run config; use another --run-dir or delete it")
+        params = load_file(str(ckpt / "trainable.safetensors"))
+        predictor = load_predictor(ckpt / "predictor")
+        driving = load_predictor(ckpt / "driving_predictor") if (ckpt / "driving_predictor").is_dir() else None
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise AtuError(f"{ckpt}: corrupt checkpoint ({e}); delete it to start over") from None
+    return params, predictor, driving, state["stages"]
+
+
+def _trainable(model, layer: int, cfg: UnlearnConfig):
+    """Set up what the unlearning may change; returns (model, {name: param})."""
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            layers_to_transform=list(range(layer)),
+        )
+        model = get_peft_model(model, lora)
+    else:
+        freeze_above(model, layer, train_embeddings=cfg.train_embeddings)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_schedule(
+    model,
+    tokenizer,
+    encoder,
+    inputs: ScheduleInputs,
+    align_cfg: AlignConfig,
+    unlearn_cfg: UnlearnConfig,
+    *,
+    run_dir: Path | None = None,
+    progress: bool = True,
+) -> ScheduleResult:
+    if not inputs.forget_texts:
+        raise ConfigError("no forget texts: the corpus has no text about the concepts to forget")
+    if not inputs.validation_texts:
+        raise ConfigError("no held-out retain texts: the schedule needs them to decide where to stop")
+    layer = align_cfg.resolve_layer(len(decoder_layers(model)))
+    hidden_size = model.config.hidden_size
+    embedding_dim = encoder.get_embedding_dimension()
+    key = _checkpoint_key(inputs, align_cfg, unlearn_cfg)
+    metrics_file = None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def log(rec: dict) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(rec, sort_keys=True) + "\n")
+            metrics_file.flush()
+
+    try:
+        t0 = time.time()
+        data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
+        t_prepare = time.time() - t0
+        predictor = new_predictor(align_cfg, hidden_size, embedding_dim)
+        train_h = compute_hidden(model, data.train, layer)
+        val_h = compute_hidden(model, data.val, layer)
+        align_metrics = train_predictor(
+            predictor, data, train_h, align_cfg.epochs, align_cfg, val_hidden=val_h, progress=progress, desc="aligning"
+        )
+        align_metrics.update(
+            prepare_seconds=round(t_prepare, 1),
+            align_seconds=round(time.time() - t0 - t_prepare, 1),
+            windows=data.n_windows,
+        )
+        log({"event": "aligned", **align_metrics})
+        initial = copy.deepcopy(predictor)
+
+        window_texts = None
+        if unlearn_cfg.target == "centroid":
+            window_texts = []
+            for row in range(len(inputs.concepts.concepts)):
+                texts = [t for t, cs in zip(inputs.forget_texts, inputs.forget_concepts) if row in cs]
+                window_texts.append(
+                    build_windows(
+                        texts, tokenizer, encoder.tokenizer, align_cfg.window, align_cfg.max_length
+                    ).window_texts
+                    if texts
+                    else []
+                )
+        vectors = target_vectors(inputs.concepts, encoder, unlearn_cfg.target, window_texts)
+
+        model, params = _trainable(model, layer, unlearn_cfg)
+        batches = forget_batches(
+            inputs.forget_texts,
+            inputs.forget_concepts,
+            len(inputs.concepts.concepts),
+            tokenizer,
+            align_cfg.max_length,
+            unlearn_cfg.batch_size,
+            unlearn_cfg.seed,
+        )
+        val_batches = [
+            tokenize_texts(inputs.validation_texts[i : i + 32], tokenizer, align_cfg.max_length)
+            for i in range(0, len(inputs.validation_texts), 32)
+        ]
+        retain = (
+            tokenize_texts(inputs.retain_texts[: unlearn_cfg.batch_size], tokenizer, align_cfg.max_length)
+            if inputs.retain_texts
+            else None
+        )
+        baseline = perplexity(model, val_batches)
+
+        stages: list[dict] = []
+        driving: EmbeddingPredictor | None = None
+        resumed = _load_checkpoint(run_dir, key) if run_dir is not None else None
+        if resumed is not None:
+            saved, predictor, driving, stages = resumed
+            with torch.no_grad():
+                for n, t in saved.items():
+                    params[n].copy_(t)
+            logger.info("resumed after stage %d from %s", len(stages) - 1, run_dir / "checkpoint")
+            log({"event": "resumed", "stages_done": len(stages)})
+        stop_reason = "schedule complete: every stage stayed within the retain budget"
+        for stage, tau in enumerate(unlearn_cfg.taus):
+            if stage < len(stages):
+                continue
+            t_stage = time.time()
+            snapshot = {n: p.detach().clone() for n, p in params.items()}
+            frozen = copy.deepcopy(predictor).eval().requires_grad_(False)
+            records = unlearn_stage(
+                model,
+                frozen,
+                batches,
+                vectors,
+                unlearn_cfg.stage_thresholds(tau, inputs.concepts),
+                layer,
+                unlearn_cfg,
+                list(params.values()),
+                stage=stage,
+                step_offset=stage * unlearn_cfg.steps_per_stage,
+                retain=retain,
+                on_log=log,
+                progress=progress,
+            )
+            t_unlearn = time.time() - t_stage
+            val_ppl = perplexity(model, val_batches)
+            rise = val_ppl / baseline - 1
+            log(
+                {
+                    "event": "validated",
+                    "stage": stage,
+                    "tau": tau,
+                    "val_ppl": val_ppl,
+                    "baseline_ppl": baseline,
+                    "rise": rise,
+                }
+            )
+            if rise > unlearn_cfg.retain_budget:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(snapshot[n])
+                kept = f"kept the model after tau={unlearn_cfg.taus[stage - 1]}" if stage else "nothing unlearned"
+                stop_reason = (
+                    f"stopped at tau={tau}: held-out retain perplexity rose {rise:.1%} "
+                    f"(budget {unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
+                )
+                break
+            train_h = compute_hidden(model, data.train, layer)
+            val_h = compute_hidden(model, data.val, layer)
+            realign = train_predictor(
+                predictor,
+                data,
+                train_h,
+                align_cfg.realign_epochs,
+                align_cfg,
+                val_hidden=val_h,
+                progress=progress,
+                desc=f"re-aligning after stage {stage}",
+            )
+            driving = frozen
+            stages.append(
+                {
+                    "stage": stage,
+                    "tau": tau,
+                    "val_ppl": val_ppl,
+                    "rise": rise,
+                    "realign": realign,
+                    "last": records[-1] if records else {},
+                    "unlearn_seconds": round(t_unlearn, 1),
+                    "stage_seconds": round(time.time() - t_stage, 1),
+                }
+            )
+            log({"event": "stage_done", **stages[-1]})
+            if run_dir is not None:
+                _save_checkpoint(run_dir, key, params, predictor, driving, stages)
+        logger.info("%s", stop_reason)
+        log({"event": "stopped", "reason": stop_reason})
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    return ScheduleResult(model, predictor, driving, initial, vectors, layer, stages, stop_reason, align_metrics)

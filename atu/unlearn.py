@@ -1,0 +1,263 @@
+"""Unlearning: fine-tune the LM (layers up to L) so that the frozen predictor's output on texts about a concept
+stays below the concept's threshold: ``mean relu(cos(E(h_L)_t, c) - tau)``.
+
+This module holds the config, the concept targets and one unlearning stage; `atu.schedule` alternates stages
+with re-alignment and decides where to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from atu.errors import ConfigError
+from atu.formats import ConceptSet
+from atu.hidden import hidden_at
+from atu.losses import concept_similarity, unlearning_loss
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("name", "description", "centroid")
+OPTIMIZERS = ("sgd", "adam")
+METHODS = ("full", "lora")
+
+
+@dataclass
+class UnlearnConfig:
+    """The unlearning schedule. Defaults follow what worked on small models here (see DESIGN.md): plain SGD
+    with a large step and clipping stops by itself once every position is under the threshold; Adam's momentum
+    keeps changing the model after the hinge reaches zero."""
+
+    taus: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])  # one unlearning stage per tau
+    steps_per_stage: int = 40  # optimizer steps in each unlearning stage
+    lr: float = 0.3
+    optimizer: str = "sgd"  # sgd | adam (the paper: SGD)
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    method: str = "full"  # full: fine-tune layers 0..L-1; lora: LoRA adapters on them, merged at export
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    train_embeddings: bool = False  # also fine-tune the input embeddings (tied to the LM head in small models)
+    target: str = "name"  # concept target embedding: name | description | centroid of the forget windows
+    retain_weight: float = 0.0  # weight of an LM loss on retain texts added to each step (0: off, the paper)
+    retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
+    log_every: int = 10
+    seed: int = 0
+    bf16: bool = True  # autocast to bfloat16 when on a GPU (ignored on CPU)
+    gradient_checkpointing: bool = False  # on GPU, for models that do not fit otherwise
+
+    def __post_init__(self) -> None:
+        if not self.taus or any(not -1 <= t <= 1 for t in self.taus):
+            raise ConfigError(f"unlearn.taus must be a non-empty list of cosines in [-1, 1], got {self.taus}")
+        if any(later > earlier for later, earlier in zip(self.taus[1:], self.taus)):
+            raise ConfigError(f"unlearn.taus must not rise from one stage to the next, got {self.taus}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("method", METHODS), ("target", TARGETS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unlearn.{name} is {getattr(self, name)!r}, expected one of {allowed}")
+        if self.steps_per_stage < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise ConfigError("unlearn.steps_per_stage, unlearn.batch_size and unlearn.log_every must be >= 1")
+        if not self.lr > 0 or not self.grad_clip > 0:
+            raise ConfigError(f"unlearn.lr and unlearn.grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
+        if self.retain_weight < 0 or self.retain_budget <= 0:
+            raise ConfigError("unlearn.retain_weight must be >= 0 and unlearn.retain_budget > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnlearnConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unlearn: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def stage_thresholds(self, tau: float, concepts: ConceptSet) -> torch.Tensor:
+        """Each concept's threshold in a stage: the stage's tau, never below the concept's own threshold."""
+        return torch.tensor([max(tau, c.threshold) if c.threshold is not None else tau for c in concepts.concepts])
+
+    def final_thresholds(self, concepts: ConceptSet) -> torch.Tensor:
+        return self.stage_thresholds(self.taus[-1], concepts)
+
+
+# ------------------------------------------------------------------------------------------- forget texts
+
+
+@dataclass
+class ForgetBatch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    position_mask: torch.Tensor  # (B, T) bool: real tokens except the first (BOS carries no text)
+    concept_mask: torch.Tensor  # (B, C) bool: which concepts each text is about
+
+
+def tokenize_texts(texts: list[str], tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask) without touching the tokenizer's settings."""
+    ids = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in texts]
+    width = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def forget_batches(
+    texts: list[str],
+    concepts_of_text: list[list[int]],
+    n_concepts: int,
+    tokenizer,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+) -> list[ForgetBatch]:
+    """Fixed, shuffled batches of forget texts; ``concepts_of_text[i]`` lists the concept rows text i is about."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        input_ids, attn = tokenize_texts([texts[i] for i in idx], tokenizer, max_length)
+        pos = attn.bool().clone()
+        if tokenizer.bos_token_id is not None:
+            pos &= input_ids != tokenizer.bos_token_id  # BOS has one state for every text: pushing it harms all
+        cmask = torch.zeros((len(idx), n_concepts), dtype=torch.bool)
+        for row, i in enumerate(idx):
+            cmask[row, concepts_of_text[i]] = True
+        out.append(ForgetBatch(input_ids, attn, pos, cmask))
+    return out
+
+
+def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over real tokens (full forward)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+# ------------------------------------------------------------------------------------------- one stage
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: UnlearnConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+def unlearn_stage(
+    model,
+    predictor,
+    batches: list[ForgetBatch],
+    concept_vectors: torch.Tensor,
+    thresholds: torch.Tensor,
+    layer: int,
+    cfg: UnlearnConfig,
+    params: list[torch.nn.Parameter],
+    *,
+    stage: int,
+    step_offset: int = 0,
+    retain: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_log=None,
+    progress: bool = True,
+) -> list[dict]:
+    """``cfg.steps_per_stage`` optimizer steps of the unlearning loss; the predictor stays frozen.
+
+    ``retain`` is a fixed (input_ids, attention_mask) batch of retain texts: used for the optional retain loss and
+    for logging how similar their predictions are to the concepts. Returns the logged records.
+    """
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    opt = make_optimizer(params, cfg)
+    vectors = concept_vectors.to(device)
+    taus = thresholds.to(device)
+    records: list[dict] = []
+    model.train()
+    rng = random.Random(cfg.seed + stage)
+    order: list[int] = []
+    bar = tqdm(
+        range(cfg.steps_per_stage),
+        desc=f"unlearning stage {stage} (tau {taus.max().item():.2f})",
+        disable=not progress,
+        unit="step",
+    )
+    for i in bar:
+        if not order:
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+        b = batches[order.pop()]
+        ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
+        with autocast:
+            pred = predictor(hidden_at(model, ids, attn, layer), attn)  # (B, T, D)
+            loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
+            total = loss
+            if retain is not None and cfg.retain_weight > 0:
+                total = total + cfg.retain_weight * lm_loss(model, retain[0].to(device), retain[1].to(device))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step = step_offset + i
+        if i % cfg.log_every == 0 or i == cfg.steps_per_stage - 1:
+            rec = {"step": step, "stage": stage, "loss": loss.item(), "grad_norm": grad_norm.item()}
+            rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
+            if retain is not None:
+                with torch.no_grad(), autocast:
+                    r_attn = retain[1].to(device)
+                    r_pred = predictor(hidden_at(model, retain[0].to(device), r_attn, layer), r_attn)
+                rec.update(_similarity_stats(r_pred, vectors, r_attn.bool(), "retain"))
+            records.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if on_log is not None:
+                on_log(rec)
+    model.eval()
+    return records
+
+
+def _similarity_stats(pred: torch.Tensor, vectors: torch.Tensor, mask: torch.Tensor, prefix: str) -> dict:
+    sim = concept_similarity(pred.float(), vectors.float())[mask]  # (N, C)
+    if sim.numel() == 0:
+        return {}
+    return {f"{prefix}_sim_mean": sim.mean(0).tolist(), f"{prefix}_sim_max": sim.max(0).values.tolist()}
+
+
+def target_vectors(
+    concepts: ConceptSet, encoder, how: str, forget_window_texts: list[list[str]] | None = None
+) -> torch.Tensor:
+    """(C, D) L2-normalised concept targets: the name, the description, or the centroid of forget windows."""
+    from atu.align import encode_texts
+
+    if how == "name":
+        return encode_texts(encoder, [c.name for c in concepts.concepts])
+    if how == "description":
+        missing = [c.name for c in concepts.concepts if not c.description]
+        if missing:
+            raise ConfigError(f"unlearn.target is 'description' but concept {missing[0]!r} has no description")
+        return encode_texts(encoder, [f"{c.name}, {c.description}" for c in concepts.concepts])
+    if forget_window_texts is None or any(not w for w in forget_window_texts):
+        raise ConfigError("unlearn.target 'centroid' needs forget texts with at least one full window per concept")
+    rows = [F.normalize(encode_texts(encoder, w).mean(0), dim=0) for w in forget_window_texts]
+    return torch.stack(rows)
+
+
+def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Token-weighted perplexity over fixed batches (a validation or evaluation signal)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for ids, attn in batches:
+            n = int(attn[:, 1:].sum())
+            total += lm_loss(model, ids.to(device), attn.to(device)).item() * n
+            count += n
+    model.train(was_training)
+    return math.exp(total / max(count, 1))

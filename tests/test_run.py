@@ -1,0 +1,83 @@
+"""The whole job on the tiny world: align, unlearn, export, evaluate, resume; and the CLI around it."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import tiny_run_config
+
+from atu.cli import main
+from atu.export import load_export
+from atu.run import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_writes_export_and_eval(tiny_run, tiny_world):
+    out, cfg, summary = tiny_run
+    exp = load_export(out / "export")
+    assert exp.guard.hook_layer == 1 and exp.index.labels == cfg.data.forget
+    assert exp.manifest["training_config"]["unlearn"]["taus"] == [0.6, 0.3]
+    ev = json.loads((out / "eval.json").read_text())
+    for when in ("before", "after"):
+        for group in ("forget", "retain"):
+            assert set(ev[when][group]) == {"direct", "paraphrase", "adversarial"}
+            assert all(0 <= v <= 1 for v in ev[when][group].values() if v is not None)
+        assert ev[when]["retain_perplexity"] > 1
+    assert ev["stop_reason"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x) for x in lines if '"step"' in x]
+    assert steps and "forget_sim_mean" in steps[0] and "retain_sim_mean" in steps[0]
+
+
+def test_killed_run_resumes_after_last_stage(tiny_run):
+    out, cfg, summary = tiny_run
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert len(state["stages"]) == len(summary["stages"])
+    again = run(cfg, progress=False, export=False)
+    assert again["stages"] == summary["stages"]
+    events = [json.loads(x).get("event") for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "resumed" in events
+
+
+def test_budget_stops_schedule_and_undoes_stage(tmp_path, tiny_world):
+    cfg = tiny_run_config(tmp_path, retain_budget=1e-9, lr=5.0, taus=[-1.0])
+    cfg.data.forget = tiny_world.concepts().names()[:1]
+    summary = run(cfg, progress=False, export=True)
+    assert "stopped at tau=-1.0" in summary["stop_reason"] and "nothing unlearned" in summary["stop_reason"]
+    exported = load_export(tmp_path / "export").model_dir
+    from safetensors.torch import load_file
+
+    original = load_file(str(tiny_world.model_dir / "model.safetensors"))
+    unlearned = load_file(str(exported / "model.safetensors"))
+    assert all(torch.equal(original[k], unlearned[k]) for k in original)
+
+
+def test_cli_run_and_verify(tmp_path, tiny_world):
+    cfg = tmp_path / "run.yaml"
+    name = tiny_world.concepts().names()[1]
+    cfg.write_text(
+        "model: world:tiny\n"
+        f"data:\n  forget: ['{name}']\n"
+        "align: {epochs: 2, realign_epochs: 1, window: 4}\n"
+        "unlearn: {taus: [0.5], steps_per_stage: 2}\n"
+        f"out: {tmp_path / 'out'}\n"
+    )
+    result = CliRunner().invoke(main, ["run", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "forget" in result.output and "after/before" in result.output
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "out" / "export")])
+    assert result.exit_code == 0 and result.output.startswith("ok:")
+    weights = tmp_path / "out" / "export" / "guard" / "predictor.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "out" / "export")])
+    assert result.exit_code == 1 and "sha256" in result.output and "Traceback" not in result.output
+
+
+def test_cli_unknown_forget_name_is_one_line(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: world:tiny\ndata:\n  forget: [Nobody Atall]\nout: {tmp_path / 'o'}\n")
+    result = CliRunner().invoke(main, ["run", str(cfg)])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("error: data.forget names 'Nobody Atall'")
