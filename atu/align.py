@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from atu.configs import dataclass_from_dict
 from atu.errors import ConfigError
 from atu.hidden import hidden_at
 from atu.losses import alignment_loss, cosine_to_targets
@@ -64,11 +65,7 @@ class AlignConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AlignConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"align: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "align")
 
     def resolve_layer(self, num_layers: int) -> int:
         layer = self.hook_layer if self.hook_layer is not None else max(1, num_layers // 2)

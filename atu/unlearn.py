@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from atu.configs import dataclass_from_dict
 from atu.errors import ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import hidden_at
@@ -73,11 +74,7 @@ class UnlearnConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnlearnConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unlearn: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "unlearn")
 
     def stage_thresholds(self, tau: float, concepts: ConceptSet) -> torch.Tensor:
         """Each concept's threshold in a stage: the stage's tau, never below the concept's own threshold."""

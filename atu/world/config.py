@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from atu.configs import dataclass_from_dict
 from atu.errors import ConfigError
-
-
-def _from_dict(cls, data: dict[str, Any], where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
-    return cls(**data)
 
 
 @dataclass
@@ -95,8 +88,8 @@ class WorldConfig:
         parts = {"tokenizer": TokenizerConfig, "lm": LMConfig, "train": TrainConfig}
         for key, sub in parts.items():
             if key in data:
-                data[key] = _from_dict(sub, data[key], f"world.{key}")
-        return _from_dict(cls, data, "world")
+                data[key] = dataclass_from_dict(sub, data[key], f"world.{key}")
+        return dataclass_from_dict(cls, data, "world")
 
     @classmethod
     def tiny(cls, seed: int = 0) -> WorldConfig:
