@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 GUARD_NAME = "guard.json"
 INPUT_NORMALISATIONS = ("l2",)
-CONCEPT_TARGETS = ("name", "description", "centroid")
+CONCEPT_TARGETS = ("name", "description", "centroid", "contrast")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Rust-backed writers report I/O failures as their own exception types with the OS error in the message:
 # safetensors raises SafetensorError("... (os error 28)"), tokenizers a bare Exception("... (os error 28)").

@@ -173,7 +173,7 @@ def run_schedule(
         initial = copy.deepcopy(predictor)
 
         window_texts = None
-        if unlearn_cfg.target == "centroid":
+        if unlearn_cfg.target in ("centroid", "contrast"):
             window_texts = []
             for row in range(len(inputs.concepts.concepts)):
                 texts = [t for t, cs in zip(inputs.forget_texts, inputs.forget_concepts) if row in cs]
@@ -184,7 +184,9 @@ def run_schedule(
                     if texts
                     else []
                 )
-        vectors = target_vectors(inputs.concepts, encoder, unlearn_cfg.target, window_texts)
+        vectors = target_vectors(
+            inputs.concepts, encoder, unlearn_cfg.target, window_texts, background=data.targets.mean(0)
+        )
 
         model, params = _trainable(model, layer, unlearn_cfg)
         batches = forget_batches(

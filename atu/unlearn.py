@@ -25,7 +25,7 @@ from atu.losses import concept_similarity, unlearning_loss
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("name", "description", "centroid")
+TARGETS = ("name", "description", "centroid", "contrast")
 OPTIMIZERS = ("sgd", "adam")
 METHODS = ("full", "lora")
 
@@ -227,9 +227,19 @@ def _similarity_stats(pred: torch.Tensor, vectors: torch.Tensor, mask: torch.Ten
 
 
 def target_vectors(
-    concepts: ConceptSet, encoder, how: str, forget_window_texts: list[list[str]] | None = None
+    concepts: ConceptSet,
+    encoder,
+    how: str,
+    forget_window_texts: list[list[str]] | None = None,
+    background: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(C, D) L2-normalised concept targets: the name, the description, or the centroid of forget windows."""
+    """(C, D) L2-normalised concept targets.
+
+    ``name``: the encoder's embedding of the name (the paper). ``description``: of "name, description".
+    ``centroid``: the mean embedding of the concept's forget windows. ``contrast``: that centroid minus
+    ``background`` (the mean embedding of all alignment windows), which removes what every text of the corpus
+    shares and keeps what is particular to the concept.
+    """
     from atu.align import encode_texts
 
     if how == "name":
@@ -240,9 +250,13 @@ def target_vectors(
             raise ConfigError(f"unlearn.target is 'description' but concept {missing[0]!r} has no description")
         return encode_texts(encoder, [f"{c.name}, {c.description}" for c in concepts.concepts])
     if forget_window_texts is None or any(not w for w in forget_window_texts):
-        raise ConfigError("unlearn.target 'centroid' needs forget texts with at least one full window per concept")
-    rows = [F.normalize(encode_texts(encoder, w).mean(0), dim=0) for w in forget_window_texts]
-    return torch.stack(rows)
+        raise ConfigError(f"unlearn.target {how!r} needs forget texts with at least one full window per concept")
+    centroids = torch.stack([encode_texts(encoder, w).mean(0) for w in forget_window_texts])  # (C, D)
+    if how == "contrast":
+        if background is None:
+            raise ConfigError("unlearn.target 'contrast' needs the background mean of the alignment windows")
+        centroids = centroids - background[None, :]
+    return F.normalize(centroids, dim=-1)
 
 
 def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -69,9 +69,16 @@ def test_target_vectors(tiny_world, encoder):
     name = target_vectors(cs, encoder, "name")
     desc = target_vectors(cs, encoder, "description")
     cent = target_vectors(cs, encoder, "centroid", [["born in a city", "a novel"], ["a medal"]])
-    for v in (name, desc, cent):
+    background = target_vectors(cs, encoder, "centroid", [["born in a city", "a novel", "a medal"]] * 2)[0]
+    contrast = target_vectors(cs, encoder, "contrast", [["born in a city", "a novel"], ["a medal"]], background)
+    for v in (name, desc, cent, contrast):
         assert v.shape == (2, 384)
         torch.testing.assert_close(v.norm(dim=1), torch.ones(2))
     assert not torch.allclose(name, desc)
+    # The contrast target is the centroid with the shared background direction taken out.
+    cent0 = encoder.encode(["born in a city", "a novel"], convert_to_tensor=True, normalize_embeddings=True).mean(0)
+    torch.testing.assert_close(contrast[0], torch.nn.functional.normalize(cent0.cpu() - background, dim=0))
+    with pytest.raises(ConfigError, match="needs the background"):
+        target_vectors(cs, encoder, "contrast", [["a"], ["b"]])
     with pytest.raises(ConfigError, match="has no description"):
         target_vectors(ConceptSet([Concept("X")]), encoder, "description")
