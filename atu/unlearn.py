@@ -199,9 +199,15 @@ def unlearn_stage(
             if retain is not None and cfg.retain_weight > 0:
                 total = total + cfg.retain_weight * lm_loss(model, retain[0].to(device), retain[1].to(device))
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        # Plain SGD on a zero hinge changes nothing: skip the backward pass (most late steps of a stage are such).
+        # Adam keeps moving on its momentum, and the retain term has gradients, so neither is skipped.
+        skip = cfg.optimizer == "sgd" and not (retain is not None and cfg.retain_weight > 0) and loss.item() == 0.0
+        if skip:
+            grad_norm = torch.zeros(())
+        else:
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
         step = step_offset + i
         if i % cfg.log_every == 0 or i == cfg.steps_per_stage - 1:
             rec = {"step": step, "stage": stage, "loss": loss.item(), "grad_norm": grad_norm.item()}

@@ -82,3 +82,21 @@ def test_target_vectors(tiny_world, encoder):
         target_vectors(cs, encoder, "contrast", [["a"], ["b"]])
     with pytest.raises(ConfigError, match="has no description"):
         target_vectors(ConceptSet([Concept("X")]), encoder, "description")
+
+
+def test_zero_hinge_changes_nothing(tiny_lm, tiny_world, encoder):
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    concepts = tiny_world.concepts().subset(tiny_world.concepts().names()[:1])
+    texts = [r.text for r in tiny_world.corpus() if r.concept == concepts.names()[0]]
+    vectors = target_vectors(concepts, encoder, "name")
+    predictor = new_predictor(AlignConfig(), model.config.hidden_size, vectors.shape[1]).eval().requires_grad_(False)
+    params = freeze_above(model, 1)
+    before = [p.detach().clone() for p in params]
+    batches = forget_batches(texts, [[0]] * len(texts), 1, tok, 128, 8, 0)
+    cfg = UnlearnConfig(taus=[1.0], steps_per_stage=3, log_every=1)
+    records = unlearn_stage(
+        model, predictor, batches, vectors, torch.tensor([1.0]), 1, cfg, params, stage=0, progress=False
+    )
+    assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in records)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
