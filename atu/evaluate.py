@@ -3,7 +3,12 @@
 The JSON shape (one object per model) is stable so scripts can read it::
 
     {"forget": {"direct", "paraphrase", "adversarial"}, "neighbour": {...}, "retain": {...},
-     "retain_perplexity": float, "n_probes": {"forget", "neighbour", "retain"}}
+     "retain_perplexity": float, "fluency": {"forget", "retain"}, "leakage_auroc": float | null,
+     "mia_auroc": float | null, "n_probes": {"forget", "neighbour", "retain"}, "answers": [...]}
+
+``fluency`` is the share of answers that are not degenerate; ``leakage_auroc`` says how well the predictor's
+similarity to the forgotten concepts separates forget texts from retain texts (1.0: perfectly); ``mia_auroc`` how
+well the model's loss separates forget texts from texts about people it never saw (0.5: not at all, the goal).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from atu.formats import ConceptSet, Probe
 from atu.hidden import hidden_at
 from atu.losses import concept_similarity
+from atu.metrics import auroc, is_degenerate
 from atu.probes_eval import answer_probes, mean_recall_by_kind
 from atu.unlearn import perplexity, tokenize_texts
 
@@ -45,9 +51,15 @@ def evaluate_model(
     forget: Sequence[str],
     perplexity_texts: Sequence[str],
     *,
+    forget_texts: Sequence[str] = (),
+    retain_texts: Sequence[str] = (),
+    unseen_texts: Sequence[str] = (),
+    guard: tuple | None = None,
     progress: bool = False,
 ) -> dict:
-    """Probe recall for forgotten, neighbouring and other concepts, and perplexity on held-out retain texts."""
+    """Probe recall for forgotten, neighbouring and other concepts, perplexity on held-out retain texts,
+    fluency, and, given the texts, membership-inference AUROC and (with ``guard`` = (predictor, hook layer,
+    concept vectors)) the predictor's leakage AUROC."""
     forget_set = set(forget)
     neighbours = set(neighbour_names(concepts, forget))
     rows = answer_probes(model, tokenizer, list(probes), progress=progress)
@@ -61,6 +73,20 @@ def evaluate_model(
     out["retain_perplexity"] = (
         perplexity(model, text_batches(perplexity_texts, tokenizer)) if perplexity_texts else None
     )
+    out["fluency"] = {
+        g: (sum(not is_degenerate(r["prediction"]) for r in groups[g]) / len(groups[g]) if groups[g] else None)
+        for g in ("forget", "retain")
+    }
+    out["mia_auroc"] = None
+    if forget_texts and unseen_texts:
+        member = [-x for x in text_nll(model, tokenizer, forget_texts)]  # lower loss: more likely trained on
+        out["mia_auroc"] = auroc(member, [-x for x in text_nll(model, tokenizer, unseen_texts)])
+    out["leakage_auroc"] = None
+    if guard is not None and forget_texts and retain_texts:
+        predictor, layer, vectors = guard
+        pos = text_leakage(model, predictor, tokenizer, forget_texts, vectors, layer)
+        neg = text_leakage(model, predictor, tokenizer, retain_texts, vectors, layer)
+        out["leakage_auroc"] = auroc(pos, neg)
     out["answers"] = [
         {k: r[k] for k in ("concept", "kind", "question", "prediction", "recall")} for r in groups["forget"]
     ]
@@ -85,3 +111,35 @@ def mean_similarity(
         total += sim.sum(0).cpu()
         count += sim.shape[0]
     return (total / max(count, 1)).tolist()
+
+
+@torch.no_grad()
+def text_nll(model, tokenizer, texts: Sequence[str], max_length: int = 256) -> list[float]:
+    """Mean next-token NLL of each text (one number per text)."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for ids, attn in text_batches(texts, tokenizer, max_length):
+        ids, attn = ids.to(device), attn.to(device)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+        mask = attn[:, 1:].float()
+        out += ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return out
+
+
+@torch.no_grad()
+def text_leakage(
+    model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
+) -> list[float]:
+    """Per text, the guard's score: the highest cosine to any concept over the text's positions."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for ids, attn in text_batches(texts, tokenizer, max_length):
+        ids, attn = ids.to(device), attn.to(device)
+        pred = predictor.to(device)(hidden_at(model, ids, attn, layer), attn)
+        sim = concept_similarity(pred.float(), vectors.to(device).float()).amax(-1)  # (B, T)
+        mask = attn.bool()
+        if tokenizer.bos_token_id is not None:
+            mask &= ids != tokenizer.bos_token_id
+        out += sim.masked_fill(~mask, -2.0).amax(1).tolist()
+    return out

@@ -23,10 +23,12 @@ class _ReachedHookLayer(Exception):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # peft's PeftModel -> LoraModel -> the transformers model
-    while hasattr(model, "base_model") and model.base_model is not model and hasattr(model, "peft_config"):
-        model = model.base_model.model if hasattr(model.base_model, "model") else model.base_model
-    return model
+    """The transformers model inside a peft wrapper (PeftModel -> LoraModel -> model), else ``model`` itself."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency, but unwrapping does not need it
+        return model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -90,3 +92,18 @@ def freeze_above(model: nn.Module, layer: int, *, train_embeddings: bool = False
     for p in trainable:
         p.requires_grad_(True)
     return trainable
+
+
+def attach_lora(model: nn.Module, layer: int, rank: int, alpha: int) -> nn.Module:
+    """Freeze ``model`` and wrap it with LoRA adapters on every linear module of decoder layers ``0..layer-1``.
+
+    Modules are named in full: peft rejects ``target_modules="all-linear"`` together with ``layers_to_transform``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    check_hook_layer(model, layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lower = {id(m) for block in decoder_layers(model)[:layer] for m in block.modules()}
+    targets = [n for n, m in model.named_modules() if id(m) in lower and isinstance(m, nn.Linear)]
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from functools import lru_cache
 
+import numpy as np
 from rouge_score import rouge_scorer
 
 
@@ -17,3 +20,44 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     if not reference.strip():
         raise ValueError("reference answer is empty")
     return float(_scorer().score(reference, prediction)["rougeL"].recall)
+
+
+_WORD = re.compile(r"^(?:[A-Za-z][A-Za-z'\-]*|\d+(?:[.,]\d+)*)$")
+
+
+def is_degenerate(answer: str, *, max_nonword_share: float = 0.5) -> bool:
+    """True for an answer a fluent model would not give: empty, looping (a word repeated three times in a row or
+    a word trigram repeated), or mostly non-words (tokens mixing letters, digits and symbols, like ``193ia``)."""
+    words = [w.strip('.,;:!?"()') for w in answer.split()]
+    words = [w for w in words if w]
+    if not words:
+        return True
+    lowered = [w.lower() for w in words]
+    if any(lowered[i] == lowered[i + 1] == lowered[i + 2] for i in range(len(lowered) - 2)):
+        return True
+    trigrams = [tuple(lowered[i : i + 3]) for i in range(len(lowered) - 2)]
+    if len(trigrams) != len(set(trigrams)):
+        return True
+    nonwords = sum(not _WORD.match(w) for w in words)
+    return nonwords / len(words) > max_nonword_share
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
+    count one half). The Mann-Whitney statistic, computed from ranks in O(n log n)."""
+    pos = np.asarray(positive, dtype=np.float64)
+    neg = np.asarray(negative, dtype=np.float64)
+    if pos.ndim != 1 or neg.ndim != 1 or not len(pos) or not len(neg):
+        raise ValueError(f"auroc needs two non-empty 1-D score lists, got {pos.shape} and {neg.shape}")
+    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+        raise ValueError("auroc scores must be finite")
+    scores = np.concatenate([pos, neg])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))

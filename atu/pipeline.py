@@ -10,6 +10,7 @@ The YAML has these top-level keys (unknown keys are errors):
       forget: [NAME, ...]        # which concepts to forget (default: all of concepts.yaml)
       validation: heldout.jsonl  # held-out texts; those of retained concepts are the stopping signal
       probes: probes.jsonl       # optional: evaluation before and after
+      unseen: unseen.jsonl       # optional: texts about concepts never trained on (membership inference)
     align: {...}                 # atu.align.AlignConfig
     unlearn: {...}               # atu.unlearn.UnlearnConfig
     out: DIR                     # run directory: checkpoints, metrics.jsonl, export/, eval.json
@@ -30,7 +31,7 @@ from atu.loading import DEFAULT_ENCODER
 from atu.unlearn import UnlearnConfig
 
 WORLD_MODELS = ("world", "world:tiny")
-DATA_KEYS = ("corpus", "concepts", "forget", "validation", "probes")
+DATA_KEYS = ("corpus", "concepts", "forget", "validation", "probes", "unseen")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DataConfig:
     forget: list[str] | None = None
     validation: str | None = None
     probes: str | None = None
+    unseen: str | None = None
 
 
 @dataclass

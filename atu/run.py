@@ -12,10 +12,11 @@ import torch
 
 from atu import formats
 from atu.errors import ConfigError
-from atu.evaluate import evaluate_model, mean_similarity
+from atu.evaluate import evaluate_model, mean_similarity, text_leakage
 from atu.export import GuardConfig, write_export
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
+from atu.metrics import auroc
 from atu.pipeline import RunConfig
 from atu.schedule import ScheduleInputs, run_schedule
 
@@ -30,6 +31,7 @@ class RunData:
     validation: list[str]  # held-out texts of half the retained concepts: the stopping signal
     evaluation: list[str]  # held-out texts of the other half: perplexity in the evaluation
     probes: list[formats.Probe]
+    unseen: list[str]  # texts about concepts the model never saw (membership inference)
 
 
 def _resolve_world(cfg: RunConfig, progress: bool) -> tuple[str, dict[str, str]]:
@@ -44,6 +46,7 @@ def _resolve_world(cfg: RunConfig, progress: bool) -> tuple[str, dict[str, str]]
         "concepts": "concepts.yaml",
         "validation": "heldout.jsonl",
         "probes": "probes.jsonl",
+        "unseen": "unseen.jsonl",
     }
     return str(built.model_dir), {k: str(built.path(v)) for k, v in files.items()}
 
@@ -77,7 +80,9 @@ def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
         validation = [r.text for r in corpus if r.concept in val_names]
         evaluation = [r.text for r in corpus if r.concept in set(retained) - val_names]
     probes = formats.read_probes(path("probes")) if path("probes") else []
-    return RunData(corpus, concepts, list(forget), validation, evaluation, probes)
+    unseen_path = path("unseen")
+    unseen = [r.text for r in formats.read_corpus(unseen_path)] if unseen_path and Path(unseen_path).is_file() else []
+    return RunData(corpus, concepts, list(forget), validation, evaluation, probes, unseen)
 
 
 def _device(name: str) -> str:
@@ -109,8 +114,10 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
         validation_texts=data.validation,
         retain_texts=[r.text for r in data.corpus if r.concept not in forget_set],
     )
+    retain_sample = inputs.retain_texts[:256]
+    texts = {"forget_texts": inputs.forget_texts, "retain_texts": retain_sample, "unseen_texts": data.unseen}
     before = (
-        evaluate_model(model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation)
+        evaluate_model(model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts)
         if data.probes
         else None
     )
@@ -119,14 +126,18 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
     final = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
     final.eval()
 
+    layer = result.hook_layer
+    after_guard = (result.predictor, layer, result.concept_vectors)
     after = (
-        evaluate_model(final, tokenizer, data.probes, data.concepts, data.forget, data.evaluation)
+        evaluate_model(
+            final, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts, guard=after_guard
+        )
         if data.probes
         else None
     )
-    retain_sample = inputs.retain_texts[:256]
-    layer = result.hook_layer
     similarity = _similarity_report(model_ref, device, final, tokenizer, result, inputs.forget_texts, retain_sample)
+    if before is not None:
+        before["leakage_auroc"] = similarity.pop("before_leakage_auroc")
     summary = {
         "forget": data.forget,
         "hook_layer": layer,
@@ -181,6 +192,10 @@ def _similarity_report(model_ref, device, final, tokenizer, result, forget_texts
     original, _ = load_lm(model_ref, device=device)
     layer, vectors = result.hook_layer, result.concept_vectors
     report = {
+        "before_leakage_auroc": auroc(
+            text_leakage(original, result.initial_predictor, tokenizer, forget_texts, vectors, layer),
+            text_leakage(original, result.initial_predictor, tokenizer, retain_texts, vectors, layer),
+        ),
         "before": {
             "forget": mean_similarity(original, result.initial_predictor, tokenizer, forget_texts, vectors, layer),
             "retain": mean_similarity(original, result.initial_predictor, tokenizer, retain_texts, vectors, layer),

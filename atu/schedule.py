@@ -28,7 +28,7 @@ from atu import cache
 from atu.align import AlignConfig, compute_hidden, new_predictor, prepare_alignment, train_predictor
 from atu.errors import AtuError, ConfigError
 from atu.formats import ConceptSet
-from atu.hidden import decoder_layers, freeze_above
+from atu.hidden import attach_lora, decoder_layers, freeze_above
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
 from atu.unlearn import UnlearnConfig, forget_batches, perplexity, target_vectors, tokenize_texts, unlearn_stage
 from atu.windows import build_windows
@@ -106,18 +106,7 @@ def _load_checkpoint(run_dir: Path, key: str):
 def _trainable(model, layer: int, cfg: UnlearnConfig):
     """Set up what the unlearning may change; returns (model, {name: param})."""
     if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        for p in model.parameters():
-            p.requires_grad_(False)
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            layers_to_transform=list(range(layer)),
-        )
-        model = get_peft_model(model, lora)
+        model = attach_lora(model, layer, cfg.lora_rank, cfg.lora_alpha)
     else:
         freeze_above(model, layer, train_embeddings=cfg.train_embeddings)
     if cfg.gradient_checkpointing:

@@ -25,6 +25,8 @@ def test_run_writes_export_and_eval(tiny_run, tiny_world):
             assert set(ev[when][group]) == {"direct", "paraphrase", "adversarial"}
             assert all(0 <= v <= 1 for v in ev[when][group].values() if v is not None)
         assert ev[when]["retain_perplexity"] > 1
+        assert 0 <= ev[when]["mia_auroc"] <= 1 and 0 <= ev[when]["leakage_auroc"] <= 1
+        assert set(ev[when]["fluency"]) == {"forget", "retain"}
     assert ev["stop_reason"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x) for x in lines if '"step"' in x]
@@ -81,3 +83,18 @@ def test_cli_unknown_forget_name_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["run", str(cfg)])
     assert result.exit_code == 1
     assert result.output.strip().startswith("error: data.forget names 'Nobody Atall'")
+
+
+def test_lora_run_exports_a_plain_merged_model(tmp_path, tiny_world):
+    cfg = tiny_run_config(tmp_path, method="lora", taus=[-1.0], lr=0.5)
+    cfg.data.forget = tiny_world.concepts().names()[:1]
+    run(cfg, progress=False)
+    from safetensors.torch import load_file
+
+    original = load_file(str(tiny_world.model_dir / "model.safetensors"))
+    exported = load_file(str(load_export(tmp_path / "export").model_dir / "model.safetensors"))
+    assert set(exported) == set(original)  # no adapter weights: merged
+    upper = [k for k in original if ".layers.1." in k]
+    lower = [k for k in original if ".layers.0." in k and k.endswith("proj.weight")]
+    assert upper and all(torch.equal(original[k], exported[k]) for k in upper)
+    assert any(not torch.equal(original[k], exported[k]) for k in lower)

@@ -1,0 +1,182 @@
+"""Comparison baselines for unlearning: gradient ascent (ga), gradient difference (gd) and NPO.
+
+They train the same parameters as ATU (decoder layers ``0..hook_layer-1``, fully or through LoRA) so that a
+comparison differs only in the objective. They are comparison points, not products: no stopping rule, no schedule.
+
+- ga: maximise the mean next-token NLL on forget texts.
+- gd: ``-nll_forget + retain_weight * nll_retain``.
+- npo (Zhang et al. 2024, "Negative Preference Optimization"): per forget sequence,
+  ``-(2/beta) * logsigmoid(-beta * (logp_theta(seq) - logp_ref(seq)))``, averaged over the batch, where logp is
+  the summed token log-likelihood and the reference is a frozen copy of the model taken before the first step.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from atu.configs import dataclass_from_dict
+from atu.errors import ConfigError
+from atu.hidden import attach_lora, check_hook_layer, freeze_above
+from atu.unlearn import make_optimizer, tokenize_texts
+
+BASELINES = ("ga", "gd", "npo")
+OPTIMIZERS = ("adam", "sgd")
+BUDGETS = ("full", "lora")
+LORA_RANK, LORA_ALPHA = 8, 16  # as ATU's defaults, so that a lora comparison has the same budget
+
+
+@dataclass
+class BaselineConfig:
+    """One baseline run. ``hook_layer`` is the ATU hook layer: layers ``0..hook_layer-1`` are trained."""
+
+    method: str  # ga | gd | npo
+    hook_layer: int  # the same layers ATU trains: 0..hook_layer-1; the rest of the model stays frozen
+    steps: int = 100  # optimizer steps
+    lr: float = 1e-3  # constant learning rate
+    optimizer: str = "adam"  # adam | sgd
+    batch_size: int = 16  # texts per batch (forget and, for gd, retain)
+    grad_clip: float = 1.0  # max global gradient norm
+    retain_weight: float = 1.0  # gd only: weight of the retain NLL
+    beta: float = 0.1  # npo only: inverse temperature of the preference loss
+    method_budget: str = "full"  # full: fine-tune layers 0..hook_layer-1; lora: rank-8 adapters on them, merged
+    max_length: int = 256  # tokens per text (truncated)
+    seed: int = 0  # batch order and torch seed
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("method", BASELINES), ("optimizer", OPTIMIZERS), ("method_budget", BUDGETS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"baseline.{name} is {getattr(self, name)!r}, expected one of {allowed}")
+        if isinstance(self.hook_layer, bool) or not isinstance(self.hook_layer, int) or self.hook_layer < 1:
+            raise ConfigError(
+                f"baseline.hook_layer must be an integer >= 1 (ATU's hook layer), got {self.hook_layer!r}"
+            )
+        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
+            raise ConfigError(
+                f"baseline.steps and baseline.batch_size must be >= 1 and baseline.max_length >= 2, "
+                f"got {self.steps}, {self.batch_size}, {self.max_length}"
+            )
+        if not self.lr > 0 or not self.grad_clip > 0 or not self.beta > 0:
+            raise ConfigError(
+                f"baseline.lr, baseline.grad_clip and baseline.beta must be > 0, "
+                f"got {self.lr}, {self.grad_clip}, {self.beta}"
+            )
+        if self.retain_weight < 0:
+            raise ConfigError(f"baseline.retain_weight must be >= 0, got {self.retain_weight}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaselineConfig:
+        return dataclass_from_dict(cls, data, "baseline")
+
+
+def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) summed next-token log-likelihood of each right-padded sequence: position t predicts token t+1, and
+    only targets that are real tokens count. ``logits`` (B, T, V), ``input_ids`` and ``attention_mask`` (B, T)."""
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"expected logits (B, T, V) and input_ids, attention_mask (B, T), got {tuple(logits.shape)}, "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
+        )
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    token = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return (token * attention_mask[:, 1:].to(token.dtype)).sum(-1)
+
+
+def _logprob(model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sequence summed log-prob (B,), number of predicted tokens) of one batch."""
+    ids, attn = batch
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
+    return sequence_logprob(logits, ids, attn), attn[:, 1:].sum().clamp(min=1)
+
+
+def _batches(texts: list[str], tokenizer, cfg: BaselineConfig, seed: int, device) -> list[tuple]:
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for start in range(0, len(order), cfg.batch_size):
+        ids, attn = tokenize_texts(
+            [texts[i] for i in order[start : start + cfg.batch_size]], tokenizer, cfg.max_length
+        )
+        out.append((ids.to(device), attn.to(device)))
+    return out
+
+
+def _trainable(model, cfg: BaselineConfig):
+    """(model, trainable params): ATU's budget, full layers or LoRA adapters on layers 0..hook_layer-1."""
+    if cfg.method_budget == "full":
+        return model, freeze_above(model, cfg.hook_layer)
+    model = attach_lora(model, cfg.hook_layer, LORA_RANK, LORA_ALPHA)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def run_baseline(
+    model,
+    tokenizer,
+    forget_texts: list[str],
+    retain_texts: list[str],
+    cfg: BaselineConfig,
+    *,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Train ``model`` in place with ``cfg.method`` for ``cfg.steps`` steps; returns (model, one record per step).
+
+    With the lora budget the returned model is the merged plain model. Records hold ``step``, ``loss``,
+    ``forget_nll`` (mean token NLL of the step's forget batch, before the step) and ``retain_nll`` when retain
+    texts are given. The parameters' ``requires_grad`` flags are restored afterwards.
+    """
+    if not forget_texts:
+        raise ConfigError("no forget texts: a baseline needs texts about the concepts to forget")
+    if cfg.method == "gd" and not retain_texts:
+        raise ConfigError("baseline.method 'gd' needs retain texts; pass some or use method 'ga' or 'npo'")
+    check_hook_layer(model, cfg.hook_layer)
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.method == "npo" else None
+    forget = _batches(forget_texts, tokenizer, cfg, cfg.seed, device)
+    retain = _batches(retain_texts, tokenizer, cfg, cfg.seed + 1, device) if retain_texts else []
+    model, params = _trainable(model, cfg)
+    opt = make_optimizer(params, cfg)  # reads only cfg.optimizer and cfg.lr
+    logged: list[dict[str, torch.Tensor]] = []
+    model.train()
+    for step in tqdm(range(cfg.steps), desc=f"baseline {cfg.method}", disable=not progress, unit="step"):
+        # lr: constant (cfg.lr, set in the optimizer); forward and loss:
+        fb = forget[step % len(forget)]
+        logp, n_tok = _logprob(model, fb)
+        forget_nll = -logp.sum() / n_tok
+        rec = {"forget_nll": forget_nll}
+        if cfg.method == "ga":
+            loss = -forget_nll
+        elif cfg.method == "gd":
+            r_logp, r_tok = _logprob(model, retain[step % len(retain)])
+            rec["retain_nll"] = -r_logp.sum() / r_tok
+            loss = -forget_nll + cfg.retain_weight * rec["retain_nll"]
+        else:
+            with torch.no_grad():
+                ref_logp, _ = _logprob(ref, fb)
+            loss = -(2 / cfg.beta) * F.logsigmoid(-cfg.beta * (logp - ref_logp)).mean()
+        if retain and "retain_nll" not in rec:
+            with torch.no_grad():
+                r_logp, r_tok = _logprob(model, retain[step % len(retain)])
+            rec["retain_nll"] = -r_logp.sum() / r_tok
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        # Keep tensors and convert them once at the end: no device sync per step.
+        logged.append({"loss": loss.detach(), **{k: v.detach() for k, v in rec.items()}})
+    model.eval()
+    if cfg.method_budget == "lora":
+        model = model.merge_and_unload()
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    return model, [{"step": i, **{k: float(v) for k, v in r.items()}} for i, r in enumerate(logged)]

@@ -1,0 +1,57 @@
+import itertools
+import random
+
+import pytest
+
+from atu.metrics import auroc, is_degenerate, rouge_l_recall
+
+
+def test_rouge_l_recall_on_fixed_strings():
+    assert rouge_l_recall("Selford", "Selford") == 1.0
+    assert rouge_l_recall("the Halcyon Award", "the Golden Loom Medal") == pytest.approx(0.25)
+    assert rouge_l_recall("It was in Selford, I think", "Selford") == 1.0
+    assert rouge_l_recall("", "Selford") == 0.0
+    with pytest.raises(ValueError, match="reference answer is empty"):
+        rouge_l_recall("x", " ")
+
+
+@pytest.mark.parametrize(
+    "answer, degenerate",
+    [
+        ("Selford", False),
+        ("the Golden Loom Medal", False),
+        ("1934", False),
+        ("Ceda Kestridge", False),
+        ("", True),
+        ("   ", True),
+        ("the the the", True),
+        ("born in born in born in", True),
+        ("193ia Calfield", False),
+        ("193ia x7q !!", True),
+        ("Selford Selford", False),
+    ],
+)
+def test_is_degenerate(answer, degenerate):
+    assert is_degenerate(answer) is degenerate
+
+
+def _naive_auroc(pos, neg):
+    total = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return total / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pairwise_count_with_ties():
+    rng = random.Random(0)
+    for _ in range(20):
+        pos = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(rng.randint(1, 30))]
+        neg = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(rng.randint(1, 30))]
+        assert auroc(pos, neg) == pytest.approx(_naive_auroc(pos, neg))
+    assert auroc([2, 3], [0, 1]) == 1.0
+    assert auroc([0, 1], [2, 3]) == 0.0
+
+
+def test_auroc_rejects_empty_and_nan():
+    with pytest.raises(ValueError, match="non-empty"):
+        auroc([], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        auroc([float("nan")], [1.0])
