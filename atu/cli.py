@@ -148,6 +148,57 @@ def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
     click.echo(f"wrote {Path(cfg.out) / 'eval.json'}" + (f" and {summary['export']}" if "export" in summary else ""))
 
 
+def _print_eval(ev: dict) -> None:
+    click.echo(f"{'group':<10}{'direct':>10}{'paraphrase':>12}{'adversarial':>13}{'probes':>8}")
+    for group in ("forget", "neighbour", "retain"):
+        vals = [ev[group].get(k) for k in ("direct", "paraphrase", "adversarial")]
+        cells = "".join(f"{'-' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(vals, (10, 12, 13)))
+        click.echo(f"{group:<10}{cells}{ev['n_probes'][group]:>8}")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    click.echo(
+        f"retain perplexity {fmt(ev['retain_perplexity'])}   fluency forget {fmt(ev['fluency']['forget'])} "
+        f"retain {fmt(ev['fluency']['retain'])}   leakage AUROC {fmt(ev['leakage_auroc'])}   "
+        f"MIA AUROC {fmt(ev['mia_auroc'])}"
+    )
+
+
+@main.command("eval")
+@click.argument("target")
+@click.option(
+    "--world",
+    "world_kind",
+    type=click.Choice(["default", "tiny"]),
+    help="Take the data files from the embedded world.",
+)
+@click.option("--probes", type=click.Path(exists=True, dir_okay=False), help="probes.jsonl")
+@click.option("--concepts", type=click.Path(exists=True, dir_okay=False), help="concepts.yaml")
+@click.option("--corpus", type=click.Path(exists=True, dir_okay=False), help="corpus.jsonl (leakage, MIA)")
+@click.option("--heldout", type=click.Path(exists=True, dir_okay=False), help="held-out texts (perplexity)")
+@click.option("--unseen", type=click.Path(exists=True, dir_okay=False), help="never-trained texts (MIA)")
+@click.option("--forget", "forget", multiple=True, help="A forgotten concept (repeatable); default: the export's.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON here.")
+@click.option("--device", default="cpu", show_default=True)
+@_friendly
+def eval_cmd(target, world_kind, probes, concepts, corpus, heldout, unseen, forget, out, device) -> None:
+    """Evaluate TARGET (a model id or path, or an export) on probes: forget/neighbour/retain recall and more."""
+    from atu.eval_run import EvalData, evaluate_target, world_eval_data
+
+    if world_kind:
+        data = world_eval_data(tiny=world_kind == "tiny")
+    elif probes and concepts:
+        data = EvalData(probes, concepts, corpus, heldout, unseen)
+    else:
+        raise ConfigError("give --probes and --concepts (and optionally --corpus, --heldout, --unseen), or --world")
+    ev = evaluate_target(target, data, list(forget) or None, device=device)
+    _print_eval(ev)
+    if out:
+        out.write_text(json.dumps(ev, indent=1, sort_keys=True) + "\n")
+        click.echo(f"wrote {out}")
+
+
 @main.command("verify")
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_friendly

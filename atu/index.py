@@ -131,6 +131,10 @@ class ConceptIndex:
         index.add(unit)
         return cls(index=index, labels=labels, thresholds=thr, kind=kind)
 
+    def vectors(self) -> np.ndarray:
+        """(C, D) float32: the stored unit-length concept vectors, in label order."""
+        return self.index.reconstruct_n(0, self.index.ntotal)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar concepts to each query.
 

@@ -273,3 +273,10 @@ def test_save_reports_faiss_write_errors_as_oserror(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"concepts\.faiss: faiss could not write the index"):
         index.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vectors_returns_the_normalised_concepts():
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(5, 16)).astype(np.float32)
+    idx = ConceptIndex.build(vecs, [f"c{i}" for i in range(5)], np.full(5, 0.5, np.float32))
+    np.testing.assert_allclose(idx.vectors(), vecs / np.linalg.norm(vecs, axis=1, keepdims=True), atol=1e-6)

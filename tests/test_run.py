@@ -98,3 +98,22 @@ def test_lora_run_exports_a_plain_merged_model(tmp_path, tiny_world):
     lower = [k for k in original if ".layers.0." in k and k.endswith("proj.weight")]
     assert upper and all(torch.equal(original[k], exported[k]) for k in upper)
     assert any(not torch.equal(original[k], exported[k]) for k in lower)
+
+
+def test_cli_eval_on_export_and_on_plain_model(tiny_run, tiny_world, tmp_path):
+    out, cfg, summary = tiny_run
+    result = CliRunner().invoke(
+        main, ["eval", str(out / "export"), "--world", "tiny", "--out", str(tmp_path / "e.json")]
+    )
+    assert result.exit_code == 0, result.output
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["forgotten"] == cfg.data.forget
+    for key in ("forget", "neighbour", "retain", "retain_perplexity", "fluency", "leakage_auroc", "mia_auroc"):
+        assert key in ev
+    assert 0 <= ev["leakage_auroc"] <= 1 and 0 <= ev["mia_auroc"] <= 1
+    assert ev["forget"] == summary["after"]["forget"]  # the same model, the same greedy answers
+    result = CliRunner().invoke(main, ["eval", str(tiny_world.model_dir), "--world", "tiny"])
+    assert result.exit_code == 1 and "name the forgotten concepts" in result.output
+    name = tiny_world.concepts().names()[0]
+    result = CliRunner().invoke(main, ["eval", str(tiny_world.model_dir), "--world", "tiny", "--forget", name])
+    assert result.exit_code == 0 and "leakage AUROC -" in result.output
