@@ -19,13 +19,14 @@ The YAML has these top-level keys (unknown keys are errors):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from atu.align import AlignConfig
+from atu.configs import check_keys
 from atu.errors import ConfigError
 from atu.loading import DEFAULT_ENCODER
 from atu.unlearn import UnlearnConfig
@@ -65,12 +66,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: expected a mapping at the top level")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
+        check_keys(cls, raw, where)
         if "model" not in raw:
             raise ConfigError(f"{where}: missing key 'model' (a Hugging Face id or path, or 'world')")
         data = dict(raw)

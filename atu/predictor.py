@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from atu import __version__
+from atu.configs import check_keys
 from atu.errors import ConfigError, FormatError
 
 FORMAT_VERSION = 1
@@ -62,12 +63,7 @@ class PredictorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PredictorConfig:
         """Build from a dict such as ``to_dict()`` wrote; unknown or missing required keys are errors."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"A predictor config must be a mapping, got {type(data).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown PredictorConfig keys {unknown}; expected a subset of {sorted(known)}.")
+        check_keys(cls, data, "predictor config")
         missing = sorted({"input_dim", "output_dim"} - set(data))
         if missing:
             raise ConfigError(f"PredictorConfig is missing required keys {missing}.")

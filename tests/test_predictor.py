@@ -134,7 +134,7 @@ def test_load_mismatched_shapes_names_the_file(tmp_path, model):
         load_predictor(tmp_path)
     meta["config"]["bogus"] = 1
     (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}: invalid config: Unknown PredictorConfig keys \['bogus'\]"):
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}: invalid config: predictor config: unknown key 'bogus'"):
         load_predictor(tmp_path)
 
 
@@ -156,7 +156,7 @@ def test_config_validation(overrides, message):
 def test_config_dict_round_trip_and_rejects_unknown_keys():
     config = _config(dropout=0.1)
     assert PredictorConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match=r"Unknown PredictorConfig keys \['n_layer'\]"):
+    with pytest.raises(ValueError, match=r"predictor config: unknown key 'n_layer'"):
         PredictorConfig.from_dict({"input_dim": 4, "output_dim": 4, "n_layer": 2})
     with pytest.raises(ValueError, match=r"missing required keys \['output_dim'\]"):
         PredictorConfig.from_dict({"input_dim": 4})

@@ -44,7 +44,8 @@ def test_lm_loss_ignores_padding(tiny_lm):
         torch.testing.assert_close(lm_loss(model, ids, torch.ones_like(ids)), lm_loss(model, padded, mask))
 
 
-def test_stage_lowers_similarity_and_touches_only_lower_layers(tiny_lm, tiny_world, encoder):
+def _stage_inputs(tiny_lm, tiny_world, encoder):
+    """A fresh copy of the tiny model (layer 0 trainable), a random frozen predictor, and one person's batches."""
     model, tok = tiny_lm
     model = copy.deepcopy(model)
     concepts = tiny_world.concepts().subset(tiny_world.concepts().names()[:1])
@@ -52,9 +53,14 @@ def test_stage_lowers_similarity_and_touches_only_lower_layers(tiny_lm, tiny_wor
     vectors = target_vectors(concepts, encoder, "name")
     predictor = new_predictor(AlignConfig(), model.config.hidden_size, vectors.shape[1]).eval().requires_grad_(False)
     params = freeze_above(model, 1)
+    batches = forget_batches(texts, [[0]] * len(texts), 1, tok, 128, 8, 0)
+    return model, predictor, vectors, params, batches
+
+
+def test_stage_lowers_similarity_and_touches_only_lower_layers(tiny_lm, tiny_world, encoder):
+    model, predictor, vectors, params, batches = _stage_inputs(tiny_lm, tiny_world, encoder)
     upper = [p.detach().clone() for p in decoder_layers(model)[1].parameters()]
     lower = [p.detach().clone() for p in params]
-    batches = forget_batches(texts, [[0]] * len(texts), 1, tok, 128, 8, 0)
     cfg = UnlearnConfig(taus=[-1.0], steps_per_stage=15, lr=0.3, log_every=1)
     records = unlearn_stage(
         model, predictor, batches, vectors, torch.tensor([-1.0]), 1, cfg, params, stage=0, progress=False
@@ -85,15 +91,8 @@ def test_target_vectors(tiny_world, encoder):
 
 
 def test_zero_hinge_changes_nothing(tiny_lm, tiny_world, encoder):
-    model, tok = tiny_lm
-    model = copy.deepcopy(model)
-    concepts = tiny_world.concepts().subset(tiny_world.concepts().names()[:1])
-    texts = [r.text for r in tiny_world.corpus() if r.concept == concepts.names()[0]]
-    vectors = target_vectors(concepts, encoder, "name")
-    predictor = new_predictor(AlignConfig(), model.config.hidden_size, vectors.shape[1]).eval().requires_grad_(False)
-    params = freeze_above(model, 1)
+    model, predictor, vectors, params, batches = _stage_inputs(tiny_lm, tiny_world, encoder)
     before = [p.detach().clone() for p in params]
-    batches = forget_batches(texts, [[0]] * len(texts), 1, tok, 128, 8, 0)
     cfg = UnlearnConfig(taus=[1.0], steps_per_stage=3, log_every=1)
     records = unlearn_stage(
         model, predictor, batches, vectors, torch.tensor([1.0]), 1, cfg, params, stage=0, progress=False
