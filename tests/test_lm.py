@@ -25,8 +25,9 @@ def test_short_training_lowers_loss_and_changes_weights():
         LMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64), tok
     )
     before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    losses = pretrain(
-        model, docs, TrainConfig(steps=30, batch_size=8, block_size=32, lr=5e-3, warmup_steps=3), progress=False
-    )
+    threads = torch.get_num_threads()
+    cfg = TrainConfig(steps=30, batch_size=8, block_size=32, lr=5e-3, warmup_steps=3, threads=1)
+    losses = pretrain(model, docs, cfg, progress=False)
+    assert torch.get_num_threads() == threads  # the process-wide setting is given back
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)

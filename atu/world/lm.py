@@ -57,8 +57,16 @@ def pretrain(
     """
     if not docs:
         raise ValueError("no training documents")
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(model, docs, cfg, progress)
+    finally:
+        torch.set_num_threads(threads_before)  # the setting is process-wide: leave it as the caller had it
+
+
+def _pretrain(model: LlamaForCausalLM, docs: Sequence[list[int]], cfg: TrainConfig, progress: bool) -> list[float]:
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     stream = _stream(docs, gen)
