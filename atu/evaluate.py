@@ -22,7 +22,7 @@ from atu.hidden import hidden_at
 from atu.losses import concept_similarity
 from atu.metrics import auroc, is_degenerate
 from atu.probes_eval import answer_probes, mean_recall_by_kind
-from atu.unlearn import perplexity, tokenize_texts
+from atu.unlearn import content_mask, perplexity, tokenize_texts
 
 
 def neighbour_names(concepts: ConceptSet, forget: Sequence[str]) -> list[str]:
@@ -93,21 +93,26 @@ def evaluate_model(
     return out
 
 
+def _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length):
+    """Per batch of ``texts``: the predictor's cosine to each concept (B, T, C) and the positions to count (B, T)."""
+    device = next(model.parameters()).device
+    predictor = predictor.to(device)
+    vectors = vectors.to(device).float()
+    for ids, attn in text_batches(texts, tokenizer, max_length):
+        ids, attn = ids.to(device), attn.to(device)
+        pred = predictor(hidden_at(model, ids, attn, layer), attn)
+        yield concept_similarity(pred.float(), vectors), content_mask(ids, attn, tokenizer.bos_token_id)
+
+
 @torch.no_grad()
 def mean_similarity(
     model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
 ) -> list[float]:
     """Mean cosine between the predictor's outputs and each concept vector over all tokens of ``texts`` (C,)."""
-    device = next(model.parameters()).device
     total = torch.zeros(vectors.shape[0])
     count = 0
-    for ids, attn in text_batches(texts, tokenizer, max_length):
-        ids, attn = ids.to(device), attn.to(device)
-        pred = predictor.to(device)(hidden_at(model, ids, attn, layer), attn)
-        mask = attn.bool()
-        if tokenizer.bos_token_id is not None:
-            mask &= ids != tokenizer.bos_token_id
-        sim = concept_similarity(pred.float(), vectors.to(device).float())[mask]  # (N, C)
+    for sim, mask in _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length):
+        sim = sim[mask]  # (N, C)
         total += sim.sum(0).cpu()
         count += sim.shape[0]
     return (total / max(count, 1)).tolist()
@@ -132,14 +137,7 @@ def text_leakage(
     model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
 ) -> list[float]:
     """Per text, the guard's score: the highest cosine to any concept over the text's positions."""
-    device = next(model.parameters()).device
     out: list[float] = []
-    for ids, attn in text_batches(texts, tokenizer, max_length):
-        ids, attn = ids.to(device), attn.to(device)
-        pred = predictor.to(device)(hidden_at(model, ids, attn, layer), attn)
-        sim = concept_similarity(pred.float(), vectors.to(device).float()).amax(-1)  # (B, T)
-        mask = attn.bool()
-        if tokenizer.bos_token_id is not None:
-            mask &= ids != tokenizer.bos_token_id
-        out += sim.masked_fill(~mask, -2.0).amax(1).tolist()
+    for sim, mask in _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length):
+        out += sim.amax(-1).masked_fill(~mask, -2.0).amax(1).tolist()  # (B, T) -> (B,)
     return out

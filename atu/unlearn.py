@@ -108,6 +108,13 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int) -> tuple[torch.
     return input_ids, mask
 
 
+def content_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    """(B, T) bool: real tokens except BOS. BOS has one state for every text: pushing or scoring it says nothing
+    about the text, and pushing it would harm all texts."""
+    mask = attention_mask.bool()
+    return mask & (input_ids != bos_token_id) if bos_token_id is not None else mask
+
+
 def forget_batches(
     texts: list[str],
     concepts_of_text: list[list[int]],
@@ -124,9 +131,7 @@ def forget_batches(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         input_ids, attn = tokenize_texts([texts[i] for i in idx], tokenizer, max_length)
-        pos = attn.bool().clone()
-        if tokenizer.bos_token_id is not None:
-            pos &= input_ids != tokenizer.bos_token_id  # BOS has one state for every text: pushing it harms all
+        pos = content_mask(input_ids, attn, tokenizer.bos_token_id)
         cmask = torch.zeros((len(idx), n_concepts), dtype=torch.bool)
         for row, i in enumerate(idx):
             cmask[row, concepts_of_text[i]] = True

@@ -65,3 +65,15 @@ def tiny_run(tmp_path_factory, tiny_world):
     cfg = tiny_run_config(out)
     cfg.data.forget = tiny_world.concepts().names()[:1]
     return out, cfg, run(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny tensors on one torch thread: on a busy 2-core machine, thread hand-offs made each small
+    op take milliseconds instead of microseconds. (Session fixtures such as tiny_world are set up before it.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,13 +8,7 @@ from atu.baselines import BaselineConfig, run_baseline, sequence_logprob
 from atu.errors import ConfigError
 from atu.hidden import decoder_layers
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,9 @@ from atu.export import (
 from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor, PredictorConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EMBED_DIM = 384
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CPU is shared with other processes; more threads only add contention for models this small. (This runs
-    # after the session-scoped tiny_world is built: pytest sets up wider scopes first.)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,22 +17,14 @@ from atu.predictor import (
     save_predictor,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IN, OUT = 16, 8
 
 
 def _config(**overrides) -> PredictorConfig:
     args = {"input_dim": IN, "output_dim": OUT, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_len": 64}
     return PredictorConfig(**{**args, **overrides})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors this small gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs made
-    # each op take milliseconds instead of microseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
