@@ -214,7 +214,9 @@ def verify_cmd(export_dir: Path) -> None:
     )
 
 
-def _check_vllm(export_dir: Path, probes: Path | None, count: int) -> list[dict]:
+def _check_vllm(
+    export_dir: Path, probes: Path | None, count: int, base_url: str | None = None, model_name: str | None = None
+) -> list[dict]:
     from atu.formats import read_probes
     from atu.vllm_check import compare_with_transformers
 
@@ -222,7 +224,7 @@ def _check_vllm(export_dir: Path, probes: Path | None, count: int) -> list[dict]
         questions = [p.question for p in read_probes(probes)][:count]
     else:
         questions = ["Where was the author born?", "Who wrote it?", "Hello", "Tell me a fact.", "What is it?"][:count]
-    return compare_with_transformers(export_dir / "model", questions)
+    return compare_with_transformers(export_dir / "model", questions, base_url=base_url, model_name=model_name)
 
 
 @main.command("check-vllm")
@@ -246,6 +248,115 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
         sys.exit(1)
 
 
+@main.command("serve")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Where the guard listens.")
+@click.option("--port", default=8000, show_default=True, help="The guard's port (clients talk to this one).")
+@click.option("--upstream", default=None, help="URL of a vLLM server already serving the export (else one starts).")
+@click.option(
+    "--vllm-port", type=int, default=None, help="Port for the vLLM server started here (default: a free one)."
+)
+@click.option("--model-name", default=None, help="Model name clients send (default: the export directory's name).")
+@click.option("--policy", type=click.Choice(["monitor", "block"]), default="monitor", show_default=True)
+@click.option(
+    "--on-scoring-error",
+    type=click.Choice(["open", "closed"]),
+    default="open",
+    show_default=True,
+    help="monitor only: pass (open) or refuse with 503 (closed) a completion that could not be scored.",
+)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: $ATU_API_KEY, or none).")
+@click.option(
+    "--backend",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="Hidden states for scoring: transformers, or a vLLM pooling runner on a truncated probe model.",
+)
+@click.option("--device", default="cpu", show_default=True, help="torch device of the hf backend.")
+@click.option(
+    "--audit",
+    "audit_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("atu-audit.sqlite"),
+    show_default=True,
+    help="SQLite audit log (appended to).",
+)
+@click.option("--no-audit", is_flag=True, help="Keep no audit log.")
+@click.option("--store-text", is_flag=True, help="Keep raw prompts and completions in the audit log (else hashes).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for vLLM before answering 504.")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
+@click.option(
+    "--stream-score-every",
+    default=8,
+    show_default=True,
+    help="block: score a stream every N chunks (nothing unscored is sent).",
+)
+@_friendly
+def serve_cmd(
+    export_dir,
+    host,
+    port,
+    upstream,
+    vllm_port,
+    model_name,
+    policy,
+    on_scoring_error,
+    api_key,
+    backend,
+    device,
+    audit_path,
+    no_audit,
+    store_text,
+    timeout,
+    max_body_bytes,
+    stream_score_every,
+) -> None:
+    """Serve EXPORT_DIR with vLLM behind the leakage guard (OpenAI-compatible); Ctrl-C stops both."""
+    from atu import envs
+    from atu.export import load_export
+    from serve.launch import ServeOptions, make_guard, run_forever, upstream_servers
+    from serve.settings import GuardSettings
+
+    load_export(export_dir)  # refuse a tampered or incomplete export before starting anything
+    opts = ServeOptions(
+        export_dir=export_dir,
+        upstream_url=upstream,
+        vllm_port=vllm_port,
+        model_name=model_name,
+        backend=backend,
+        device=device,
+    )
+    if upstream is None:
+        click.echo(f"starting vLLM on {export_dir / 'model'} (about a minute on CPU)...")
+    with upstream_servers(opts) as (upstream_url, name, pooling_url):
+        settings = GuardSettings(
+            upstream_url=upstream_url,
+            host=host,
+            port=port,
+            policy=policy,
+            on_scoring_error=on_scoring_error,
+            api_key=api_key or envs.api_key(),
+            max_body_bytes=max_body_bytes,
+            upstream_timeout=timeout,
+            stream_score_every=stream_score_every,
+            audit_path=None if no_audit else str(audit_path),
+            audit_store_text=store_text,
+        )
+        guard = make_guard(export_dir, settings, backend=backend, device=device, pooling_url=pooling_url)
+        click.echo(f"vLLM:  {upstream_url}  (model {name!r})")
+        if pooling_url:
+            click.echo(f"probe: {pooling_url}  (vLLM pooling runner, hidden states at the hook layer)")
+        click.echo(
+            f"guard: http://{host}:{port}/v1  policy={policy}  backend={backend}  "
+            f"api key={'on' if settings.api_key else 'off'}  audit={settings.audit_path or 'off'}"
+        )
+        click.echo("endpoints: /v1/completions /v1/chat/completions /v1/models /v1/leakage /health /metrics")
+        click.echo("Ctrl-C stops the guard and vLLM.", err=False)
+        run_forever(guard)
+    click.echo("stopped.")
+
+
 @main.command()
 @click.option(
     "--out",
@@ -256,10 +367,16 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
 )
 @click.option("--forget", "n_forget", default=1, show_default=True, help="How many people to forget.")
 @click.option("--tiny", is_flag=True, help="Use the tiny world (seconds instead of minutes).")
-@click.option("--vllm/--no-vllm", "use_vllm", default=True, help="Check the export under a real vLLM server.")
+@click.option(
+    "--vllm/--no-vllm",
+    "use_vllm",
+    default=True,
+    help="Serve the export with `atu serve` (vLLM + guard): compare with transformers, ask through the guard.",
+)
 @_friendly
 def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
-    """The whole job on the embedded world: build it (cached), forget people, export, evaluate, check vLLM."""
+    """The whole job on the embedded world: build it (cached), forget people, export, evaluate, serve it with vLLM
+    behind the guard."""
     from atu.pipeline import RunConfig
     from atu.run import run
     from atu.world.build import build_world
@@ -277,13 +394,46 @@ def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
     summary = run(RunConfig.from_dict(raw, "demo config"))
     _print_before_after(summary)
     if use_vllm:
-        click.echo("\nserving the export with vLLM (CPU) and comparing greedy outputs with transformers...")
-        rows = _check_vllm(Path(summary["export"]), built.path("probes.jsonl"), 5)
-        for r in rows:
-            click.echo(f"  {'same' if r['equal'] else 'DIFF'}  {r['question'][:60]!r} -> {r['vllm'].strip()!r}")
-        summary["vllm_check"] = rows
+        _demo_serve(Path(summary["export"]), built, names, out, summary)
         (out / "eval.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     click.echo(f"\nexport: {summary['export']}\nevaluation: {out / 'eval.json'}")
+
+
+def _demo_serve(export: Path, built, names: list[str], out: Path, summary: dict) -> None:
+    """Serve the export through `atu serve`, check vLLM against transformers, ask questions through the guard."""
+    from atu.formats import read_probes
+    from atu.vllm_check import free_port
+    from serve.demo import ask_through_guard, atu_serve, format_rows
+
+    click.echo("\nserving the export: `atu serve` starts vLLM (CPU, about a minute) and the guard in front of it...")
+    probes = read_probes(built.path("probes.jsonl"))
+    direct = [p for p in probes if p.kind == "direct"]
+    others = [n for n in built.concepts().names() if n not in names][:2]
+    asked = [("forgotten", p.question) for p in direct if p.concept in names][:3]
+    asked += [("other", p.question) for n in others for p in [q for q in direct if q.concept == n][:2]]
+    audit = out / "audit.sqlite"
+    with atu_serve(export, free_port(), "--audit", str(audit)) as served:
+        click.echo(f"  vLLM  {served.vllm_url}  (model {served.model_name!r})\n  guard {served.guard_url}/v1")
+        click.echo("greedy outputs, vLLM against transformers:")
+        rows = _check_vllm(export, built.path("probes.jsonl"), 5, base_url=served.vllm_url,
+                           model_name=served.model_name)  # fmt: skip
+        for r in rows:
+            click.echo(f"  {'same' if r['equal'] else 'DIFF'}  {r['question'][:60]!r} -> {r['vllm'].strip()!r}")
+        click.echo("\nthrough the guard (OpenAI client, chat, monitor policy):")
+        guard_rows = ask_through_guard(served, asked)
+        click.echo(format_rows(guard_rows))
+    click.echo(f"guard and vLLM stopped; audit log: {audit}")
+    summary["vllm_check"] = rows
+    summary["guard_demo"] = guard_rows
+
+
+def _register_serve_commands() -> None:
+    from serve.audit_report import audit_command
+
+    main.add_command(audit_command)
+
+
+_register_serve_commands()
 
 
 if __name__ == "__main__":

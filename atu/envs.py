@@ -15,6 +15,8 @@ ATU_CACHE = "ATU_CACHE"
 XDG_CACHE_HOME = "XDG_CACHE_HOME"
 # Hugging Face's offline switch; set by atu only when loading the packaged default encoder.
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
+# The serving guard's API key (`atu serve`), when --api-key is not given. Unset: no key, every client is allowed.
+ATU_API_KEY = "ATU_API_KEY"
 
 
 def cache_root() -> Path:
@@ -30,3 +32,8 @@ def cache_root() -> Path:
 def set_hub_offline() -> None:
     """Forbid Hugging Face hub calls in this process (the packaged encoder needs none)."""
     os.environ[HF_HUB_OFFLINE] = "1"
+
+
+def api_key() -> str | None:
+    """The guard's API key from the environment, or None when unset or empty."""
+    return os.environ.get(ATU_API_KEY) or None

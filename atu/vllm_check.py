@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,19 @@ from atu.generation import chat_prompt
 from atu.loading import load_lm
 
 logger = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent dies, so that a killed `atu serve` or
+    test run never leaves an orphaned vLLM server holding its memory. A no-op where prctl is missing. (Linux ties
+    this to the thread that started the child: start vLLM from a thread that lives as long as the server.)"""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -69,7 +83,9 @@ def vllm_server(
         *extra_args,
     ]
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + start_timeout
@@ -98,16 +114,24 @@ def vllm_server(
 
 
 def compare_with_transformers(
-    model_dir: str | Path, questions: Sequence[str], *, max_tokens: int = 16, base_url: str | None = None
+    model_dir: str | Path,
+    questions: Sequence[str],
+    *,
+    max_tokens: int = 16,
+    base_url: str | None = None,
+    model_name: str | None = None,
 ) -> list[dict]:
-    """Greedy completions of each chat prompt from vLLM and from transformers; one row per question."""
+    """Greedy completions of each chat prompt from vLLM and from transformers; one row per question.
+
+    With ``base_url`` the vLLM server already running there is used (``model_name``: the name it serves the model
+    under, default the model directory's path); else one is started and stopped here."""
     model, tokenizer = load_lm(model_dir)
     rows = []
 
     def compare(base: str) -> None:
         for q in questions:
             ids = tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False).input_ids
-            body = {"model": str(model_dir), "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0}
+            body = {"model": model_name or str(model_dir), "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0}
             vllm_text = post_json(base + "/v1/completions", body)["choices"][0]["text"]
             with torch.no_grad():
                 out = model.generate(

@@ -77,3 +77,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm(tiny_run):
+    """(base URL, export dir) of a real vLLM server on the tiny export, started once for the session. It answers to
+    the model name "tiny" and to the model directory's path."""
+    from atu.vllm_check import vllm_server
+
+    export = tiny_run[0] / "export"
+    args = ["--served-model-name", "tiny", str(export / "model")]  # serve_helpers.TINY_MODEL_NAME
+    with vllm_server(export / "model", extra_args=args) as base:
+        yield base, export

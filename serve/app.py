@@ -1,0 +1,370 @@
+"""The guard: an OpenAI-compatible proxy in front of a vLLM server that scores every exchange for leakage.
+
+Endpoints: ``/v1/completions`` and ``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/v1/leakage``
+(score any text), ``/health`` (no key needed) and ``/metrics`` (Prometheus).
+
+A response is sent only after its exchange was scored and its audit record committed: what the client received,
+the audit log holds. Upstream failures are answered 503 (unreachable) or 504 (too slow) within the timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from serve import policy as pol
+from serve.batcher import ScoreBatcher
+from serve.metrics import GuardMetrics
+from serve.responses import REQUEST_ID, AuditUnavailable, UpstreamError, error_response
+from serve.settings import GuardSettings
+from serve.streams import relay_stream
+from serve.validate import BadRequest, ParsedRequest, parse_chat, parse_completion, parse_json, parse_leakage
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", GuardSettings)
+GUARD = web.AppKey("guard", object)
+
+
+class Guard:
+    """Holds what the handlers share: settings, scorer, tokenizer, audit log, metrics, the upstream session."""
+
+    def __init__(self, settings: GuardSettings, scorer, tokenizer, audit=None, metrics: GuardMetrics | None = None):
+        self.settings = settings
+        self.scorer = scorer
+        self.tokenizer = tokenizer
+        self.audit = audit
+        self.metrics = metrics or GuardMetrics()
+        self.batcher = ScoreBatcher(scorer.score_batch, settings.max_batch, self.metrics)
+        self.session: aiohttp.ClientSession | None = None
+        self._models: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    async def start(self, _app=None) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)  # concurrency is the client's to choose
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        await self.batcher.start()
+
+    async def stop(self, _app=None) -> None:
+        await self.batcher.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    # -- upstream ----------------------------------------------------------------------------------------------
+    def _timeout(self, stream: bool) -> aiohttp.ClientTimeout:
+        s = self.settings
+        if stream:  # a stream may run long; what must not stall is the gap between chunks
+            return aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=s.upstream_timeout)
+        return aiohttp.ClientTimeout(total=s.upstream_timeout, sock_connect=s.connect_timeout)
+
+    async def upstream(self, method: str, path: str, body: bytes | None = None, stream: bool = False):
+        """Open an upstream response (the caller releases it); connection problems become UpstreamError."""
+        assert self.session is not None
+        url = self.settings.upstream_url + path
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        try:
+            return await self.session.request(method, url, data=body, headers=headers, timeout=self._timeout(stream))
+        except asyncio.TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamError(504, f"vLLM did not answer within {self.settings.upstream_timeout:g}s") from None
+        except aiohttp.ClientError as e:
+            self.metrics.upstream_errors.labels("unreachable").inc()
+            raise UpstreamError(
+                503, f"vLLM is unreachable at {self.settings.upstream_url} ({type(e).__name__})"
+            ) from None
+
+    async def read_upstream(self, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await resp.read()
+        except asyncio.TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamError(504, f"vLLM did not answer within {self.settings.upstream_timeout:g}s") from None
+        except aiohttp.ClientError as e:
+            self.metrics.upstream_errors.labels("broken").inc()
+            raise UpstreamError(503, f"the connection to vLLM broke ({type(e).__name__})") from None
+
+    async def known_model(self, name: str) -> bool:
+        """Whether vLLM serves ``name``; the list is cached and refreshed when a name is not in it."""
+        if name in self._models:
+            return True
+        resp = await self.upstream("GET", "/v1/models")
+        async with resp:
+            data = json.loads(await self.read_upstream(resp))
+        self._models = {m["id"] for m in data.get("data", [])}
+        return name in self._models
+
+    # -- scoring and audit -------------------------------------------------------------------------------------
+    async def score_all(self, pairs: list[tuple[str, str]]) -> list:
+        return list(await asyncio.gather(*(self.batcher.score(p, c) for p, c in pairs)))
+
+    async def record(
+        self,
+        *,
+        prompts: list[str],
+        completions: list[str],
+        reports: list,
+        request_id: str,
+        error: str | None = None,
+        **fields,
+    ) -> None:
+        """Commit the audit records of one exchange (one per choice); returns once they are durable: that is the
+        acknowledgement, so a response is only sent after it."""
+        if self.audit is None:
+            return
+        records = audit_records(
+            self.settings,
+            prompts=prompts,
+            completions=completions,
+            reports=reports,
+            request_id=request_id,
+            error=error,
+            **fields,
+        )
+        try:
+            await asyncio.gather(*(asyncio.wrap_future(self.audit.append(r)) for r in records))
+        except Exception as e:
+            logger.error("audit log write failed: %s", e)
+            raise AuditUnavailable(str(e)) from None
+        self.metrics.audit_records.inc(len(records))
+
+    def count(self, leakage: dict) -> None:
+        for c in leakage["flagged"]:
+            self.metrics.flagged.labels(c).inc()
+        for c in leakage["prompt_flagged"]:
+            self.metrics.prompt_flagged.labels(c).inc()
+        if leakage.get("max_score") is not None:
+            self.metrics.max_score.observe(leakage["max_score"])
+        self.metrics.actions.labels(leakage["action"]).inc()
+
+
+def audit_records(
+    settings: GuardSettings, *, prompts, completions, reports, request_id, error=None, model=None, **fields
+) -> list:
+    """One AuditRecord per choice (request ids ``rid``, or ``rid#i`` when there are several choices)."""
+    from serve.audit import AuditRecord
+
+    n = max(len(prompts), len(completions), len(reports), 1)
+    out = []
+    for i in range(n):
+        report = reports[i] if i < len(reports) else ({"error": error} if error else None)
+        rid = request_id if n == 1 else f"{request_id}#{i}"
+        prompt = prompts[i] if i < len(prompts) else None
+        completion = completions[i] if i < len(completions) else None
+        out.append(
+            AuditRecord.from_exchange(
+                request_id=rid,
+                policy=settings.policy,
+                model=model or "",
+                prompt=prompt,
+                completion=completion,
+                report=report,
+                **fields,
+            )
+        )
+    return out
+
+
+# -- middleware ---------------------------------------------------------------------------------------------------
+@web.middleware
+async def guard_middleware(request: web.Request, handler):
+    guard: Guard = request.app[GUARD]
+    settings = guard.settings
+    request_id = request.headers.get("X-Request-Id") or f"atu-{uuid.uuid4().hex}"
+    request[REQUEST_ID] = request_id
+    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    guard.metrics.in_flight.inc()
+    try:
+        if settings.api_key and request.path != "/health" and not _authorised(request, settings.api_key):
+            resp = error_response(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", request_id
+            )
+        else:
+            try:
+                resp = await handler(request)
+            except web.HTTPRequestEntityTooLarge:
+                resp = error_response(
+                    413,
+                    f"the body is larger than {settings.max_body_bytes} bytes",
+                    "invalid_request_error",
+                    request_id,
+                )
+            except BadRequest as e:
+                resp = error_response(400, str(e), "invalid_request_error", request_id)
+            except UpstreamError as e:
+                resp = error_response(e.status, str(e), "upstream_error", request_id)
+            except AuditUnavailable as e:
+                resp = error_response(
+                    503, f"the audit log is unavailable ({e}); the exchange was not served", "audit_error", request_id
+                )
+            except web.HTTPException as e:
+                resp = error_response(e.status, e.reason, "invalid_request_error", request_id)
+        guard.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+    finally:
+        guard.metrics.in_flight.dec()
+
+
+def _authorised(request: web.Request, key: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+# -- handlers -----------------------------------------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    guard: Guard = request.app[GUARD]
+    try:
+        resp = await guard.upstream("GET", "/health")
+        async with resp:
+            up = "ok" if resp.status == 200 else f"status {resp.status}"
+    except UpstreamError as e:
+        up = str(e)
+    status = 200 if up == "ok" else 503
+    return web.json_response(
+        {"status": "ok" if status == 200 else "degraded", "upstream": up, "policy": guard.settings.policy},
+        status=status,
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    guard: Guard = request.app[GUARD]
+    return web.Response(body=guard.metrics.render(), headers={"Content-Type": guard.metrics.content_type})
+
+
+async def models(request: web.Request) -> web.Response:
+    guard: Guard = request.app[GUARD]
+    resp = await guard.upstream("GET", "/v1/models")
+    async with resp:
+        body = await guard.read_upstream(resp)
+        return web.Response(body=body, status=resp.status, content_type="application/json")
+
+
+async def leakage(request: web.Request) -> web.Response:
+    guard: Guard = request.app[GUARD]
+    prompt, completion = parse_leakage(parse_json(await request.read()))
+    start = time.perf_counter()
+    try:
+        (report,) = await guard.score_all([(prompt, completion)])
+    except Exception as e:
+        guard.metrics.scoring_errors.inc()
+        return error_response(503, f"scoring failed: {e}", "scoring_error", request[REQUEST_ID])
+    scoring_ms = 1000 * (time.perf_counter() - start)
+    await guard.record(
+        request_id=request[REQUEST_ID],
+        endpoint="/v1/leakage",
+        model=None,
+        action=pol.decide("monitor", bool(report.flagged)),
+        stream=False,
+        reports=[report],
+        prompts=[prompt],
+        completions=[completion],
+        scoring_ms=scoring_ms,
+    )
+    return web.json_response({"request_id": request[REQUEST_ID], **report.to_dict()})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    guard: Guard = request.app[GUARD]
+    return await _generate(request, parse_completion(parse_json(await request.read()), guard.tokenizer), guard)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    guard: Guard = request.app[GUARD]
+    return await _generate(request, parse_chat(parse_json(await request.read()), guard.tokenizer), guard)
+
+
+async def _generate(request: web.Request, req: ParsedRequest, guard: Guard) -> web.StreamResponse:
+    request_id = request[REQUEST_ID]
+    if not await guard.known_model(req.model):
+        return error_response(
+            404, f"model {req.model!r} is not served here; see /v1/models", "not_found_error", request_id
+        )
+    raw = json.dumps(req.body).encode()
+    if req.stream:
+        return await relay_stream(request, req, guard, raw)
+    started = time.perf_counter()
+    resp = await guard.upstream("POST", request.path, raw)
+    async with resp:
+        body_bytes = await guard.read_upstream(resp)
+        status = resp.status
+    upstream_ms = 1000 * (time.perf_counter() - started)
+    guard.metrics.upstream_seconds.observe(upstream_ms / 1000)
+    if status != 200:  # vLLM's own error (no completion in it): pass it on as it is
+        return web.Response(
+            body=body_bytes, status=status, content_type="application/json", headers={"X-Request-Id": request_id}
+        )
+    body = json.loads(body_bytes)
+    choices = body.get("choices", [])
+    prompts = [req.prompts[min(c.get("index", i) // req.n, len(req.prompts) - 1)] for i, c in enumerate(choices)]
+    texts = [pol.choice_text(c, req.chat) for c in choices]
+    endpoint = request.path
+    start = time.perf_counter()
+    try:
+        reports = await guard.score_all(list(zip(prompts, texts)))
+        error = None
+    except Exception as e:
+        guard.metrics.scoring_errors.inc()
+        error = f"scoring failed: {e}"
+        reports = []
+    scoring_ms = 1000 * (time.perf_counter() - start)
+    if error is not None:
+        if not guard.settings.fail_open:
+            await guard.record(
+                request_id=request_id,
+                endpoint=endpoint,
+                model=req.model,
+                action=pol.ERROR,
+                stream=False,
+                reports=[],
+                prompts=prompts,
+                completions=texts,
+                error=error,
+            )
+            return error_response(
+                503, error + " (the policy fails closed: nothing unscored is returned)", "scoring_error", request_id
+            )
+        leak = pol.leakage_object(guard.settings.policy, pol.ERROR, [], error=error)
+    else:
+        action = pol.decide(guard.settings.policy, any(r.flagged for r in reports))
+        leak = pol.leakage_object(guard.settings.policy, action, reports)
+        if action == pol.BLOCKED:
+            body = pol.block_choices(body, reports, guard.settings.refusal, req.chat)
+    await guard.record(
+        request_id=request_id,
+        endpoint=endpoint,
+        model=req.model,
+        action=leak["action"],
+        stream=False,
+        reports=reports,
+        prompts=prompts,
+        completions=texts,
+        upstream_ms=upstream_ms,
+        scoring_ms=scoring_ms,
+        error=error,
+    )
+    guard.count(leak)
+    body["leakage"] = leak
+    return web.json_response(body, headers=pol.leakage_headers(leak, request_id))
+
+
+def build_app(guard: Guard) -> web.Application:
+    """The aiohttp application; the guard's session and batcher start and stop with it."""
+    app = web.Application(middlewares=[guard_middleware], client_max_size=guard.settings.max_body_bytes)
+    app[GUARD] = guard
+    app[SETTINGS] = guard.settings
+    app.on_startup.append(guard.start)
+    app.on_cleanup.append(guard.stop)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/leakage", leakage)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    return app

@@ -1,0 +1,121 @@
+"""What the guard does with scored completions: pure functions over OpenAI response bodies and leakage reports.
+
+Policies:
+
+- ``monitor``: the completion passes unchanged; the response carries a ``leakage`` object and ``X-ATU-*`` headers.
+- ``block``: a completion in which a concept crossed its threshold is replaced by a refusal (``finish_reason``
+  ``"content_filter"``); the ``leakage`` object says which concepts and where. A stream is cut: the text held
+  back since the last clean score is dropped and the stream ends with a final event carrying the annotation.
+
+Blocking acts on the completion. The prompt is scored too and its flags are annotated and counted (an extraction
+attempt is worth knowing about), but a question alone is not refused: the answer may well not leak.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+PASSED, ANNOTATED, BLOCKED, CUT, ERROR = "passed", "annotated", "blocked", "cut", "error"
+
+
+def decide(policy: str, flagged: bool, *, stream: bool = False) -> str:
+    """The action for one exchange: passed (nothing flagged), annotated (monitor), blocked or cut (block)."""
+    if not flagged:
+        return PASSED
+    if policy == "monitor":
+        return ANNOTATED
+    return CUT if stream else BLOCKED
+
+
+def leakage_object(policy: str, action: str, reports: Sequence[Any], *, error: str | None = None) -> dict:
+    """The ``leakage`` annotation: one scorer report per choice (in choice order), and a summary."""
+    choices = [r.to_dict() for r in reports]
+    flagged = sorted({c for r in reports for c in r.flagged})
+    prompt_flagged = sorted({c for r in reports for c in r.prompt_flagged})
+    out = {
+        "policy": policy,
+        "action": action,
+        "flagged": flagged,
+        "prompt_flagged": prompt_flagged,
+        "max_score": max((r.max_score for r in reports), default=None),
+        "choices": choices,
+    }
+    if error is not None:
+        out["error"] = error
+    return out
+
+
+def leakage_headers(leakage: dict, request_id: str) -> dict[str, str]:
+    """Response headers that summarise the annotation (concept names percent-encoded: headers are ASCII)."""
+    headers = {"X-Request-Id": request_id, "X-ATU-Action": leakage["action"]}
+    if leakage.get("max_score") is not None:
+        headers["X-ATU-Leakage-Max"] = f"{leakage['max_score']:.4f}"
+    headers["X-ATU-Leakage-Flagged"] = ",".join(quote(c, safe=" ") for c in leakage["flagged"])
+    if leakage.get("error"):
+        headers["X-ATU-Leakage-Error"] = "1"
+    return headers
+
+
+def choice_text(choice: dict, chat: bool) -> str:
+    """The generated text of one choice of a non-streamed response."""
+    if chat:
+        return (choice.get("message") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def delta_text(choice: dict, chat: bool) -> str:
+    """The text one streamed chunk adds to its choice."""
+    if chat:
+        return (choice.get("delta") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def block_choices(body: dict, reports: Sequence[Any], refusal: str, chat: bool) -> dict:
+    """A copy of a response body with every flagged choice's text replaced by ``refusal``."""
+    out = copy.deepcopy(body)
+    for choice, report in zip(out.get("choices", []), reports):
+        if not report.flagged:
+            continue
+        if chat:
+            choice["message"] = {"role": "assistant", "content": refusal}
+        else:
+            choice["text"] = refusal
+            choice["logprobs"] = None
+        choice["finish_reason"] = "content_filter"
+    return out
+
+
+def cut_event(template: dict | None, n_choices: int, chat: bool, leakage: dict) -> dict:
+    """The last event of a cut stream: every choice finishes with ``content_filter``; carries the annotation."""
+    base = {k: template[k] for k in ("id", "created", "model") if template and k in template}
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    choices = []
+    for i in range(n_choices):
+        choice = {"index": i, "finish_reason": "content_filter"}
+        if chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        choices.append(choice)
+    return {**base, "object": obj, "choices": choices, "leakage": leakage}
+
+
+def annotation_event(template: dict | None, chat: bool, leakage: dict) -> dict:
+    """An event with no choices that carries the annotation (clients that do not know it skip it)."""
+    base = {k: template[k] for k in ("id", "created", "model") if template and k in template}
+    return {
+        **base,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "choices": [],
+        "leakage": leakage,
+    }
+
+
+def sse(obj: dict | str) -> bytes:
+    """One server-sent event: ``data: <json>`` (or a literal such as ``[DONE]``) and a blank line."""
+    payload = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,27 @@
+"""Errors the guard answers with, in the OpenAI error shape."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+REQUEST_ID = web.RequestKey("request_id", str)  # set on every request by the guard's middleware
+
+
+class UpstreamError(Exception):
+    """vLLM could not be reached (503) or did not answer in time (504)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuditUnavailable(Exception):
+    """The audit log could not commit a record: the exchange is not acknowledged (503)."""
+
+
+def error_response(status: int, message: str, kind: str, request_id: str | None = None) -> web.Response:
+    """An error as OpenAI clients expect it: {"error": {"message", "type", "code"}}."""
+    headers = {"X-Request-Id": request_id} if request_id else None
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers
+    )

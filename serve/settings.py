@@ -1,0 +1,68 @@
+"""The guard's settings: one dataclass, validated once, built by `atu serve` from its options."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from atu.errors import ConfigError
+
+POLICIES = ("monitor", "block")
+ON_SCORING_ERROR = ("open", "closed")
+DEFAULT_REFUSAL = "I can't help with that."
+
+
+@dataclass
+class GuardSettings:
+    """How the guard proxy behaves. Every field has a default a first user can keep."""
+
+    upstream_url: str  # base URL of the vLLM OpenAI-compatible server, e.g. "http://127.0.0.1:8001"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # "monitor": pass completions through and annotate them; "block": replace a flagged completion with a refusal
+    # and cut a flagged stream. Block always fails closed: text that could not be scored never reaches the client.
+    policy: str = "monitor"
+    # Monitor only: when scoring fails, "open" passes the completion with an error annotation, "closed" answers 503.
+    on_scoring_error: str = "open"
+    api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    upstream_timeout: float = 60.0  # seconds for a whole non-streamed upstream answer (or between stream chunks)
+    connect_timeout: float = 5.0  # seconds to reach the upstream server; past it the guard answers 503
+    # Streams under "block": text is held back until scored, in groups of this many chunks (1 = every chunk).
+    stream_score_every: int = 8
+    max_batch: int = 32  # scoring requests batched together in one model forward
+    refusal: str = DEFAULT_REFUSAL  # what a blocked completion is replaced with
+    audit_path: str | None = None  # SQLite audit log; None: no audit log
+    audit_store_text: bool = False  # store raw prompt and completion text (else hashes and flagged spans only)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.upstream_url, str) or not self.upstream_url.startswith(("http://", "https://")):
+            raise ConfigError(f"upstream_url must be an http(s) URL, got {self.upstream_url!r}.")
+        self.upstream_url = self.upstream_url.rstrip("/")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}.")
+        if self.on_scoring_error not in ON_SCORING_ERROR:
+            raise ConfigError(f"on_scoring_error must be one of {ON_SCORING_ERROR}, got {self.on_scoring_error!r}.")
+        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}.")
+        for name in ("max_body_bytes", "stream_score_every", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}.")
+        for name in ("upstream_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}.")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            raise ConfigError("api_key must be a non-empty string or None.")
+
+    @property
+    def fail_open(self) -> bool:
+        """Whether a completion that could not be scored still reaches the client (never under "block")."""
+        return self.policy == "monitor" and self.on_scoring_error == "open"
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings without the API key, for logs and /health."""
+        out = asdict(self)
+        out["api_key"] = "set" if self.api_key else None
+        return out

@@ -1,0 +1,88 @@
+"""`atu serve` as users run it: a process in front of a real vLLM server; Ctrl-C stops it; SIGKILL loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serve_helpers import TINY_MODEL_NAME, free_port, http
+
+from serve.audit import read_records
+
+pytestmark = pytest.mark.slow
+
+
+def start_serve(export, upstream, port, *extra, env=None):
+    cmd = [sys.executable, "-m", "atu.cli", "serve", str(export), "--upstream", upstream, "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"atu serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if http(f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("atu serve did not become healthy in 120 s")
+
+
+def test_serve_prints_endpoints_and_stops_on_ctrl_c(tiny_vllm, tmp_path):
+    upstream, export = tiny_vllm
+    port = free_port()
+    env = {**os.environ, "ATU_API_KEY": "k-from-env"}
+    proc = start_serve(export, upstream, port, "--audit", str(tmp_path / "a.sqlite"), env=env)
+    assert http(f"http://127.0.0.1:{port}/v1/models")[0] == 401  # the key came from the environment
+    assert http(f"http://127.0.0.1:{port}/v1/models", key="k-from-env")[0] == 200
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"guard: http://127.0.0.1:{port}/v1" in out and "api key=on" in out and "stopped." in out
+    assert "k-from-env" not in out
+
+
+def test_sigkill_mid_load_loses_no_acknowledged_record(tiny_vllm, tmp_path):
+    upstream, export = tiny_vllm
+    port = free_port()
+    db = tmp_path / "audit.sqlite"
+    proc = start_serve(export, upstream, port, "--audit", str(db))
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(i):
+        while not stop.is_set():
+            body = {"model": TINY_MODEL_NAME, "prompt": f"Question {i}?", "max_tokens": 4, "temperature": 0.0}
+            try:
+                status, headers, _ = http(f"http://127.0.0.1:{port}/v1/completions", body, timeout=30)
+            except OSError:
+                return  # the guard is gone
+            if status == 200:
+                with lock:
+                    acked.append(headers["X-Request-Id"])
+
+    with ThreadPoolExecutor(32) as pool:
+        for i in range(32):
+            pool.submit(client, i)
+        deadline = time.time() + 120
+        while len(acked) < 300 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        stop.set()
+    assert len(acked) >= 300, "the load did not get going"
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    logged = {r.request_id for r in read_records(db)}
+    missing = set(acked) - logged
+    assert not missing, f"{len(missing)} acknowledged records lost"

@@ -1,0 +1,211 @@
+"""The guard's pure parts: request validation, policies, settings, the scoring micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+from atu.errors import ConfigError
+from serve import policy as pol
+from serve.batcher import ScoreBatcher
+from serve.settings import GuardSettings
+from serve.validate import BadRequest, parse_chat, parse_completion, parse_json, parse_leakage
+
+
+class _Tok:
+    """Just enough tokenizer for validation: decode ids and render a chat template."""
+
+    chat_template = "yes"
+
+    def decode(self, ids):
+        return " ".join(f"t{i}" for i in ids)
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+@dataclass
+class _Report:
+    flagged: list = field(default_factory=list)
+    prompt_flagged: list = field(default_factory=list)
+    max_score: float = 0.1
+
+    def to_dict(self):
+        return {"flagged": self.flagged, "max_score": self.max_score}
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_parse_json_rejects(raw, match):
+    with pytest.raises(BadRequest, match=match):
+        parse_json(raw)
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ({"prompt": "hi"}, "'model' is required"),
+        ({"model": 3, "prompt": "hi"}, "'model' must be a model name"),
+        ({"model": "m"}, "'prompt' is required"),
+        ({"model": "m", "prompt": 5}, "'prompt' is required"),
+        ({"model": "m", "prompt": [1, "a"]}, "mixes token ids"),
+        ({"model": "m", "prompt": "hi", "max_tokens": "8"}, "'max_tokens' must be a positive integer, got str"),
+        ({"model": "m", "prompt": "hi", "max_tokens": 0}, "'max_tokens' must be >= 1"),
+        ({"model": "m", "prompt": "hi", "stream": "yes"}, "'stream' must be true or false"),
+        ({"model": "m", "prompt": "hi", "n": True}, "'n' must be a positive integer, got a boolean"),
+        ({"model": "m", "prompt": "hi", "temperature": "hot"}, "'temperature' must be a number"),
+    ],
+)
+def test_parse_completion_rejects(body, match):
+    with pytest.raises(BadRequest, match=match):
+        parse_completion(body, _Tok())
+
+
+def test_parse_completion_prompt_forms():
+    tok = _Tok()
+    assert parse_completion({"model": "m", "prompt": "hi"}, tok).prompts == ["hi"]
+    assert parse_completion({"model": "m", "prompt": ["a", "b"], "n": 2}, tok).prompts == ["a", "b"]
+    assert parse_completion({"model": "m", "prompt": [1, 2]}, tok).prompts == ["t1 t2"]
+    req = parse_completion({"model": "m", "prompt": [[1], [2, 3]], "stream": True}, tok)
+    assert req.prompts == ["t1", "t2 t3"] and req.stream and not req.chat and req.n == 1
+
+
+def test_parse_chat():
+    req = parse_chat({"model": "m", "messages": [{"role": "user", "content": "Who?"}]}, _Tok())
+    assert req.prompts == ["<user>Who?<assistant>"] and req.chat
+    with pytest.raises(BadRequest, match="'messages' is required"):
+        parse_chat({"model": "m", "messages": []}, _Tok())
+    with pytest.raises(BadRequest, match=r"messages\[0\].content must be a string"):
+        parse_chat({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, _Tok())
+
+
+def test_parse_leakage():
+    assert parse_leakage({"text": "abc"}) == ("", "abc")
+    assert parse_leakage({"prompt": "p", "completion": "c"}) == ("p", "c")
+    with pytest.raises(BadRequest, match="'completion' is required"):
+        parse_leakage({"prompt": "p"})
+    with pytest.raises(BadRequest, match="'text' must be a string"):
+        parse_leakage({"text": 1})
+
+
+# -- policy -------------------------------------------------------------------------------------------------------
+def test_decide():
+    assert pol.decide("monitor", False) == pol.PASSED
+    assert pol.decide("block", False, stream=True) == pol.PASSED
+    assert pol.decide("monitor", True) == pol.ANNOTATED
+    assert pol.decide("block", True) == pol.BLOCKED
+    assert pol.decide("block", True, stream=True) == pol.CUT
+
+
+def test_block_choices_replaces_only_flagged_and_copies():
+    body = {"choices": [{"index": 0, "text": "secret", "finish_reason": "length"}, {"index": 1, "text": "fine"}]}
+    out = pol.block_choices(body, [_Report(flagged=["X"]), _Report()], "no.", chat=False)
+    assert out["choices"][0]["text"] == "no." and out["choices"][0]["finish_reason"] == "content_filter"
+    assert out["choices"][1]["text"] == "fine"
+    assert body["choices"][0]["text"] == "secret"  # the caller's body is untouched
+    chat = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "secret"}}]}
+    out = pol.block_choices(chat, [_Report(flagged=["X"])], "no.", chat=True)
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "no."}
+
+
+def test_leakage_object_and_headers():
+    leak = pol.leakage_object("monitor", pol.ANNOTATED, [_Report(["B", "A"], ["C"], 0.7), _Report(max_score=0.2)])
+    assert leak["flagged"] == ["A", "B"] and leak["prompt_flagged"] == ["C"] and leak["max_score"] == 0.7
+    assert len(leak["choices"]) == 2
+    headers = pol.leakage_headers({**leak, "flagged": ["Zoë Ávila", "B"]}, "rid")
+    assert headers["X-ATU-Leakage-Flagged"] == "Zo%C3%AB %C3%81vila,B"
+    assert headers["X-ATU-Leakage-Max"] == "0.7000" and headers["X-Request-Id"] == "rid"
+    assert all(v.isascii() for v in headers.values())
+
+
+def test_stream_events():
+    tmpl = {"id": "cmpl-1", "created": 5, "model": "m", "choices": [{"index": 0, "text": "a"}]}
+    cut = pol.cut_event(tmpl, 2, chat=True, leakage={"x": 1})
+    assert [c["finish_reason"] for c in cut["choices"]] == ["content_filter"] * 2
+    assert cut["id"] == "cmpl-1" and cut["leakage"] == {"x": 1} and cut["choices"][0]["delta"] == {}
+    ann = pol.annotation_event(tmpl, chat=False, leakage={"x": 1})
+    assert ann["choices"] == [] and ann["object"] == "text_completion"
+    assert pol.sse("[DONE]") == b"data: [DONE]\n\n"
+    assert json.loads(pol.sse({"a": 1})[6:]) == {"a": 1}
+    assert pol.delta_text({"delta": {"content": "x"}}, chat=True) == "x"
+    assert pol.delta_text({"delta": {"role": "assistant"}}, chat=True) == ""
+
+
+# -- settings -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"upstream_url": "localhost:8000"}, "upstream_url must be an http"),
+        ({"policy": "shout"}, "policy must be one of"),
+        ({"on_scoring_error": "maybe"}, "on_scoring_error must be one of"),
+        ({"max_body_bytes": 0}, "max_body_bytes must be a positive int"),
+        ({"upstream_timeout": -1}, "upstream_timeout must be a positive number"),
+        ({"api_key": "  "}, "api_key must be a non-empty string"),
+    ],
+)
+def test_settings_reject(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GuardSettings(**{"upstream_url": "http://127.0.0.1:1", **kwargs})
+
+
+def test_settings_fail_open_and_public_dict():
+    s = GuardSettings("http://h:1/", api_key="sekrit")
+    assert s.upstream_url == "http://h:1" and s.fail_open
+    assert GuardSettings("http://h:1", policy="block").fail_open is False  # block always fails closed
+    assert GuardSettings("http://h:1", on_scoring_error="closed").fail_open is False
+    assert "sekrit" not in json.dumps(s.public_dict())
+
+
+# -- batcher ------------------------------------------------------------------------------------------------------
+def test_batcher_batches_concurrent_requests_and_keeps_order():
+    sizes = []
+    gate = threading.Event()
+
+    def score_batch(pairs):
+        gate.wait(5)  # hold the first batch so that the others queue up behind it
+        sizes.append(len(pairs))
+        return [f"{p}|{c}" for p, c in pairs]
+
+    async def main():
+        b = ScoreBatcher(score_batch, max_batch=8)
+        await b.start()
+        tasks = [asyncio.create_task(b.score(f"p{i}", f"c{i}")) for i in range(20)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(*tasks)
+        await b.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert out == [f"p{i}|c{i}" for i in range(20)]
+    assert sum(sizes) == 20 and max(sizes) == 8 and len(sizes) < 20
+
+
+def test_batcher_propagates_errors_to_the_batch_only():
+    def score_batch(pairs):
+        if any(c == "bad" for _, c in pairs):
+            raise RuntimeError("boom")
+        return [c for _, c in pairs]
+
+    async def main():
+        b = ScoreBatcher(score_batch, max_batch=1)
+        await b.start()
+        bad = await asyncio.gather(b.score("p", "bad"), return_exceptions=True)
+        good = await b.score("p", "ok")
+        await b.stop()
+        return bad[0], good
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and "boom" in str(bad) and good == "ok"
