@@ -58,21 +58,23 @@ class _StreamState:
 
 
 async def _events(resp, guard: Guard):
-    """Yield (raw event bytes, parsed JSON or the literal "[DONE]") from an upstream SSE body."""
+    """Yield, per upstream read, the list of (raw event bytes, parsed JSON or the literal "[DONE]") it completed.
+
+    Events that arrive together are handled together, so the relay writes once per read, not once per event."""
     buf = b""
     try:
         async for chunk in resp.content.iter_any():
             buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
+            *complete, buf = buf.split(b"\n\n")
+            batch = []
+            for event in complete:
                 line = event.strip()
                 if not line.startswith(b"data:"):
                     continue  # comments and keep-alives
                 payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    yield event + b"\n\n", "[DONE]"
-                else:
-                    yield event + b"\n\n", json.loads(payload)
+                batch.append((event + b"\n\n", "[DONE]" if payload == b"[DONE]" else json.loads(payload)))
+            if batch:
+                yield batch
     except TimeoutError:
         guard.metrics.upstream_errors.labels("timeout").inc()
         raise UpstreamError(
@@ -141,28 +143,39 @@ async def relay_stream(request: web.Request, req: ParsedRequest, guard: Guard, r
                 headers={"X-Request-Id": request_id},
             )
         try:
-            async for event, data in _events(resp, guard):
-                if data == "[DONE]":
-                    break
-                got_text = state.add(data)
-                if not hold:
-                    await send(event)
-                    continue
-                state.held.append(event)
-                state.unscored += got_text
-                if state.unscored >= settings.stream_score_every:
-                    try:
-                        reports = await score()
-                    except Exception as e:  # failing closed: what is held back is dropped
-                        return await _fail_closed(request, guard, req, state, out, finish, e)
-                    state.unscored = 0
-                    if block and any(r.flagged for r in reports):
+            async for batch in _events(resp, guard):
+                done = False
+                relay = []
+                for event, data in batch:
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    got_text = state.add(data)
+                    if not hold:
+                        relay.append(event)
+                        continue
+                    state.held.append(event)
+                    state.unscored += got_text
+                    if state.unscored >= settings.stream_score_every:
+                        try:
+                            reports = await score()
+                        except Exception as e:  # failing closed: what is held back is dropped
+                            if relay:  # scored clean earlier in this read
+                                await send(b"".join(relay))
+                            return await _fail_closed(request, guard, req, state, out, finish, e)
+                        state.unscored = 0
+                        if block and any(r.flagged for r in reports):
+                            state.held.clear()
+                            if relay:
+                                await send(b"".join(relay))
+                            await finish(pol.CUT, reports)
+                            return out
+                        relay += state.held
                         state.held.clear()
-                        await finish(pol.CUT, reports)
-                        return out
-                    for e in state.held:
-                        await send(e)
-                    state.held.clear()
+                if relay:
+                    await send(b"".join(relay))
+                if done:
+                    break
         except UpstreamError as e:
             if not out.prepared:
                 return error_response(e.status, str(e), "upstream_error", request_id)

@@ -1,0 +1,167 @@
+"""Hidden-state backends for the guard: token ids in, the hook layer's per-token states out.
+
+Every backend has one method, ``hidden_states(list_of_token_id_lists) -> list[np.ndarray (T_i, H)]``, float32,
+one array per sequence, row ``t`` the state after the first ``L`` decoder layers at token ``t``. Backends may
+return the states at any positive scale per token (vLLM returns them L2-normalised): the predictor L2-normalises
+its input, so its output does not change.
+
+- ``HFBackend``: transformers, any device; the export's model with the decoder layers above ``L`` dropped, run
+  through ``atu.hidden.hidden_at`` in right-padded batches.
+- ``VLLMPoolingBackend``: a real vLLM server started with the pooling runner over a probe export (see
+  ``serve.probe``); it holds only layers ``0..L-1`` and answers ``POST /pooling`` with one vector per token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atu.errors import AtuError
+from atu.hidden import check_hook_layer, decoder_layers, hidden_at
+from atu.loading import load_lm
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_TOKENS = 16_384  # padded tokens per forward pass of the HF backend; bounds activation memory
+
+
+class BackendError(AtuError):
+    """A hidden-state backend failed: the vLLM pooling server is unreachable, slow, or answered an error."""
+
+
+def check_id_lists(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Validate a batch of token id lists: a list of non-empty lists of non-negative ints."""
+    if not isinstance(sequences, (list, tuple)):
+        raise ValueError(f"expected a list of token id lists, got {type(sequences).__name__}.")
+    out = []
+    for i, seq in enumerate(sequences):
+        if not isinstance(seq, (list, tuple)) or not seq:
+            raise ValueError(f"sequence {i} must be a non-empty list of token ids, got {seq!r:.80}.")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in seq):
+            raise ValueError(f"sequence {i} must hold non-negative int token ids, got {list(seq)!r:.80}.")
+        out.append([int(t) for t in seq])
+    return out
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose padded size (B x longest) stays <= ``max_tokens``.
+
+    Sorting by length keeps padding small; a sequence longer than ``max_tokens`` gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class HFBackend:
+    """Layer-``layer`` states from a transformers causal LM (float32 on CPU; the model's dtype elsewhere)."""
+
+    def __init__(
+        self, model_dir: str | Path, layer: int, device: str = "cpu", *, max_batch_tokens: int = MAX_BATCH_TOKENS
+    ):
+        model, _ = load_lm(model_dir, device=device, dtype="float32" if device == "cpu" else None)
+        check_hook_layer(model, layer)
+        del decoder_layers(model)[layer:]  # never run (hidden_at stops at `layer`); frees their memory
+        self.model, self.layer, self.device = model, layer, torch.device(device)
+        self.hidden_size = int(model.config.hidden_size)
+        self.max_batch_tokens = max_batch_tokens
+
+    def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """(T_i, H) float32 states for each id list, batched with right padding."""
+        seqs = check_id_lists(sequences)
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        for batch in length_batches([len(s) for s in seqs], self.max_batch_tokens):
+            width = max(len(seqs[i]) for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, : len(seqs[i])] = 1
+            with torch.inference_mode():
+                hidden = hidden_at(self.model, ids.to(self.device), mask.to(self.device), self.layer)  # (B, T, H)
+            hidden = hidden.float().cpu().numpy()
+            for row, i in enumerate(batch):
+                out[i] = hidden[row, : len(seqs[i])]
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMPoolingBackend:
+    """Layer-``L`` states from a vLLM pooling server over a probe export (``serve.probe.pooling_server``).
+
+    Request (vLLM 0.32 ``POST /pooling``, ``PoolingCompletionRequest``)::
+
+        {"model": NAME, "input": [[ids...], ...], "task": "token_embed", "add_special_tokens": false,
+         "encoding_format": "base64", "embed_dtype": "float32", "endianness": "little"}
+
+    Response: ``{"data": [{"index": i, "data": BASE64}, ...], ...}``, each item the (T_i * H) little-endian float32
+    values of one input, row-major, L2-normalised per token. Token ids are sent, not text, so the tokenisation is
+    exactly the scorer's.
+    """
+
+    def __init__(self, base_url: str, model_name: str = "atu-probe", timeout: float = 30.0, *, hidden_size=None):
+        self.base_url = base_url.rstrip("/")
+        self.model_name, self.timeout, self.hidden_size = model_name, float(timeout), hidden_size
+
+    def _post(self, body: dict) -> dict:
+        req = urllib.request.Request(
+            self.base_url + "/pooling", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            raise BackendError(f"vLLM pooling server {self.base_url} answered {err.code}: {detail}") from err
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            raise BackendError(
+                f"vLLM pooling server {self.base_url} unreachable or slower than {self.timeout:.0f}s ({err}); "
+                "start it with serve.probe.pooling_server or use backend='hf'."
+            ) from err
+
+    def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """(T_i, H) float32 unit-norm states for each id list, in one request."""
+        seqs = check_id_lists(sequences)
+        if not seqs:
+            return []
+        body = {
+            "model": self.model_name,
+            "input": seqs,
+            "task": "token_embed",
+            "add_special_tokens": False,
+            "encoding_format": "base64",
+            "embed_dtype": "float32",
+            "endianness": "little",
+        }
+        items = sorted(self._post(body).get("data") or [], key=lambda d: d.get("index", 0))
+        if len(items) != len(seqs):
+            raise BackendError(f"vLLM pooling server returned {len(items)} results for {len(seqs)} inputs.")
+        out = []
+        for seq, item in zip(seqs, items):
+            flat = np.frombuffer(bytearray(base64.b64decode(item["data"])), dtype="<f4")  # writable, for torch
+            if flat.size % len(seq) or (self.hidden_size and flat.size != len(seq) * self.hidden_size):
+                raise BackendError(
+                    f"vLLM pooling server returned {flat.size} values for {len(seq)} tokens"
+                    + (f" of width {self.hidden_size}" if self.hidden_size else "")
+                    + "; is it serving the probe export of this model with task token_embed?"
+                )
+            out.append(flat.reshape(len(seq), -1).astype(np.float32, copy=False))
+        return out
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,356 @@
+"""Leakage scoring: hidden states at the hook layer, the predictor, cosine to every concept of the export's index.
+
+For a prompt and its completion the scored sequence is::
+
+    ids = [BOS] + tokenizer(prompt, add_special_tokens=False) + tokenizer(completion, add_special_tokens=False)
+
+BOS is prepended only when the tokenizer has one and the prompt's own tokens do not already start with it (a
+chat prompt rendered by the world tokenizer's template starts with the BOS text, which tokenises to BOS). That
+leading BOS is the *prefix*: its state is the same for every text, so it is never scored, and truncation keeps it.
+
+Predictor row ``t`` reads the states of tokens ``0..t`` and predicts the embedding of the text *after* token
+``t``, i.e. the window starting at token ``t + 1``. A part (prompt or completion) is scored on the rows whose
+window starts inside it: the prompt on ``t + 1`` in its tokens, the completion from the last prompt token up to
+its own second-to-last token (its last token predicts text after the completion, which does not exist). A
+concept's score in a part is its highest cosine over those rows (``ConceptIndex.concept_scores``).
+
+A score's ``position`` is the index, in that part's own tokens (``tokenizer(part, add_special_tokens=False)``,
+whatever was truncated), of the token where the predicted window starts; its ``span``/``excerpt`` is the text
+from there, about ``excerpt_chars`` characters, clipped to the part. Too long a sequence (over the predictor's
+``max_len`` or the model's ``max_position_embeddings``) loses its oldest prompt tokens first, then its oldest
+completion tokens; the report says so (``truncated``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atu.export import load_export
+from atu.index import ConceptIndex
+from atu.predictor import EmbeddingPredictor
+from serve.backends import HFBackend, VLLMPoolingBackend
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "vllm")
+EXCERPT_CHARS = 80
+_ARGSORT_MAX = 4096  # above this many concepts, the top_k are found by partition rather than a full sort
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+def truncation(n_prefix: int, n_prompt: int, n_completion: int, max_tokens: int) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) to drop from the start so the sequence fits in ``max_tokens``."""
+    if max_tokens <= n_prefix:
+        raise ValueError(f"max_tokens ({max_tokens}) must exceed the prefix length ({n_prefix}).")
+    excess = max(0, n_prefix + n_prompt + n_completion - max_tokens)
+    drop_prompt = min(excess, n_prompt)
+    return drop_prompt, excess - drop_prompt
+
+
+def part_rows(n_prefix: int, n_prompt: int, n_completion: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predictor rows that score the prompt and the completion of ``[prefix][prompt][completion]``.
+
+    Row ``t`` predicts the window starting at token ``t + 1``. Prompt rows: ``t + 1`` in the prompt's tokens;
+    completion rows: ``t + 1`` in the completion's tokens but its last (``t`` from the last prompt token to the
+    second-to-last completion token). Prefix rows (BOS) are never scored. Returns two int64 arrays (ascending).
+    """
+    a, b = n_prefix, n_prefix + n_prompt
+    end = b + n_completion
+    prompt = np.arange(max(n_prefix, a - 1), b - 1, dtype=np.int64)
+    completion = np.arange(max(n_prefix, b - 1), end - 1, dtype=np.int64)
+    return prompt, completion
+
+
+def window_char_starts(positions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Character where the window starting at token ``positions[i]`` begins, in the part's text (N,) int64.
+
+    That is the end of the text before it: the running maximum of the ends of tokens ``0..p-1`` (byte-level
+    tokens of one multi-byte character report overlapping offsets; the running maximum never moves back), or
+    0 for ``p = 0``. ``offsets`` (n, 2) are the part's ``[start, end)`` character offsets; ``0 <= p < n``.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if positions.size and (positions.min() < 0 or positions.max() >= len(offsets)):
+        raise ValueError(f"positions must be in [0, {len(offsets)}), got {positions.tolist()!s:.120}.")
+    ends = np.maximum.accumulate(offsets[:, 1]) if len(offsets) else offsets[:, 1]
+    return np.where(positions > 0, ends[np.maximum(positions - 1, 0)] if len(ends) else 0, 0)
+
+
+def excerpt_span(text: str, start: int, width: int = EXCERPT_CHARS) -> tuple[int, int]:
+    """``[start, end)`` of about ``width`` characters of ``text`` from ``start``, leading whitespace skipped."""
+    start = min(max(int(start), 0), len(text))
+    while start < len(text) and text[start].isspace():
+        start += 1
+    return start, min(len(text), start + width)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ConceptScore:
+    """One concept in one part (prompt or completion)."""
+
+    concept: str
+    score: float  # highest cosine over the part's rows; -1.0 when the part has none
+    threshold: float
+    flagged: bool  # score > threshold
+    position: int  # token index, in the part's tokens, where the best-scoring window starts (-1 if none)
+    span: tuple[int, int]  # [start, end) characters of the excerpt in the part's text
+    excerpt: str  # the text the window predicted (about EXCERPT_CHARS characters)
+    row: int = -1  # predictor row (token index in the scored sequence) that reached the score; -1 if none
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["span"] = list(self.span)
+        return out
+
+
+@dataclass
+class LeakageReport:
+    prompt: list[ConceptScore]  # every concept (or the top_k highest), score descending
+    completion: list[ConceptScore]
+    flagged: list[str]  # concepts flagged in the completion, score descending
+    prompt_flagged: list[str]  # concepts flagged in the prompt, score descending
+    max_score: float  # highest completion score over all concepts; -1.0 for an empty completion
+    truncated: bool = False  # oldest tokens were dropped to fit the predictor / model length
+    n_tokens: int = 0  # tokens in the scored sequence (after truncation)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict with stable keys."""
+        return {
+            "completion": [s.to_dict() for s in self.completion],
+            "flagged": list(self.flagged),
+            "max_score": float(self.max_score),
+            "n_tokens": int(self.n_tokens),
+            "prompt": [s.to_dict() for s in self.prompt],
+            "prompt_flagged": list(self.prompt_flagged),
+            "truncated": bool(self.truncated),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class _Part:
+    text: str
+    offsets: np.ndarray  # (n, 2) of the part's own tokens
+    base: int  # index in the part's tokens of its first token in the scored sequence
+    first_row: int  # sequence index of that token
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # predictor rows scoring the part
+
+
+@dataclass
+class _Item:
+    ids: list[int]
+    prompt: _Part
+    completion: _Part
+    truncated: bool
+
+
+# ---------------------------------------------------------------------------------------------- the scorer
+
+
+class Scorer:
+    """Scores prompt/completion pairs against the concepts of an export. Build with ``Scorer.from_export``.
+
+    ``score_batch`` is blocking; calls are serialised by a lock, so one worker thread (or several) may call it.
+    """
+
+    def __init__(
+        self,
+        backend,
+        tokenizer,
+        predictor: EmbeddingPredictor,
+        index: ConceptIndex,
+        *,
+        max_tokens: int,
+        top_k: int | None = 5,
+        excerpt_chars: int = EXCERPT_CHARS,
+        resources: ExitStack | None = None,
+    ):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None (every concept), got {top_k!r}.")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+            raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}.")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("the scorer needs a fast tokenizer (character offsets); load it with use_fast=True.")
+        self.backend, self.tokenizer, self.predictor, self.index = backend, tokenizer, predictor.eval(), index
+        self.max_tokens, self.top_k, self.excerpt_chars = max_tokens, top_k, excerpt_chars
+        self._resources = resources or ExitStack()
+        self._lock = threading.Lock()
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.index.labels)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.index.thresholds
+
+    @classmethod
+    def from_export(
+        cls,
+        export_dir: str | Path,
+        backend: str = "hf",
+        device: str = "cpu",
+        pooling_url: str | None = None,
+        top_k: int | None = 5,
+        timeout: float = 30.0,
+    ) -> Scorer:
+        """A scorer over the export at ``export_dir``.
+
+        ``backend="hf"`` loads the model (layers above the hook layer dropped) on ``device``. ``backend="vllm"``
+        reads states from a vLLM pooling server over the export's probe: the one at ``pooling_url``, or, when it is
+        None, one this scorer starts (``serve.probe.pooling_server``) and owns: ``close()`` stops it.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        export = load_export(export_dir)
+        model_cfg = json.loads((export.model_dir / "config.json").read_text())
+        max_tokens = min(export.predictor.config.max_len, int(model_cfg.get("max_position_embeddings") or 1 << 30))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(export.model_dir))
+        with ExitStack() as resources:  # handed to the scorer on success, closed (server stopped) on failure
+            if backend == "hf":
+                states = HFBackend(export.model_dir, export.guard.hook_layer, device)
+            else:
+                if pooling_url is None:
+                    from serve.probe import pooling_server, probe_export
+
+                    probe = probe_export(export.root)
+                    pooling_url = resources.enter_context(pooling_server(probe, max_model_len=max_tokens))
+                states = VLLMPoolingBackend(pooling_url, timeout=timeout, hidden_size=export.guard.hidden_size)
+            scorer = cls(states, tokenizer, export.predictor, export.index, max_tokens=max_tokens, top_k=top_k,
+                         resources=resources.pop_all())  # fmt: skip
+        return scorer
+
+    def close(self) -> None:
+        """Release the backend and any server this scorer started."""
+        self.backend.close()
+        self._resources.close()
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- public scoring
+
+    def score(self, prompt: str, completion: str) -> LeakageReport:
+        return self.score_batch([(prompt, completion)])[0]
+
+    def score_text(self, text: str) -> LeakageReport:
+        """The whole ``text`` scored as a completion of an empty prompt."""
+        return self.score_batch([("", text)])[0]
+
+    def score_batch(self, pairs: list[tuple[str, str]]) -> list[LeakageReport]:
+        """One report per ``(prompt, completion)``; one backend call and one predictor pass for the batch."""
+        if not isinstance(pairs, (list, tuple)):
+            raise ValueError(f"pairs must be a list of (prompt, completion) str tuples, got {type(pairs).__name__}.")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(s, str) for s in pair):
+                raise ValueError(f"pairs[{i}] must be a (prompt, completion) tuple of two str, got {pair!r:.80}.")
+        if not pairs:
+            return []
+        with self._lock:
+            items = self._tokenize([p for p, _ in pairs], [c for _, c in pairs])
+            live = [it.ids for it in items if it.ids]  # no ids (both parts empty, no BOS): nothing to score
+            preds = self._predict(live) if live else None  # (B_live, T, D)
+            reports, b = [], 0
+            for it in items:
+                rows = preds[b, : len(it.ids)] if it.ids else np.zeros((0, self.index.dim), np.float32)
+                reports.append(self._report(rows, it))
+                b += bool(it.ids)
+            return reports
+
+    # -- steps
+
+    def _tokenize(self, prompts: list[str], completions: list[str]) -> list[_Item]:
+        kw = dict(add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        enc_p, enc_c = self.tokenizer(prompts, **kw), self.tokenizer(completions, **kw)
+        bos = self.tokenizer.bos_token_id
+        items = []
+        for i, (p_text, c_text) in enumerate(zip(prompts, completions)):
+            p_ids, c_ids = enc_p["input_ids"][i], enc_c["input_ids"][i]
+            own_bos = bos is not None and bool(p_ids) and p_ids[0] == bos
+            prefix = [bos] if bos is not None else []
+            p_start = 1 if own_bos else 0  # the prompt's own BOS becomes the prefix
+            n_prefix = len(prefix)
+            drop_p, drop_c = truncation(n_prefix, len(p_ids) - p_start, len(c_ids), self.max_tokens)
+            p_keep, c_keep = p_ids[p_start + drop_p :], c_ids[drop_c:]
+            prompt = _Part(p_text, np.asarray(enc_p["offset_mapping"][i]).reshape(-1, 2), p_start + drop_p, n_prefix)
+            completion = _Part(
+                c_text, np.asarray(enc_c["offset_mapping"][i]).reshape(-1, 2), drop_c, n_prefix + len(p_keep)
+            )
+            prompt.rows, completion.rows = part_rows(n_prefix, len(p_keep), len(c_keep))
+            items.append(_Item(prefix + p_keep + c_keep, prompt, completion, bool(drop_p or drop_c)))
+        return items
+
+    def _predict(self, sequences: list[list[int]]) -> np.ndarray:
+        """(B, T, D) float32 predictor outputs for right-padded sequences (zero rows at padding)."""
+        states = self.backend.hidden_states(sequences)  # list of (T_i, H)
+        width = max(len(s) for s in sequences)
+        hidden = torch.zeros((len(sequences), width, states[0].shape[1]), dtype=torch.float32)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for b, h in enumerate(states):
+            hidden[b, : len(h)] = torch.from_numpy(h)
+            mask[b, : len(h)] = 1
+        with torch.inference_mode():
+            return self.predictor(hidden, mask).float().numpy()
+
+    def _ranked(self, best: np.ndarray) -> np.ndarray:
+        """Concept rows to report, score descending (ties: lower row first); all of them or the top_k."""
+        if self.top_k is None or len(best) <= _ARGSORT_MAX:
+            order = np.argsort(-best, kind="stable")
+            return order if self.top_k is None else order[: self.top_k]
+        top = np.argpartition(-best, self.top_k - 1)[: self.top_k]  # O(C) instead of sorting every concept
+        return top[np.lexsort((top, -best[top]))]
+
+    def _part(self, part: _Part, preds: np.ndarray) -> tuple[list[ConceptScore], list[str], float]:
+        """Scores of one part from ``preds`` (T, D): (top_k ConceptScores, flagged labels, best score or -1.0)."""
+        best, where = self.index.concept_scores(preds[part.rows])  # (C,), (C,) index into part.rows or -1
+        thresholds, labels = self.index.thresholds, self.index.labels
+        hit = np.flatnonzero(best > thresholds)
+        flagged = [labels[c] for c in hit[np.lexsort((hit, -best[hit]))]]  # score descending
+        keep = self._ranked(best)
+        found = where[keep] >= 0
+        rows = np.full(len(keep), -1, dtype=np.int64)
+        rows[found] = part.rows[where[keep][found]]
+        positions = np.where(found, rows + 1 - part.first_row + part.base, -1)  # window start, in the part
+        starts = np.zeros(len(keep), dtype=np.int64)
+        starts[found] = window_char_starts(positions[found], part.offsets)
+        scores = []
+        for c, row, pos, start, ok in zip(keep, rows, positions, starts, found):
+            span = excerpt_span(part.text, start, self.excerpt_chars) if ok else (0, 0)
+            score, thr = float(best[c]), float(thresholds[c])
+            excerpt = part.text[span[0] : span[1]]
+            scores.append(ConceptScore(labels[c], score, thr, score > thr, int(pos), span, excerpt, int(row)))
+        return scores, flagged, float(best.max()) if len(part.rows) else -1.0
+
+    def _report(self, rows: np.ndarray, item: _Item) -> LeakageReport:
+        """The report of ``item`` from its predictor outputs ``rows`` (T, D)."""
+        prompt, prompt_flagged, _ = self._part(item.prompt, rows)
+        completion, flagged, max_score = self._part(item.completion, rows)
+        return LeakageReport(
+            prompt=prompt,
+            completion=completion,
+            flagged=flagged,
+            prompt_flagged=prompt_flagged,
+            max_score=max_score,
+            truncated=item.truncated,
+            n_tokens=len(item.ids),
+        )
