@@ -37,3 +37,8 @@ def set_hub_offline() -> None:
 def api_key() -> str | None:
     """The guard's API key from the environment, or None when unset or empty."""
     return os.environ.get(ATU_API_KEY) or None
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment for a child process: this process's, with ``extra`` added."""
+    return {**os.environ, **extra}

@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from atu import cache
 from atu.errors import AtuError, ConfigError
 from atu.export import Export, load_export
-from atu.vllm_check import free_port
+from atu.vllm_check import IN_PROCESS_ENGINE, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def pooling_server_args(probe_dir: Path, max_model_len: int | None = None) -> li
 # machine that takes a core from the scorer's predictor and from the generation server, and made a 32-pair
 # score_batch 5-9x slower. The in-process ("uni") executor has no such queue; platforms/cpu.py keeps it only when
 # VLLM_ENABLE_V1_MULTIPROCESSING is "0".
-POOLING_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+POOLING_ENV = IN_PROCESS_ENGINE  # the same setting as the generation server (atu.vllm_check)
 
 
 def _healthy(url: str) -> bool:
