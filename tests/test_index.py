@@ -95,7 +95,7 @@ def test_hnsw_recall_against_brute_force():
     vectors, labels, thresholds = _concepts(n, dim, seed=6)
     index = ConceptIndex.build(vectors, labels, thresholds, kind="hnsw")
     assert index.kind == "hnsw" and isinstance(index.index, faiss.IndexHNSWFlat)
-    assert index.index.hnsw.efSearch == 128
+    assert index.index.hnsw.efSearch == 32
     rng = np.random.default_rng(7)
     source = rng.choice(n, size=200, replace=False)
     unit = _unit(vectors.astype(np.float64))
@@ -121,6 +121,9 @@ def test_hnsw_concept_scores_agree_with_brute_force_where_returned():
     assert returned.sum() <= 5 * 64 and (~returned).any()
     np.testing.assert_array_equal(best[~returned], -1.0)
     np.testing.assert_allclose(best[returned], sims[where[returned], np.flatnonzero(returned)], atol=1e-5)
+    # Every returned concept is rescored against every query: its score is its exact best, at its best position.
+    np.testing.assert_allclose(best[returned], sims.max(axis=0)[returned], atol=1e-5)
+    np.testing.assert_array_equal(where[returned], sims.argmax(axis=0)[returned])
     # The overall best concept is found, at the right position.
     top = int(sims.max(axis=0).argmax())
     assert returned[top] and where[top] == sims[:, top].argmax()
@@ -140,7 +143,7 @@ def test_hnsw_small_set_scores_every_concept():
 def test_auto_kind_threshold(monkeypatch):
     import atu.index
 
-    assert AUTO_FLAT_MAX == 20_000
+    assert AUTO_FLAT_MAX == 10_000
     monkeypatch.setattr(atu.index, "AUTO_FLAT_MAX", 10)
     vectors, labels, thresholds = _concepts(11, 4)
     assert ConceptIndex.build(vectors, labels, thresholds).kind == "hnsw"
