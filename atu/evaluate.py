@@ -133,11 +133,45 @@ def text_nll(model, tokenizer, texts: Sequence[str], max_length: int = 256) -> l
 
 
 @torch.no_grad()
+def text_concept_scores(
+    model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
+) -> torch.Tensor:
+    """(N, C): per text and concept, the highest cosine over the text's positions (what the guard scores)."""
+    rows = [
+        sim.masked_fill(~mask[..., None], -2.0).amax(1).cpu()  # (B, T, C) -> (B, C)
+        for sim, mask in _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length)
+    ]
+    return torch.cat(rows) if rows else torch.zeros(0, vectors.shape[0])
+
+
 def text_leakage(
     model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
 ) -> list[float]:
     """Per text, the guard's score: the highest cosine to any concept over the text's positions."""
-    out: list[float] = []
-    for sim, mask in _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length):
-        out += sim.amax(-1).masked_fill(~mask, -2.0).amax(1).tolist()  # (B, T) -> (B,)
-    return out
+    scores = text_concept_scores(model, predictor, tokenizer, texts, vectors, layer, max_length)
+    return scores.amax(-1).tolist() if scores.shape[1] else [-2.0] * len(texts)
+
+
+def fpr_thresholds(scores, fpr: float):
+    """(N, C) scores of texts that must not be flagged -> (C,) thresholds that at most ``fpr`` of them exceed.
+
+    Per concept, the smallest of the N scores such that the share of scores strictly above it is <= ``fpr`` (so
+    the threshold is always one of the observed scores; ties never push the share over ``fpr``).
+    """
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float32)  # the index stores float32 thresholds: compare in float32
+    if s.ndim != 2 or s.shape[0] == 0:
+        raise ValueError(f"scores must have shape (N, C) with N >= 1, got {s.shape}.")
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr!r}.")
+    n = s.shape[0]
+    ordered = np.sort(s, axis=0)  # (N, C) ascending
+    # Candidate k (0-based) leaves the scores strictly above ordered[k]; with distinct values that is n - 1 - k.
+    k = int(np.ceil(n * (1.0 - fpr))) - 1
+    k = min(max(k, 0), n - 1)
+    thr = ordered[k].copy()
+    for c in range(s.shape[1]):  # ties: move up until the share above is small enough
+        while (s[:, c] > thr[c]).mean() > fpr:
+            thr[c] = ordered[np.searchsorted(ordered[:, c], thr[c], side="right"), c]
+    return thr.astype(np.float32)

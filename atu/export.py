@@ -67,6 +67,9 @@ class GuardConfig:
     num_layers: int  # decoder layers in the model; hook_layer is in 1..num_layers
     input_normalisation: str = "l2"  # "l2": per-token L2 normalisation of the hidden states (what vLLM returns)
     concept_target: str = "name"  # what each concept vector embeds: its "name", "description" or "centroid"
+    # How the index's thresholds were set: None = the unlearning's final thresholds (tau); a number = calibrated so
+    # that at most this share of held-out retain texts scores above them.
+    threshold_fpr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("hook_layer", "window", "hidden_size", "embedding_dim", "num_layers"):
@@ -84,6 +87,12 @@ class GuardConfig:
                 f"GuardConfig.input_normalisation must be one of {INPUT_NORMALISATIONS}, "
                 f"got {self.input_normalisation!r}."
             )
+        if self.threshold_fpr is not None and (
+            isinstance(self.threshold_fpr, bool)
+            or not isinstance(self.threshold_fpr, (int, float))
+            or not 0 < self.threshold_fpr < 1
+        ):
+            raise ConfigError(f"GuardConfig.threshold_fpr must be in (0, 1) or None, got {self.threshold_fpr!r}.")
         if self.concept_target not in CONCEPT_TARGETS:
             raise ConfigError(
                 f"GuardConfig.concept_target must be one of {CONCEPT_TARGETS}, got {self.concept_target!r}."

@@ -54,8 +54,18 @@ class RunConfig:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     out: str = "atu_run"
     device: str = "auto"
+    # The guard's per-concept thresholds in the export: the score that at most this share of held-out retain texts
+    # (data.validation) exceeds, measured with the exported predictor on the exported model. None: use the
+    # unlearning's final thresholds (tau), which sit wherever the schedule stopped, not where retain texts score.
+    guard_fpr: float | None = 0.05
 
     def __post_init__(self) -> None:
+        if self.guard_fpr is not None and (
+            isinstance(self.guard_fpr, bool)
+            or not isinstance(self.guard_fpr, (int, float))
+            or not 0 < self.guard_fpr < 1
+        ):
+            raise ConfigError(f"guard_fpr must be a number in (0, 1) or null, got {self.guard_fpr!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.model not in WORLD_MODELS and (self.data.corpus is None or self.data.concepts is None):

@@ -12,7 +12,7 @@ import torch
 
 from atu import formats
 from atu.errors import ConfigError
-from atu.evaluate import evaluate_model, mean_similarity, text_leakage
+from atu.evaluate import evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
 from atu.export import GuardConfig, write_export
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
@@ -150,6 +150,15 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
         "after": after,
         "seconds": round(time.time() - t0, 1),
     }
+    thresholds = cfg.unlearn.final_thresholds(concepts).numpy()
+    if cfg.guard_fpr is not None and data.validation:
+        vectors = result.concept_vectors
+        held = text_concept_scores(final, result.predictor, tokenizer, data.validation, vectors, layer)
+        thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
+        logger.info(
+            "guard thresholds at %.0f%% false positives on held-out texts: %s", 100 * cfg.guard_fpr, thresholds
+        )
+    summary["guard_thresholds"] = [round(float(t), 4) for t in thresholds]
     if export:
         guard = GuardConfig(
             hook_layer=layer,
@@ -159,10 +168,9 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
             embedding_dim=result.concept_vectors.shape[1],
             num_layers=final.config.num_hidden_layers,
             concept_target=cfg.unlearn.target,
+            threshold_fpr=cfg.guard_fpr if cfg.guard_fpr is not None and data.validation else None,
         )
-        index = ConceptIndex.build(
-            result.concept_vectors.numpy(), data.forget, cfg.unlearn.final_thresholds(concepts).numpy()
-        )
+        index = ConceptIndex.build(result.concept_vectors.numpy(), data.forget, thresholds)
         brief = {"before": _brief(before), "after": _brief(after), "stop_reason": result.stop_reason}
         write_export(
             out / "export",

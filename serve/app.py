@@ -246,6 +246,15 @@ async def models(request: web.Request) -> web.Response:
         return web.Response(body=body, status=resp.status, content_type="application/json")
 
 
+async def passthrough(request: web.Request) -> web.Response:
+    """Endpoints that generate no text (/tokenize, /detokenize): relayed as they are, nothing to score."""
+    guard: Guard = request.app[GUARD]
+    resp = await guard.upstream(request.method, request.path, await request.read())
+    async with resp:
+        body = await guard.read_upstream(resp)
+        return web.Response(body=body, status=resp.status, content_type="application/json")
+
+
 async def leakage(request: web.Request) -> web.Response:
     guard: Guard = request.app[GUARD]
     prompt, completion = parse_leakage(parse_json(await request.read()))
@@ -365,6 +374,8 @@ def build_app(guard: Guard) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/leakage", leakage)
+    app.router.add_post("/tokenize", passthrough)
+    app.router.add_post("/detokenize", passthrough)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     return app

@@ -55,3 +55,31 @@ def test_auroc_rejects_empty_and_nan():
         auroc([], [1.0])
     with pytest.raises(ValueError, match="finite"):
         auroc([float("nan")], [1.0])
+
+
+@pytest.mark.parametrize("n, fpr", [(1, 0.05), (7, 0.3), (100, 0.05), (101, 0.1), (50, 0.5)])
+def test_fpr_thresholds_against_naive_count(n, fpr):
+    import numpy as np
+
+    from atu.evaluate import fpr_thresholds
+
+    rng = np.random.default_rng(n)
+    scores = np.round(rng.normal(size=(n, 3)), 1).astype(np.float32)  # rounded: plenty of ties
+    thr = fpr_thresholds(scores, fpr)
+    for c in range(3):
+        col = scores[:, c]
+        assert thr[c] in col  # an observed score
+        assert (col > thr[c]).mean() <= fpr  # at most fpr above it
+        lower = col[col < thr[c]]  # and no smaller observed score would do
+        assert len(lower) == 0 or (col > lower.max()).mean() > fpr
+
+
+def test_fpr_thresholds_rejects_bad_input():
+    import numpy as np
+
+    from atu.evaluate import fpr_thresholds
+
+    with pytest.raises(ValueError, match="fpr must be in"):
+        fpr_thresholds(np.zeros((3, 1)), 1.0)
+    with pytest.raises(ValueError, match=r"shape \(N, C\)"):
+        fpr_thresholds(np.zeros(3), 0.1)

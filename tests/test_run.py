@@ -33,6 +33,25 @@ def test_run_writes_export_and_eval(tiny_run, tiny_world):
     assert steps and "forget_sim_mean" in steps[0] and "retain_sim_mean" in steps[0]
 
 
+def test_export_thresholds_are_calibrated_on_held_out_texts(tiny_run):
+    from atu.evaluate import text_concept_scores
+    from atu.loading import load_lm
+    from atu.run import _resolve_world, load_run_data
+
+    out, cfg, summary = tiny_run
+    exp = load_export(out / "export")
+    assert exp.guard.threshold_fpr == cfg.guard_fpr == 0.05
+    assert summary["guard_thresholds"] == pytest.approx(exp.index.thresholds.tolist(), abs=1e-4)
+    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    model, tok = load_lm(exp.model_dir)
+    vectors = torch.from_numpy(exp.index.vectors())
+    held = text_concept_scores(model, exp.predictor, tok, data.validation, vectors, exp.guard.hook_layer).numpy()
+    above = (held > exp.index.thresholds[None, :]).mean(0)  # (C,) share of held-out texts the guard would flag
+    assert (above <= 0.05).all(), above
+    # Each threshold is one of the held-out scores (with the tiny world's 2 held-out texts: the highest).
+    assert all(t in held[:, c] for c, t in enumerate(exp.index.thresholds))
+
+
 def test_killed_run_resumes_after_last_stage(tiny_run):
     out, cfg, summary = tiny_run
     state = json.loads((out / "checkpoint" / "state.json").read_text())

@@ -95,6 +95,7 @@ def test_monitor_passes_text_unchanged_and_annotates(tiny_vllm, scorer, tokenize
     with running_guard(scorer, tokenizer, upstream, tmp_path / "audit.sqlite") as base:
         status, headers, out = http(base + "/v1/completions", body)
         models = http(base + "/v1/models")[2]
+        tokenized = http(base + "/tokenize", {"model": TINY_MODEL_NAME, "prompt": "hello"})  # relayed as is
     assert status == 200
     assert out["choices"][0]["text"] == bare["choices"][0]["text"]
     leak = out["leakage"]
@@ -104,6 +105,7 @@ def test_monitor_passes_text_unchanged_and_annotates(tiny_vllm, scorer, tokenize
     assert headers["X-ATU-Action"] == leak["action"] and headers["X-Request-Id"].startswith("atu-")
     assert float(headers["X-ATU-Leakage-Max"]) == pytest.approx(leak["max_score"], abs=1e-4)
     assert TINY_MODEL_NAME in {m["id"] for m in models["data"]}
+    assert tokenized[0] == 200 and tokenized[2]["count"] == len(tokenized[2]["tokens"]) > 0
     (rec,) = list(read_records(tmp_path / "audit.sqlite"))
     assert rec.request_id == headers["X-Request-Id"] and rec.endpoint == "/v1/completions"
     assert rec.completion is None and rec.completion_sha256 is not None  # no raw text unless asked
