@@ -57,7 +57,7 @@ KINDS = formats.PROBE_KINDS
 SIGNALS = ("completion", "prompt", "max")  # the three the brief asks for
 DIAG_SIGNALS = ("first_row", "generated_rows", "completion_alone")  # where the completion score comes from
 TARGET_AUROC = 0.9
-BEFORE_FORMAT = 1  # bump when the BEFORE export's recipe changes, so stale cache entries are not reused
+BEFORE_FORMAT = 2  # bump when the BEFORE export's recipe changes, so stale cache entries are not reused
 SCORE_BATCH = 64
 
 
@@ -95,7 +95,17 @@ def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> t
         metrics = train_predictor(
             predictor, data, train_h, cfg.align.epochs, cfg.align, val_hidden=val_h, progress=progress
         )
-        index = ConceptIndex.build(after.index.vectors(), after.index.labels, after.index.thresholds)
+        predictor.eval()
+        thresholds = after.index.thresholds
+        if after.guard.threshold_fpr is not None:  # calibrate like atu.run does, on this model and predictor
+            from atu.evaluate import fpr_thresholds, text_concept_scores
+            from atu.run import _resolve_world, load_run_data
+
+            validation = load_run_data(cfg, _resolve_world(cfg, progress=False)[1]).validation
+            vectors = torch.from_numpy(after.index.vectors())
+            held = text_concept_scores(model, predictor, tokenizer, validation, vectors, layer)
+            thresholds = fpr_thresholds(held.numpy(), after.guard.threshold_fpr)
+        index = ConceptIndex.build(after.index.vectors(), after.index.labels, thresholds)
         write_export(
             tmp / "export",
             model=model,

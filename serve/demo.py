@@ -110,7 +110,7 @@ def ask_through_guard(served: Served, questions: Sequence[tuple[str, str]], max_
 
 
 def format_rows(rows: Sequence[dict]) -> str:
-    out = [f"{'about':<10}{'question':<46}{'answer':<32}{'top concept (score/tau)':<34}{'prompt top':<26}flagged"]
+    out = [f"{'about':<10}{'question':<46}{'answer':<32}{'top concept (score/thr)':<34}{'prompt top':<26}flagged"]
     for r in rows:
         top = f"{r['top_concept']} ({r['top_score']:.2f}/{r['top_threshold']:.2f})" if r["top_concept"] else "-"
         ptop = f"{r['prompt_top_concept']} ({r['prompt_top_score']:.2f})" if r["prompt_top_concept"] else "-"
