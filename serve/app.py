@@ -96,8 +96,14 @@ class Guard:
             return True
         resp = await self.upstream("GET", "/v1/models")
         async with resp:
-            data = json.loads(await self.read_upstream(resp))
-        self._models = {m["id"] for m in data.get("data", [])}
+            raw, status = await self.read_upstream(resp), resp.status
+        try:
+            if status != 200:
+                raise ValueError(f"status {status}")
+            self._models = {m["id"] for m in json.loads(raw).get("data", [])}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # not what an OpenAI server answers
+            self.metrics.upstream_errors.labels("bad_answer").inc()
+            raise UpstreamError(503, f"vLLM's model list is unreadable ({e})") from None
         return name in self._models
 
     # -- scoring and audit -------------------------------------------------------------------------------------
