@@ -315,10 +315,11 @@ def serve_cmd(
     """Serve EXPORT_DIR with vLLM behind the leakage guard (OpenAI-compatible); Ctrl-C stops both."""
     from atu import envs
     from atu.export import load_export
-    from serve.launch import ServeOptions, make_guard, run_forever, upstream_servers
+    from serve.launch import ServeOptions, check_port_free, make_guard, run_forever, upstream_servers
     from serve.settings import GuardSettings
 
     load_export(export_dir)  # refuse a tampered or incomplete export before starting anything
+    check_port_free(host, port)
     opts = ServeOptions(
         export_dir=export_dir,
         upstream_url=upstream,

@@ -35,6 +35,20 @@ class ServeOptions:
     device: str = "cpu"  # backend "hf": torch device
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before anything starts (vLLM takes a minute) when the guard's port is taken."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise AtuError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
+
+
 def make_guard(
     export_dir: Path, settings: GuardSettings, backend: str = "hf", device: str = "cpu", pooling_url: str | None = None
 ) -> Guard:

@@ -86,3 +86,19 @@ def test_sigkill_mid_load_loses_no_acknowledged_record(tiny_vllm, tmp_path):
     logged = {r.request_id for r in read_records(db)}
     missing = set(acked) - logged
     assert not missing, f"{len(missing)} acknowledged records lost"
+
+
+def test_serve_refuses_a_taken_port_before_starting_anything(tiny_run):
+    import socket
+
+    from click.testing import CliRunner
+
+    from atu.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(tiny_run[0] / "export"), "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "pass another --port" in result.output
