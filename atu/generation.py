@@ -25,8 +25,11 @@ def generate_answers(
     max_new_tokens: int = 24,
     batch_size: int = 64,
     progress: bool = False,
+    strip: bool = True,
 ) -> list[str]:
-    """Greedy answers, cut at the end-of-sequence token or the first newline. Prompts are left-padded."""
+    """Greedy answers, cut at the end-of-sequence token or the first newline. Prompts are left-padded.
+
+    ``strip=False`` keeps the answer's leading space, as a server returns it (the guard scores those tokens)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -53,6 +56,7 @@ def generate_answers(
         )
         for row in out[:, width:].tolist():
             text = tokenizer.decode(row, skip_special_tokens=True)
-            answers.append(text.split("\n", 1)[0].strip())
+            text = text.split("\n", 1)[0]
+            answers.append(text.strip() if strip else text)
     model.train(was_training)
     return answers

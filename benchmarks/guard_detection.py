@@ -44,7 +44,7 @@ import torch
 from atu import __version__, cache, formats
 from atu.align import compute_hidden, new_predictor, prepare_alignment, train_predictor
 from atu.export import load_export, write_export
-from atu.generation import chat_prompt
+from atu.generation import chat_prompt, generate_answers
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
 from atu.metrics import auroc, rouge_l_recall
@@ -128,37 +128,11 @@ def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> t
 # ---------------------------------------------------------------------------------------------- answers and scores
 
 
-@torch.no_grad()
 def raw_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy completions as a server returns them: decoded up to end of sequence, cut before the first newline,
-    not stripped (``atu.generation.generate_answers`` strips the leading space, which changes the tokens the guard
-    scores)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        encoded = [
-            tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False).input_ids
-            for q in questions[start : start + batch_size]
-        ]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for row in gen[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            out.append(tokenizer.decode(row, skip_special_tokens=True).split("\n", 1)[0])
-    return out
+    """Greedy completions as a server returns them: cut before the first newline, leading space kept."""
+    return generate_answers(
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size, strip=False
+    )
 
 
 def row_signals(scorer: Scorer, concept: str, pairs: list[tuple[str, str]]) -> list[dict]:
