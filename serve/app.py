@@ -244,21 +244,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=guard.metrics.render(), headers={"Content-Type": guard.metrics.content_type})
 
 
-async def models(request: web.Request) -> web.Response:
-    guard: Guard = request.app[GUARD]
-    resp = await guard.upstream("GET", "/v1/models")
-    async with resp:
-        body = await guard.read_upstream(resp)
-        return web.Response(body=body, status=resp.status, content_type="application/json")
-
-
 async def passthrough(request: web.Request) -> web.Response:
-    """Endpoints that generate no text (/tokenize, /detokenize): relayed as they are, nothing to score."""
+    """Endpoints that generate no text (/v1/models, /tokenize, /detokenize): relayed as they are, nothing to score."""
     guard: Guard = request.app[GUARD]
-    resp = await guard.upstream(request.method, request.path, await request.read())
+    body = await request.read() if request.method == "POST" else None
+    resp = await guard.upstream(request.method, request.path, body)
     async with resp:
-        body = await guard.read_upstream(resp)
-        return web.Response(body=body, status=resp.status, content_type="application/json")
+        data = await guard.read_upstream(resp)
+        return web.Response(body=data, status=resp.status, content_type="application/json")
 
 
 async def leakage(request: web.Request) -> web.Response:
@@ -378,7 +371,7 @@ def build_app(guard: Guard) -> web.Application:
     app.on_cleanup.append(guard.stop)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models", passthrough)
     app.router.add_post("/v1/leakage", leakage)
     app.router.add_post("/tokenize", passthrough)
     app.router.add_post("/detokenize", passthrough)
