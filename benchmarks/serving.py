@@ -19,8 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -76,24 +74,6 @@ def single_latency(urls: dict[str, str], prompt: str, n: int, max_tokens: int) -
     return out
 
 
-def start_guard(export: Path, upstream: str, port: int, audit: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "atu.cli", "serve", str(export), "--upstream", upstream, "--port", str(port),
-           "--model-name", MODEL_NAME, "--audit", str(audit)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the guard exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the guard did not start in 180 s")
-
-
 def markdown(res: dict) -> str:
     lines = [
         f"# Serving: bare vLLM vs guarded (monitor), {res['machine']}",
@@ -145,6 +125,7 @@ def main() -> None:
         raise SystemExit(f"{args.export} is not an export; run `make demo` first or pass --export")
 
     from atu.vllm_check import free_port, vllm_server
+    from serve.demo import atu_serve
 
     model_dir = args.export / "model"
     res = {
@@ -157,10 +138,9 @@ def main() -> None:
     audit = Path(tempfile.mkdtemp(prefix="atu-bench-")) / "audit.sqlite"
     t0 = time.time()
     with vllm_server(model_dir, extra_args=["--served-model-name", MODEL_NAME]) as bare:
-        port = free_port()
-        guard_proc = start_guard(args.export, bare, port, audit)
-        guarded = f"http://127.0.0.1:{port}"
-        try:
+        guard_args = ("--upstream", bare, "--model-name", MODEL_NAME, "--audit", str(audit))
+        with atu_serve(args.export, free_port(), *guard_args) as served:  # the guard as users run it
+            guarded = served.guard_url
             for conc in args.concurrency:
                 n = max(16, args.prompts_per_client * conc)
                 row = {"concurrency": conc, "num_prompts": n}
@@ -182,9 +162,6 @@ def main() -> None:
                 "added_p50_ms": 1000 * (statistics.median(g) - statistics.median(b)),
                 "added_paired_p50_ms": 1000 * statistics.median([gi - bi for gi, bi in zip(g, b)]),
             }
-        finally:
-            guard_proc.terminate()
-            guard_proc.wait(timeout=60)
     res["wall_seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
