@@ -268,10 +268,17 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: $ATU_API_KEY, or none).")
 @click.option(
     "--backend",
-    type=click.Choice(["hf", "vllm"]),
-    default="hf",
+    type=click.Choice(["auto", "capture", "hf", "vllm"]),
+    default="auto",
     show_default=True,
-    help="Hidden states for scoring: transformers, or a vLLM pooling runner on a truncated probe model.",
+    help="Hidden states for scoring: capture (recorded inside the generating vLLM by the atu plugin), hf "
+    "(transformers re-runs the first layers), vllm (a pooling runner on a truncated probe model); auto: capture "
+    "when vLLM is started here or --capture-socket is given, else hf.",
+)
+@click.option(
+    "--capture-socket",
+    default=None,
+    help="With --upstream: the capture plugin's socket in that vLLM (its ATU_CAPTURE_SOCKET).",
 )
 @click.option("--device", default="cpu", show_default=True, help="torch device of the hf backend.")
 @click.option(
@@ -304,6 +311,7 @@ def serve_cmd(
     on_scoring_error,
     api_key,
     backend,
+    capture_socket,
     device,
     audit_path,
     no_audit,
@@ -327,12 +335,13 @@ def serve_cmd(
         model_name=model_name,
         backend=backend,
         device=device,
+        capture_socket=capture_socket,
     )
     if upstream is None:
         click.echo(f"starting vLLM on {export_dir / 'model'} (about a minute on CPU)...")
-    with upstream_servers(opts) as (upstream_url, name, pooling_url):
+    with upstream_servers(opts) as up:
         settings = GuardSettings(
-            upstream_url=upstream_url,
+            upstream_url=up.url,
             host=host,
             port=port,
             policy=policy,
@@ -344,12 +353,21 @@ def serve_cmd(
             audit_path=None if no_audit else str(audit_path),
             audit_store_text=store_text,
         )
-        guard = make_guard(export_dir, settings, backend=backend, device=device, pooling_url=pooling_url)
-        click.echo(f"vLLM:  {upstream_url}  (model {name!r})")
-        if pooling_url:
-            click.echo(f"probe: {pooling_url}  (vLLM pooling runner, hidden states at the hook layer)")
+        guard = make_guard(
+            export_dir,
+            settings,
+            backend=up.backend,
+            device=device,
+            pooling_url=up.pooling_url,
+            capture_socket=up.capture_socket,
+        )
+        click.echo(f"vLLM:  {up.url}  (model {up.model_name!r})")
+        if up.pooling_url:
+            click.echo(f"probe: {up.pooling_url}  (vLLM pooling runner, hidden states at the hook layer)")
+        if up.capture_socket:
+            click.echo(f"capture: {up.capture_socket}  (hook-layer states recorded inside vLLM as it generates)")
         click.echo(
-            f"guard: http://{host}:{port}/v1  policy={policy}  backend={backend}  "
+            f"guard: http://{host}:{port}/v1  policy={policy}  backend={up.backend}  "
             f"api key={'on' if settings.api_key else 'off'}  audit={settings.audit_path or 'off'}"
         )
         click.echo("endpoints: /v1/completions /v1/chat/completions /v1/models /v1/leakage /health /metrics")

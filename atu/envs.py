@@ -17,6 +17,13 @@ XDG_CACHE_HOME = "XDG_CACHE_HOME"
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
 # The serving guard's API key (`atu serve`), when --api-key is not given. Unset: no key, every client is allowed.
 ATU_API_KEY = "ATU_API_KEY"
+# Set by `atu serve` on the vLLM server it starts: the hook layer whose per-token states the in-engine capture
+# plugin (serve/capture.py, entry point `vllm.general_plugins`) records. Unset: the plugin does nothing.
+ATU_CAPTURE_LAYER = "ATU_CAPTURE_LAYER"
+# Unix socket on which that plugin serves the recorded states to the guard.
+ATU_CAPTURE_SOCKET = "ATU_CAPTURE_SOCKET"
+# Most token rows the plugin keeps at once (oldest requests dropped beyond it). Default 262,144.
+ATU_CAPTURE_MAX_ROWS = "ATU_CAPTURE_MAX_ROWS"
 
 
 def cache_root() -> Path:
@@ -37,6 +44,14 @@ def set_hub_offline() -> None:
 def api_key() -> str | None:
     """The guard's API key from the environment, or None when unset or empty."""
     return os.environ.get(ATU_API_KEY) or None
+
+
+def capture_settings() -> tuple[int, str, int] | None:
+    """(hook layer, socket path, max rows) for the in-engine capture plugin, or None when it is not asked for."""
+    layer, path = os.environ.get(ATU_CAPTURE_LAYER), os.environ.get(ATU_CAPTURE_SOCKET)
+    if not layer or not path:
+        return None
+    return int(layer), path, int(os.environ.get(ATU_CAPTURE_MAX_ROWS) or 262_144)
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

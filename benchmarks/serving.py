@@ -76,10 +76,10 @@ def single_latency(urls: dict[str, str], prompt: str, n: int, max_tokens: int) -
 
 def markdown(res: dict) -> str:
     lines = [
-        f"# Serving: bare vLLM vs guarded (monitor), {res['machine']}",
+        f"# Serving: bare vLLM vs guarded (monitor, backend {res.get('backend', 'hf')}), {res['machine']}",
         "",
         f"Export: `{res['export']}`; random prompts of {res['input_len']} tokens, {res['output_len']} output tokens, "
-        "streaming, vLLM's serving benchmark.",
+        "streaming, vLLM's serving benchmark. Both targets use the same vLLM server.",
         "",
         "| concurrency | target | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
         "| E2E p50 ms | E2E p99 ms | failed |",
@@ -117,6 +117,13 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--single", type=int, default=30, help="sequential non-streamed requests for the latency figure")
     ap.add_argument("--quick", action="store_true", help="2 prompts per client, 10 sequential requests")
+    ap.add_argument(
+        "--backend",
+        choices=["capture", "hf"],
+        default="capture",
+        help="the guard's hidden states: recorded inside vLLM by the capture plugin (atu serve's default), or "
+        "re-computed by transformers",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     if args.quick:
@@ -124,8 +131,10 @@ def main() -> None:
     if not (args.export / "manifest.json").is_file():
         raise SystemExit(f"{args.export} is not an export; run `make demo` first or pass --export")
 
+    from atu.export import load_export
     from atu.vllm_check import free_port, vllm_server
     from serve.demo import atu_serve
+    from serve.launch import CAPTURE_VLLM_ARGS, capture_env
 
     model_dir = args.export / "model"
     res = {
@@ -133,12 +142,22 @@ def main() -> None:
         "export": str(args.export),
         "input_len": args.input_len,
         "output_len": args.output_len,
+        "backend": args.backend,
         "load": [],
     }
-    audit = Path(tempfile.mkdtemp(prefix="atu-bench-")) / "audit.sqlite"
+    work = Path(tempfile.mkdtemp(prefix="atu-bench-"))
+    audit, sock = work / "audit.sqlite", str(work / "capture.sock")
+    # One vLLM server for both targets, started as `atu serve` starts it for the chosen backend: for capture, the
+    # plugin on (it records only the requests the guard marks) and prefix caching off (random prompts share none).
+    vllm_args, env = ["--served-model-name", MODEL_NAME], {}
+    guard_args = ["--model-name", MODEL_NAME, "--audit", str(audit), "--backend", args.backend]
+    if args.backend == "capture":
+        vllm_args += CAPTURE_VLLM_ARGS
+        env = capture_env(load_export(args.export).guard.hook_layer, sock)
+        guard_args += ["--capture-socket", sock]
     t0 = time.time()
-    with vllm_server(model_dir, extra_args=["--served-model-name", MODEL_NAME]) as bare:
-        guard_args = ("--upstream", bare, "--model-name", MODEL_NAME, "--audit", str(audit))
+    with vllm_server(model_dir, extra_args=vllm_args, env=env) as bare:
+        guard_args += ["--upstream", bare]
         with atu_serve(args.export, free_port(), *guard_args) as served:  # the guard as users run it
             guarded = served.guard_url
             for conc in args.concurrency:

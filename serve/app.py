@@ -21,8 +21,10 @@ from aiohttp import web
 
 from serve import policy as pol
 from serve.batcher import ScoreBatcher
+from serve.capture import XARG
 from serve.metrics import GuardMetrics
 from serve.responses import REQUEST_ID, AuditUnavailable, UpstreamError, error_response
+from serve.scoring import Capture
 from serve.settings import GuardSettings
 from serve.streams import relay_stream
 from serve.validate import BadRequest, ParsedRequest, parse_chat, parse_completion, parse_json, parse_leakage
@@ -43,6 +45,8 @@ class Guard:
         self.audit = audit
         self.metrics = metrics or GuardMetrics()
         self.batcher = ScoreBatcher(scorer.score_batch, settings.max_batch, self.metrics)
+        # The capture backend reads the states vLLM recorded while generating: requests are marked for it.
+        self.capture = bool(getattr(getattr(scorer, "backend", None), "uses_captures", False))
         self.session: aiohttp.ClientSession | None = None
         self._models: set[str] = set()
 
@@ -107,8 +111,21 @@ class Guard:
         return name in self._models
 
     # -- scoring and audit -------------------------------------------------------------------------------------
-    async def score_all(self, pairs: list[tuple[str, str]]) -> list:
-        return list(await asyncio.gather(*(self.batcher.score(p, c) for p, c in pairs)))
+    async def score_all(self, pairs: list[tuple[str, str]], captures: list | None = None) -> list:
+        """Reports for ``pairs``; ``captures[i]``: a ``serve.scoring.Capture`` for pair ``i`` or None."""
+        captures = captures or [None] * len(pairs)
+        return list(await asyncio.gather(*(self.batcher.score(p, c, cap) for (p, c), cap in zip(pairs, captures))))
+
+    def mark(self, body: dict) -> tuple[dict, str | None]:
+        """The upstream body, marked for the capture plugin when the scorer reads captured states, and the key.
+
+        vLLM is also asked for the token ids it used (``return_token_ids``), so that the scorer scores exactly
+        those; they are taken out of the response unless the client asked for them."""
+        xargs = body.get("vllm_xargs")
+        if not self.capture or not (xargs is None or isinstance(xargs, dict)):
+            return body, None  # a malformed vllm_xargs is vLLM's to refuse
+        key = uuid.uuid4().hex
+        return {**body, "vllm_xargs": {**(xargs or {}), XARG: key}, "return_token_ids": True}, key
 
     async def record(
         self,
@@ -294,9 +311,10 @@ async def _generate(request: web.Request, req: ParsedRequest, guard: Guard) -> w
         return error_response(
             404, f"model {req.model!r} is not served here; see /v1/models", "not_found_error", request_id
         )
-    raw = json.dumps(req.body).encode()
+    upstream_body, capture_key = guard.mark(req.body)
+    raw = json.dumps(upstream_body).encode()
     if req.stream:
-        return await relay_stream(request, req, guard, raw)
+        return await relay_stream(request, req, guard, raw, capture_key)
     started = time.perf_counter()
     resp = await guard.upstream("POST", request.path, raw)
     async with resp:
@@ -309,13 +327,20 @@ async def _generate(request: web.Request, req: ParsedRequest, guard: Guard) -> w
             body=body_bytes, status=status, content_type="application/json", headers={"X-Request-Id": request_id}
         )
     body = json.loads(body_bytes)
+    captures = None
+    if capture_key is not None:
+        ids, _ = pol.take_token_ids(body, keep=bool(req.body.get("return_token_ids")))
     choices = body.get("choices", [])
     prompts = [req.prompts[min(c.get("index", i) // req.n, len(req.prompts) - 1)] for i, c in enumerate(choices)]
     texts = [pol.choice_text(c, req.chat) for c in choices]
+    if capture_key is not None:
+        captures = [
+            Capture(capture_key, True, *ids.get(int(c.get("index", i)), (None, None))) for i, c in enumerate(choices)
+        ]
     endpoint = request.path
     start = time.perf_counter()
     try:
-        reports = await guard.score_all(list(zip(prompts, texts)))
+        reports = await guard.score_all(list(zip(prompts, texts)), captures)
         error = None
     except Exception as e:
         guard.metrics.scoring_errors.inc()

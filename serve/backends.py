@@ -9,6 +9,9 @@ its input, so its output does not change.
   through ``atu.hidden.hidden_at`` in right-padded batches.
 - ``VLLMPoolingBackend``: a real vLLM server started with the pooling runner over a probe export (see
   ``serve.probe``); it holds only layers ``0..L-1`` and answers ``POST /pooling`` with one vector per token.
+- ``CaptureBackend``: the states vLLM computed while it generated, recorded by the in-engine capture plugin
+  (``serve.capture``) under a key the guard gave the request; texts with no capture (``/v1/leakage``, a
+  completion whose re-tokenisation differs from the generated tokens) go to a fallback backend.
 """
 
 from __future__ import annotations
@@ -165,3 +168,67 @@ class VLLMPoolingBackend:
 
     def close(self) -> None:
         pass
+
+
+class CaptureBackend:
+    """States recorded during generation by the in-engine capture plugin, with a fallback backend.
+
+    ``hidden_states(sequences, captures)``: ``captures[i]`` is ``(key, release)`` for a sequence that a marked
+    request produced, or None. A recorded request under ``key`` serves sequence ``i`` when its fed tokens equal
+    the sequence's but its last (whose row is never read: a completion's last token predicts nothing the scorer
+    uses, and the predictor is causal, so that row changes no other). Everything else goes to ``fallback``.
+    """
+
+    uses_captures = True
+
+    def __init__(self, client, fallback) -> None:
+        self.client, self.fallback = client, fallback
+        self.captured = 0  # sequences served from the capture
+        self.fell_back = 0  # sequences sent to the fallback backend
+
+    def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
+        seqs = check_id_lists(sequences)
+        captures = list(captures) if captures is not None else [None] * len(seqs)
+        if len(captures) != len(seqs):
+            raise ValueError(f"got {len(captures)} captures for {len(seqs)} sequences.")
+        found: dict[str, list] = {}
+        for release in (False, True):  # one fetch per kind; a key asked both ways is released after it is read
+            keys = sorted({c[0] for c in captures if c is not None and bool(c[1]) == release})
+            if keys:
+                try:
+                    for key, items in self.client.fetch(keys, release=release).items():
+                        found.setdefault(key, []).extend(items)
+                except OSError as e:
+                    raise BackendError(f"the capture plugin did not answer on {self.client.path} ({e})") from e
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        for i, (seq, cap) in enumerate(zip(seqs, captures)):
+            if cap is not None:
+                out[i] = match_capture(seq, found.get(cap[0], []))
+        missing = [i for i, h in enumerate(out) if h is None]
+        self.captured += len(seqs) - len(missing)
+        self.fell_back += len(missing)
+        if missing:
+            for i, h in zip(missing, self.fallback.hidden_states([seqs[i] for i in missing])):
+                out[i] = h
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.fallback.close()
+
+
+def match_capture(seq: Sequence[int], items) -> np.ndarray | None:
+    """(T, H) rows for ``seq`` from the first recorded request whose fed tokens cover ``seq[:-1]``, or None.
+
+    Row ``T-1`` (the last token's) is recorded only when the engine fed that token; otherwise it repeats row
+    ``T-2``, which no score reads (see ``CaptureBackend``)."""
+    need = len(seq) - 1
+    if need < 1:
+        return None
+    head = np.asarray(seq[:need], dtype=np.int64)
+    for item in items:
+        if len(item.ids) >= need and np.array_equal(item.ids[:need], head):
+            rows = item.rows[: need + 1] if len(item.ids) > need and item.ids[need] == seq[-1] else None
+            if rows is None:
+                rows = np.concatenate([item.rows[:need], item.rows[need - 1 : need]])
+            return np.ascontiguousarray(rows, dtype=np.float32)
+    return None

@@ -16,11 +16,13 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-ScoreBatchFn = Callable[[Sequence[tuple[str, str]]], list[Any]]
+ScoreBatchFn = Callable[[Sequence[tuple[str, str]], Sequence[Any]], list[Any]]  # (pairs, captures) -> reports
 
 
 class ScoreBatcher:
-    """``await batcher.score(prompt, completion)`` from any number of tasks; one worker thread scores in batches."""
+    """``await batcher.score(prompt, completion)`` from any number of tasks; one worker thread scores in batches.
+
+    ``score_batch(pairs, captures)`` is the scorer's (``Scorer.score_batch``); ``capture`` is passed through."""
 
     def __init__(self, score_batch: ScoreBatchFn, max_batch: int = 32, metrics=None) -> None:
         if max_batch < 1:
@@ -47,20 +49,21 @@ class ScoreBatcher:
             self._task = None
         if self._queue is not None:  # whoever still waits gets an error, not a hang
             while not self._queue.empty():
-                _, fut = self._queue.get_nowait()
+                *_, fut = self._queue.get_nowait()
                 if not fut.done():
                     fut.set_exception(RuntimeError("the scorer is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def score(self, prompt: str, completion: str) -> Any:
-        """The scorer's report for one (prompt, completion); raises what the scorer raised for its batch."""
+    async def score(self, prompt: str, completion: str, capture: tuple[str, bool] | None = None) -> Any:
+        """The scorer's report for one (prompt, completion); raises what the scorer raised for its batch.
+        ``capture``: ``(key, release)`` when the capture plugin recorded this exchange under ``key``."""
         if self._queue is None:
             raise RuntimeError("ScoreBatcher.start() was not awaited.")
         fut = asyncio.get_running_loop().create_future()
         start = time.perf_counter()
-        await self._queue.put(((prompt, completion), fut))
+        await self._queue.put(((prompt, completion), capture, fut))
         try:
             return await fut
         finally:
@@ -74,22 +77,23 @@ class ScoreBatcher:
             items = [await self._queue.get()]
             while len(items) < self._max_batch and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            items = [(pair, fut) for pair, fut in items if not fut.cancelled()]  # clients that went away
+            items = [item for item in items if not item[2].cancelled()]  # clients that went away
             if not items:
                 continue
-            pairs = [pair for pair, _ in items]
+            pairs = [pair for pair, _, _ in items]
+            captures = [cap for _, cap, _ in items]
             if self._metrics is not None:
                 self._metrics.batch_size.observe(len(pairs))
             try:
-                reports = await loop.run_in_executor(self._executor, self._score_batch, pairs)
+                reports = await loop.run_in_executor(self._executor, self._score_batch, pairs, captures)
                 if len(reports) != len(pairs):
                     raise RuntimeError(f"the scorer returned {len(reports)} reports for {len(pairs)} exchanges")
             except Exception as e:  # the batch's callers decide what a scoring failure means (fail open/closed)
                 logger.warning("scoring a batch of %d failed: %s", len(pairs), e)
-                for _, fut in items:
+                for *_, fut in items:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for (_, fut), report in zip(items, reports):
+            for (*_, fut), report in zip(items, reports):
                 if not fut.done():
                     fut.set_result(report)

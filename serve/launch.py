@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,9 +31,29 @@ class ServeOptions:
     upstream_url: str | None = None  # an already running vLLM server; None: start one on the export
     vllm_port: int | None = None  # where to start vLLM (None: a free port)
     model_name: str | None = None  # the name clients use; None: the export directory's name
-    backend: str = "hf"  # hidden states for scoring: "hf" (transformers) or "vllm" (pooling runner on a probe)
+    # Hidden states for scoring: "capture" (recorded by the plugin inside the vLLM that generates), "hf"
+    # (transformers re-runs layers 0..L), "vllm" (a pooling runner on a probe export), or "auto": capture when
+    # vLLM is started here or capture_socket is given, else hf.
+    backend: str = "auto"
     pooling_url: str | None = None  # backend "vllm": an already running pooling server; None: start one
-    device: str = "cpu"  # backend "hf": torch device
+    device: str = "cpu"  # backend "hf" (and capture's fallback): torch device
+    capture_socket: str | None = None  # backend "capture" with --upstream: the socket of that vLLM's plugin
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "capture" if self.upstream_url is None or self.capture_socket else "hf"
+
+
+@dataclass
+class Upstreams:
+    """What `atu serve` talks to."""
+
+    url: str  # the vLLM OpenAI server
+    model_name: str
+    backend: str  # resolved: hf, vllm or capture
+    pooling_url: str | None = None  # backend vllm
+    capture_socket: str | None = None  # backend capture
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -50,7 +71,12 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def make_guard(
-    export_dir: Path, settings: GuardSettings, backend: str = "hf", device: str = "cpu", pooling_url: str | None = None
+    export_dir: Path,
+    settings: GuardSettings,
+    backend: str = "hf",
+    device: str = "cpu",
+    pooling_url: str | None = None,
+    capture_socket: str | None = None,
 ) -> Guard:
     """Load the export's scorer, tokenizer and (when configured) audit log into a Guard."""
     from transformers import AutoTokenizer
@@ -58,7 +84,9 @@ def make_guard(
     from serve.audit import AuditLog
     from serve.scoring import Scorer
 
-    scorer = Scorer.from_export(export_dir, backend=backend, device=device, pooling_url=pooling_url)
+    scorer = Scorer.from_export(
+        export_dir, backend=backend, device=device, pooling_url=pooling_url, capture_socket=capture_socket
+    )
     tokenizer = AutoTokenizer.from_pretrained(Path(export_dir) / "model")
     audit = AuditLog(settings.audit_path, store_text=settings.audit_store_text) if settings.audit_path else None
     return Guard(settings, scorer, tokenizer, audit=audit)
@@ -112,24 +140,48 @@ def guard_in_thread(guard: Guard) -> Iterator[str]:
         loop.close()
 
 
+def capture_env(layer: int, socket_path: str) -> dict[str, str]:
+    """Environment that turns the capture plugin on in a vLLM server (see ``serve.capture``)."""
+    from atu import envs
+
+    return {envs.ATU_CAPTURE_LAYER: str(layer), envs.ATU_CAPTURE_SOCKET: socket_path}
+
+
+# A prompt token served from vLLM's prefix cache is never computed, so the plugin would have no row for it.
+CAPTURE_VLLM_ARGS = ("--no-enable-prefix-caching",)
+
+
 @contextlib.contextmanager
-def upstream_servers(opts: ServeOptions) -> Iterator[tuple[str, str, str | None]]:
-    """Start (or reuse) vLLM and, for the vLLM backend, the pooling server; yields (upstream, model, pooling)."""
+def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
+    """Start (or reuse) vLLM, with the capture plugin on for the capture backend, and, for the vLLM backend, the
+    pooling server."""
+    from atu.export import load_export
     from atu.vllm_check import vllm_server
 
     export_dir = Path(opts.export_dir)
     model_name = opts.model_name or export_dir.resolve().name
+    backend = opts.resolved_backend()
     with contextlib.ExitStack() as stack:
-        upstream = opts.upstream_url
-        if upstream is None:
-            args = ["--served-model-name", model_name]
-            upstream = stack.enter_context(vllm_server(export_dir / "model", port=opts.vllm_port, extra_args=args))
-        pooling = opts.pooling_url
-        if opts.backend == "vllm" and pooling is None:
+        up = Upstreams(opts.upstream_url or "", model_name, backend, opts.pooling_url, opts.capture_socket)
+        if opts.upstream_url is None:
+            args, env = ["--served-model-name", model_name], {}
+            if backend == "capture":
+                up.capture_socket = str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "capture.sock")
+                env = capture_env(load_export(export_dir).guard.hook_layer, up.capture_socket)
+                args += CAPTURE_VLLM_ARGS
+            up.url = stack.enter_context(
+                vllm_server(export_dir / "model", port=opts.vllm_port, extra_args=args, env=env)
+            )
+        elif backend == "capture" and not up.capture_socket:
+            raise AtuError(
+                "--backend capture with --upstream needs --capture-socket: the ATU_CAPTURE_SOCKET of that vLLM "
+                "(started with ATU_CAPTURE_LAYER and ATU_CAPTURE_SOCKET set and --no-enable-prefix-caching)."
+            )
+        if backend == "vllm" and up.pooling_url is None:
             from serve.probe import pooling_server, probe_export
 
-            pooling = stack.enter_context(pooling_server(probe_export(export_dir)))
-        yield upstream, model_name, pooling
+            up.pooling_url = stack.enter_context(pooling_server(probe_export(export_dir)))
+        yield up
 
 
 def run_forever(guard: Guard) -> None:

@@ -74,6 +74,21 @@ def delta_text(choice: dict, chat: bool) -> str:
     return choice.get("text") or ""
 
 
+def take_token_ids(data: dict, keep: bool) -> tuple[dict[int, tuple[list | None, list | None]], bool]:
+    """The token ids vLLM added to a response or a streamed chunk (``return_token_ids``), per choice index:
+    ``(prompt ids, completion ids)``, either None when absent. Unless ``keep``, they are removed from ``data``
+    (the client did not ask for them); the second value says whether ``data`` changed."""
+    take = dict.get if keep else dict.pop
+    changed = not keep and "prompt_token_ids" in data
+    top_prompt = take(data, "prompt_token_ids", None)  # chat: once per response, at the top
+    out = {}
+    for i, c in enumerate(data.get("choices") or []):
+        changed |= not keep and ("prompt_token_ids" in c or "token_ids" in c)
+        prompt, ids = take(c, "prompt_token_ids", None), take(c, "token_ids", None)
+        out[int(c.get("index", i))] = (prompt if prompt is not None else top_prompt, ids)
+    return out, changed
+
+
 def block_choices(body: dict, reports: Sequence[Any], refusal: str, chat: bool) -> dict:
     """A copy of a response body with every flagged choice's text replaced by ``refusal``."""
     out = copy.deepcopy(body)

@@ -36,11 +36,11 @@ import torch
 from atu.export import load_export
 from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor
-from serve.backends import HFBackend, VLLMPoolingBackend
+from serve.backends import BackendError, CaptureBackend, HFBackend, VLLMPoolingBackend
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "capture")
 EXCERPT_CHARS = 80
 _ARGSORT_MAX = 4096  # above this many concepts, the top_k are found by partition rather than a full sort
 
@@ -94,6 +94,22 @@ def excerpt_span(text: str, start: int, width: int = EXCERPT_CHARS) -> tuple[int
     return start, min(len(text), start + width)
 
 
+def _capture_client(path: str | None, timeout: float):
+    from serve.capture import CaptureClient
+
+    if not path:
+        raise ValueError(
+            "backend 'capture' needs capture_socket: the socket of a vLLM server started with the plugin."
+        )
+    client = CaptureClient(path, timeout=timeout)
+    if not client.ping():
+        raise BackendError(
+            f"no capture plugin answers on {path}; start vLLM with ATU_CAPTURE_LAYER and ATU_CAPTURE_SOCKET set "
+            "(atu serve does) or use backend 'hf'."
+        )
+    return client
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 
@@ -143,12 +159,28 @@ class LeakageReport:
 
 
 @dataclass
+class Capture:
+    """How the capture backend finds one exchange's states, and the tokens vLLM really used.
+
+    ``key``: what the request was marked with (``vllm_xargs``); ``release``: the plugin may forget the states once
+    read (the last scoring of the exchange). ``prompt_ids``/``completion_ids``: vLLM's own token ids
+    (``return_token_ids``); when given, the scorer scores them instead of re-tokenising the text, so that special
+    tokens and non-canonical tokenisations are scored as generated."""
+
+    key: str
+    release: bool = True
+    prompt_ids: list[int] | None = None
+    completion_ids: list[int] | None = None
+
+
+@dataclass
 class _Part:
     text: str
-    offsets: np.ndarray  # (n, 2) of the part's own tokens
+    offsets: np.ndarray | None  # (n, 2) of the part's own tokens; None: ``ids`` came from vLLM, decode them
     base: int  # index in the part's tokens of its first token in the scored sequence
     first_row: int  # sequence index of that token
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # predictor rows scoring the part
+    ids: list[int] | None = None  # the part's own tokens, when they came from vLLM
 
 
 @dataclass
@@ -208,12 +240,15 @@ class Scorer:
         pooling_url: str | None = None,
         top_k: int | None = 5,
         timeout: float = 30.0,
+        capture_socket: str | None = None,
     ) -> Scorer:
         """A scorer over the export at ``export_dir``.
 
         ``backend="hf"`` loads the model (layers above the hook layer dropped) on ``device``. ``backend="vllm"``
         reads states from a vLLM pooling server over the export's probe: the one at ``pooling_url``, or, when it is
         None, one this scorer starts (``serve.probe.pooling_server``) and owns: ``close()`` stops it.
+        ``backend="capture"`` reads the states that the capture plugin (``serve.capture``) recorded in the vLLM
+        server generating the answers, over ``capture_socket``; what was not recorded goes to an ``hf`` backend.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -224,8 +259,17 @@ class Scorer:
 
         tokenizer = AutoTokenizer.from_pretrained(str(export.model_dir))
         with ExitStack() as resources:  # handed to the scorer on success, closed (server stopped) on failure
-            if backend == "hf":
+            if backend in ("hf", "capture"):
                 states = HFBackend(export.model_dir, export.guard.hook_layer, device)
+                if backend == "capture":
+                    client = _capture_client(capture_socket, timeout)
+                    if (client.layer, client.dim) != (export.guard.hook_layer, export.guard.hidden_size):
+                        raise BackendError(
+                            f"the capture plugin on {capture_socket} records layer {client.layer} of width "
+                            f"{client.dim}; this export needs layer {export.guard.hook_layer} of width "
+                            f"{export.guard.hidden_size}. Is that vLLM serving this export?"
+                        )
+                    states = CaptureBackend(client, states)
             else:
                 if pooling_url is None:
                     from serve.probe import pooling_server, probe_export
@@ -257,8 +301,11 @@ class Scorer:
         """The whole ``text`` scored as a completion of an empty prompt."""
         return self.score_batch([("", text)])[0]
 
-    def score_batch(self, pairs: list[tuple[str, str]]) -> list[LeakageReport]:
-        """One report per ``(prompt, completion)``; one backend call and one predictor pass for the batch."""
+    def score_batch(self, pairs: list[tuple[str, str]], captures=None) -> list[LeakageReport]:
+        """One report per ``(prompt, completion)``; one backend call and one predictor pass for the batch.
+
+        ``captures[i]``: a ``Capture`` when pair ``i`` came from a vLLM request marked for the capture plugin (its
+        token ids, when given, are scored instead of the re-tokenised text, with any backend), else None."""
         if not isinstance(pairs, (list, tuple)):
             raise ValueError(f"pairs must be a list of (prompt, completion) str tuples, got {type(pairs).__name__}.")
         for i, pair in enumerate(pairs):
@@ -266,10 +313,14 @@ class Scorer:
                 raise ValueError(f"pairs[{i}] must be a (prompt, completion) tuple of two str, got {pair!r:.80}.")
         if not pairs:
             return []
+        if captures is not None and len(captures) != len(pairs):
+            raise ValueError(f"captures must have one entry per pair ({len(pairs)}), got {len(captures)}.")
         with self._lock:
-            items = self._tokenize([p for p, _ in pairs], [c for _, c in pairs])
+            captures = list(captures) if captures is not None else [None] * len(pairs)
+            items = self._tokenize([p for p, _ in pairs], [c for _, c in pairs], captures)
             live = [it.ids for it in items if it.ids]  # no ids (both parts empty, no BOS): nothing to score
-            preds = self._predict(live) if live else None  # (B_live, T, D)
+            live_caps = [(c.key, c.release) if c else None for it, c in zip(items, captures) if it.ids]
+            preds = self._predict(live, live_caps) if live else None  # (B_live, T, D)
             reports, b = [], 0
             for it in items:
                 rows = preds[b, : len(it.ids)] if it.ids else np.zeros((0, self.index.dim), np.float32)
@@ -279,30 +330,42 @@ class Scorer:
 
     # -- steps
 
-    def _tokenize(self, prompts: list[str], completions: list[str]) -> list[_Item]:
+    def _tokenize(self, prompts: list[str], completions: list[str], captures: list) -> list[_Item]:
         kw = dict(add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        enc_p, enc_c = self.tokenizer(prompts, **kw), self.tokenizer(completions, **kw)
+        given = [c is not None and c.prompt_ids is not None and c.completion_ids is not None for c in captures]
+        todo = [i for i, g in enumerate(given) if not g]
+        enc_p = self.tokenizer([prompts[i] for i in todo], **kw) if todo else {}
+        enc_c = self.tokenizer([completions[i] for i in todo], **kw) if todo else {}
+        at = {i: j for j, i in enumerate(todo)}
         bos = self.tokenizer.bos_token_id
         items = []
         for i, (p_text, c_text) in enumerate(zip(prompts, completions)):
-            p_ids, c_ids = enc_p["input_ids"][i], enc_c["input_ids"][i]
+            if given[i]:
+                p_ids, c_ids = [int(t) for t in captures[i].prompt_ids], [int(t) for t in captures[i].completion_ids]
+                p_off = c_off = None
+            else:
+                j = at[i]
+                p_ids, c_ids = enc_p["input_ids"][j], enc_c["input_ids"][j]
+                p_off = np.asarray(enc_p["offset_mapping"][j]).reshape(-1, 2)
+                c_off = np.asarray(enc_c["offset_mapping"][j]).reshape(-1, 2)
             own_bos = bos is not None and bool(p_ids) and p_ids[0] == bos
             prefix = [bos] if bos is not None else []
             p_start = 1 if own_bos else 0  # the prompt's own BOS becomes the prefix
             n_prefix = len(prefix)
             drop_p, drop_c = truncation(n_prefix, len(p_ids) - p_start, len(c_ids), self.max_tokens)
             p_keep, c_keep = p_ids[p_start + drop_p :], c_ids[drop_c:]
-            prompt = _Part(p_text, np.asarray(enc_p["offset_mapping"][i]).reshape(-1, 2), p_start + drop_p, n_prefix)
-            completion = _Part(
-                c_text, np.asarray(enc_c["offset_mapping"][i]).reshape(-1, 2), drop_c, n_prefix + len(p_keep)
-            )
+            prompt = _Part(p_text, p_off, p_start + drop_p, n_prefix, ids=None if p_off is not None else p_ids)
+            completion = _Part(c_text, c_off, drop_c, n_prefix + len(p_keep), ids=None if c_off is not None else c_ids)
             prompt.rows, completion.rows = part_rows(n_prefix, len(p_keep), len(c_keep))
             items.append(_Item(prefix + p_keep + c_keep, prompt, completion, bool(drop_p or drop_c)))
         return items
 
-    def _predict(self, sequences: list[list[int]]) -> np.ndarray:
+    def _predict(self, sequences: list[list[int]], captures=None) -> np.ndarray:
         """(B, T, D) float32 predictor outputs for right-padded sequences (zero rows at padding)."""
-        states = self.backend.hidden_states(sequences)  # list of (T_i, H)
+        if getattr(self.backend, "uses_captures", False):
+            states = self.backend.hidden_states(sequences, captures)  # list of (T_i, H)
+        else:
+            states = self.backend.hidden_states(sequences)
         width = max(len(s) for s in sequences)
         hidden = torch.zeros((len(sequences), width, states[0].shape[1]), dtype=torch.float32)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -332,7 +395,11 @@ class Scorer:
         rows[found] = part.rows[where[keep][found]]
         positions = np.where(found, rows + 1 - part.first_row + part.base, -1)  # window start, in the part
         starts = np.zeros(len(keep), dtype=np.int64)
-        starts[found] = window_char_starts(positions[found], part.offsets)
+        if part.offsets is not None:
+            starts[found] = window_char_starts(positions[found], part.offsets)
+        else:  # vLLM's tokens: the window starts after the text its first p tokens decode to
+            decode = self.tokenizer.decode
+            starts[found] = [len(decode(part.ids[:p], skip_special_tokens=True)) for p in positions[found]]
         scores = []
         for c, row, pos, start, ok in zip(keep, rows, positions, starts, found):
             span = excerpt_span(part.text, start, self.excerpt_chars) if ok else (0, 0)

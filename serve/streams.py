@@ -22,6 +22,7 @@ from aiohttp import web
 
 from serve import policy as pol
 from serve.responses import REQUEST_ID, UpstreamError, error_response
+from serve.scoring import Capture
 
 if TYPE_CHECKING:
     from serve.app import Guard
@@ -31,15 +32,28 @@ if TYPE_CHECKING:
 class _StreamState:
     """The events and text of one stream, per choice."""
 
-    def __init__(self, req: ParsedRequest) -> None:
+    def __init__(self, req: ParsedRequest, capture_key: str | None = None) -> None:
         self.req = req
+        self.capture_key = capture_key  # the request was marked for the capture plugin and asked for token ids
+        self.keep_ids = bool(req.body.get("return_token_ids"))  # the client asked for them too
+        self.prompt_ids: dict[int, list[int]] = {}
+        self.completion_ids: dict[int, list[int]] = {}
         self.texts: dict[int, str] = {}
         self.template: dict | None = None  # the first event: id, created, model for the events we add
         self.held: list[bytes] = []
         self.unscored = 0  # content events held since the last score
 
-    def add(self, data: dict) -> bool:
-        """Record one upstream event; True when it carried text."""
+    def add(self, data: dict) -> tuple[bool, bool]:
+        """Record one upstream event: (it carried text, it was changed: token ids the client did not ask for were
+        taken out)."""
+        changed = False
+        if self.capture_key is not None:
+            ids, changed = pol.take_token_ids(data, self.keep_ids)
+            for i, (prompt, completion) in ids.items():
+                if prompt is not None:
+                    self.prompt_ids[i] = list(prompt)
+                if completion:
+                    self.completion_ids.setdefault(i, []).extend(completion)
         if self.template is None:
             self.template = data
         got = False
@@ -49,12 +63,24 @@ class _StreamState:
                 i = int(c.get("index", 0))
                 self.texts[i] = self.texts.get(i, "") + text
                 got = True
-        return got
+        return got, changed
 
     def pairs(self) -> list[tuple[str, str]]:
         n_choices = max(len(self.req.prompts) * self.req.n, max(self.texts, default=-1) + 1)
         prompts = [self.req.prompts[min(i // self.req.n, len(self.req.prompts) - 1)] for i in range(n_choices)]
         return [(prompts[i], self.texts.get(i, "")) for i in range(n_choices)]
+
+    def captures(self, final: bool) -> list | None:
+        """Per choice, what the capture backend needs (``final``: the plugin may then forget the states)."""
+        if self.capture_key is None:
+            return None
+        n = len(self.pairs())
+        return [
+            Capture(self.capture_key, final, self.prompt_ids.get(i), self.completion_ids.get(i, []))
+            if i in self.prompt_ids
+            else Capture(self.capture_key, final)
+            for i in range(n)
+        ]
 
 
 async def _events(resp, guard: Guard):
@@ -85,12 +111,14 @@ async def _events(resp, guard: Guard):
         raise UpstreamError(503, f"the connection to vLLM broke mid-stream ({type(e).__name__})") from None
 
 
-async def relay_stream(request: web.Request, req: ParsedRequest, guard: Guard, raw: bytes) -> web.StreamResponse:
+async def relay_stream(
+    request: web.Request, req: ParsedRequest, guard: Guard, raw: bytes, capture_key: str | None = None
+) -> web.StreamResponse:
     request_id = request[REQUEST_ID]
     settings = guard.settings
     block = settings.policy == "block"
     hold = not settings.fail_open  # block, or monitor set to fail closed: nothing unscored may reach the client
-    state = _StreamState(req)
+    state = _StreamState(req, capture_key)
     out = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": request_id}
     )
@@ -102,11 +130,11 @@ async def relay_stream(request: web.Request, req: ParsedRequest, guard: Guard, r
             await out.prepare(request)
         await out.write(data)
 
-    async def score() -> list:
+    async def score(final: bool = False) -> list:
         nonlocal scoring_s
         t = time.perf_counter()
-        try:
-            return await guard.score_all(state.pairs())
+        try:  # the plugin may forget the captured states only once the whole completion is scored
+            return await guard.score_all(state.pairs(), state.captures(final))
         finally:
             scoring_s += time.perf_counter() - t
 
@@ -150,7 +178,9 @@ async def relay_stream(request: web.Request, req: ParsedRequest, guard: Guard, r
                     if data == "[DONE]":
                         done = True
                         break
-                    got_text = state.add(data)
+                    got_text, changed = state.add(data)
+                    if changed:
+                        event = pol.sse(data)
                     if not hold:
                         relay.append(event)
                         continue
@@ -184,7 +214,7 @@ async def relay_stream(request: web.Request, req: ParsedRequest, guard: Guard, r
         guard.metrics.upstream_seconds.observe(time.perf_counter() - started)
 
     try:
-        reports = await score()
+        reports = await score(final=True)
     except Exception as e:
         if not settings.fail_open:
             return await _fail_closed(request, guard, req, state, out, finish, e)

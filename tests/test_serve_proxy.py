@@ -64,8 +64,8 @@ class LowThresholds:
         self._scorer = scorer
         self._value = value
 
-    def score_batch(self, pairs):
-        reports = self._scorer.score_batch(pairs)
+    def score_batch(self, pairs, captures=None):
+        reports = self._scorer.score_batch(pairs, captures)
         for r in reports:
             for part in (r.prompt, r.completion):
                 for c in part:

@@ -173,28 +173,29 @@ def test_batcher_batches_concurrent_requests_and_keeps_order():
     sizes = []
     gate = threading.Event()
 
-    def score_batch(pairs):
+    def score_batch(pairs, captures):
         gate.wait(5)  # hold the first batch so that the others queue up behind it
         sizes.append(len(pairs))
-        return [f"{p}|{c}" for p, c in pairs]
+        return [f"{p}|{c}|{cap}" for (p, c), cap in zip(pairs, captures)]
 
     async def main():
         b = ScoreBatcher(score_batch, max_batch=8)
         await b.start()
-        tasks = [asyncio.create_task(b.score(f"p{i}", f"c{i}")) for i in range(20)]
+        caps = [(f"k{i}", i % 2 == 0) if i % 3 else None for i in range(20)]
+        tasks = [asyncio.create_task(b.score(f"p{i}", f"c{i}", caps[i])) for i in range(20)]
         await asyncio.sleep(0.05)
         gate.set()
         out = await asyncio.gather(*tasks)
         await b.stop()
-        return out
+        return out, caps
 
-    out = asyncio.run(main())
-    assert out == [f"p{i}|c{i}" for i in range(20)]
+    out, caps = asyncio.run(main())
+    assert out == [f"p{i}|c{i}|{caps[i]}" for i in range(20)]
     assert sum(sizes) == 20 and max(sizes) == 8 and len(sizes) < 20
 
 
 def test_batcher_propagates_errors_to_the_batch_only():
-    def score_batch(pairs):
+    def score_batch(pairs, captures):
         if any(c == "bad" for _, c in pairs):
             raise RuntimeError("boom")
         return [c for _, c in pairs]

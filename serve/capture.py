@@ -1,0 +1,365 @@
+"""In-engine capture: record the hook layer's per-token states during vLLM's own generation pass.
+
+The guard needs layer-``L`` states for every token of a prompt and its completion. Re-running layers ``0..L-1``
+on each exchange (the ``hf`` and ``vllm`` backends) costs ``L/N`` of the model again; this plugin costs almost
+nothing: vLLM computes those states anyway while it generates.
+
+How it works (vLLM 0.32, V1 engine, eager mode):
+
+- vLLM loads every ``vllm.general_plugins`` entry point in each of its processes; ``register`` is ours. It does
+  nothing unless ``atu serve`` set ``ATU_CAPTURE_LAYER`` and ``ATU_CAPTURE_SOCKET`` (``atu.envs``).
+- It wraps the model runner's ``_model_forward``. At the first call it adds a forward hook on decoder layer
+  ``L-1``; vLLM's decoder layers return ``(hidden, residual)``, whose sum is the residual stream, i.e.
+  Hugging Face's ``hidden_states[L]``.
+- The guard marks the requests it wants recorded with ``vllm_xargs: {"atu_capture": KEY}`` (vLLM passes them on
+  as ``SamplingParams.extra_args``). For those, each step's rows are stored by token position with the token id
+  that was fed there, so chunked prefill and a preempted request's recomputation land in the right place.
+- A thread in the engine process answers the guard on a Unix socket: the rows and token ids recorded under the
+  asked keys, optionally releasing them. Rows not asked for are dropped oldest-first beyond ``max_rows``.
+
+A request's last generated token is never fed back into the model, so its row does not exist; the scorer never
+reads that row (a completion's last token predicts text after the completion). Prefix caching must be off (a
+cached prompt token is never computed, so it has no row); ``atu serve`` starts vLLM that way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+XARG = "atu_capture"  # the vllm_xargs key that marks a request for capture
+_HEADER = struct.Struct("<Q")  # every message: 8-byte little-endian length of its JSON header, header, payload
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+@dataclass
+class Captured:
+    """What was recorded for one engine request: ``ids[t]`` was fed at position ``t`` and gave ``rows[t]``."""
+
+    request_id: str
+    ids: np.ndarray  # (n,) int64
+    rows: np.ndarray  # (n, H) float32
+
+
+class _Entry:
+    __slots__ = ("request_id", "ids", "rows", "n")
+
+    def __init__(self, request_id: str, dim: int, capacity: int) -> None:
+        self.request_id = request_id
+        self.ids = np.full(capacity, -1, dtype=np.int64)
+        self.rows = np.zeros((capacity, dim), dtype=np.float32)
+        self.n = 0  # rows recorded: positions 0..n-1
+
+    def put(self, start: int, ids: np.ndarray, rows: np.ndarray) -> int:
+        """Store rows at positions ``start..start+len(ids)-1``; returns how many rows the entry grew by."""
+        end = start + len(ids)
+        if end > len(self.ids):
+            cap = max(end, 2 * len(self.ids))
+            self.ids = np.concatenate([self.ids, np.full(cap - len(self.ids), -1, dtype=np.int64)])
+            self.rows = np.concatenate([self.rows, np.zeros((cap - len(self.rows), self.rows.shape[1]), np.float32)])
+        self.ids[start:end] = ids
+        self.rows[start:end] = rows
+        grown = max(0, end - self.n)
+        self.n = max(self.n, end)
+        return grown
+
+
+class CaptureStore:
+    """Rows recorded per key (one key per guarded exchange, one or more engine requests under it). Thread-safe:
+    the engine thread writes, the socket thread reads."""
+
+    def __init__(self, dim: int, max_rows: int = 262_144, layer: int = 0) -> None:
+        if dim < 1 or max_rows < 1:
+            raise ValueError(f"dim and max_rows must be positive, got {dim} and {max_rows}.")
+        self.dim, self.max_rows, self.layer = dim, max_rows, layer
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # (key, request id), oldest first
+        self._rows = 0
+        self._lock = threading.Lock()
+
+    def record(self, key: str, request_id: str, start: int, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Rows ``rows`` (n, H) of tokens ``ids`` (n,) at positions ``start..start+n-1`` of ``request_id``."""
+        if rows.shape != (len(ids), self.dim):
+            raise ValueError(f"rows must have shape ({len(ids)}, {self.dim}), got {tuple(rows.shape)}.")
+        with self._lock:
+            entry = self._entries.get((key, request_id))
+            if entry is None:
+                entry = self._entries[(key, request_id)] = _Entry(request_id, self.dim, max(64, start + len(ids)))
+            else:
+                self._entries.move_to_end((key, request_id))
+            self._rows += entry.put(start, ids, rows)
+            while self._rows > self.max_rows and len(self._entries) > 1:
+                (old_key, old_req), old = self._entries.popitem(last=False)
+                self._rows -= old.n
+                logger.warning("capture store full: dropped %s/%s (%d rows) before the guard read it",
+                               old_key, old_req, old.n)  # fmt: skip
+
+    def take(self, keys: list[str], release: bool) -> dict[str, list[Captured]]:
+        """Copies of what is recorded under each key (engine request ids ascending); ``release`` forgets them."""
+        wanted = set(keys)
+        out: dict[str, list[Captured]] = {k: [] for k in keys}
+        with self._lock:
+            for (key, req), entry in list(self._entries.items()):
+                if key not in wanted:
+                    continue
+                out[key].append(Captured(req, entry.ids[: entry.n].copy(), entry.rows[: entry.n].copy()))
+                if release:
+                    del self._entries[(key, req)]
+                    self._rows -= entry.n
+        for found in out.values():
+            found.sort(key=lambda c: c.request_id)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ---------------------------------------------------------------------------------------------- wire format
+
+
+def _send(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
+    head = json.dumps(header).encode()
+    sock.sendall(_HEADER.pack(len(head)) + head + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the capture socket closed mid-message")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _recv(sock: socket.socket) -> dict:
+    (n,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    return json.loads(_recv_exact(sock, n))
+
+
+def encode_answer(found: dict[str, list[Captured]], dim: int, layer: int = 0) -> tuple[dict, bytes]:
+    """Header and payload for ``found``: per entry its ids (int64) then its rows (float32), in header order."""
+    header: dict = {"dim": dim, "layer": layer, "entries": []}
+    parts = []
+    for key, items in found.items():
+        for c in items:
+            header["entries"].append({"key": key, "request_id": c.request_id, "n": len(c.ids)})
+            parts += [c.ids.astype("<i8").tobytes(), c.rows.astype("<f4").tobytes()]
+    return header, b"".join(parts)
+
+
+def decode_answer(header: dict, payload: bytes) -> dict[str, list[Captured]]:
+    dim = int(header["dim"])
+    out: dict[str, list[Captured]] = {}
+    at = 0
+    for e in header["entries"]:
+        n = int(e["n"])
+        ids = np.frombuffer(payload, dtype="<i8", count=n, offset=at).astype(np.int64)
+        at += 8 * n
+        rows = np.frombuffer(payload, dtype="<f4", count=n * dim, offset=at).reshape(n, dim).copy()
+        at += 4 * n * dim
+        out.setdefault(e["key"], []).append(Captured(e["request_id"], ids, rows))
+    if at != len(payload):
+        raise ValueError(f"capture answer payload has {len(payload)} bytes, the header describes {at}.")
+    return out
+
+
+class CaptureClient:
+    """The guard's side: ``fetch(keys, release)`` over the plugin's Unix socket (one connection per call)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path, self.timeout = path, timeout
+        self.layer = self.dim = self.stored = None  # what the plugin reported in its last answer
+
+    def fetch(self, keys: list[str], release: bool = True) -> dict[str, list[Captured]]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+            _send(sock, {"keys": list(keys), "release": bool(release)})
+            header = _recv(sock)
+            if "error" in header:
+                raise RuntimeError(f"the capture plugin answered an error: {header['error']}")
+            size = int(header.pop("payload_bytes"))
+            self.layer, self.dim, self.stored = header.get("layer"), header.get("dim"), header.get("stored")
+            found = decode_answer(header, _recv_exact(sock, size))
+        return {k: found.get(k, []) for k in keys}
+
+    def ping(self) -> bool:
+        """Whether a plugin answers on the socket."""
+        try:
+            self.fetch([], release=False)
+            return True
+        except OSError:
+            return False
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        store: CaptureStore = self.server.store  # type: ignore[attr-defined]
+        try:
+            ask = _recv(self.request)
+            found = store.take(list(ask.get("keys") or []), bool(ask.get("release")))
+            header, payload = encode_answer(found, store.dim, store.layer)
+            header["stored"] = len(store)  # engine requests still held, after this answer
+            header["payload_bytes"] = len(payload)
+            _send(self.request, header, payload)
+        except Exception as e:  # a bad client must not take the engine down
+            logger.warning("capture request failed: %s", e)
+            try:
+                _send(self.request, {"error": str(e)})
+            except OSError:
+                pass
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve_store(store: CaptureStore, path: str) -> _Server:
+    """Answer fetches for ``store`` on the Unix socket ``path`` from a daemon thread."""
+    if os.path.exists(path):
+        os.unlink(path)
+    server = _Server(path, _Handler)
+    server.store = store  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, name="atu-capture", daemon=True).start()
+    return server
+
+
+# ---------------------------------------------------------------------------------------------- the vLLM side
+
+
+def decoder_layer_list(model):
+    """The decoder layers of a vLLM causal LM (``model.model.layers`` in Llama-like models)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None) if inner is not None else None
+    if layers is None:
+        layers = getattr(model, "layers", None)
+    if layers is None:
+        raise RuntimeError(f"cannot find the decoder layers of {type(model).__name__} for the capture plugin")
+    return layers
+
+
+class _EngineCapture:
+    """Installed on one model runner: the forward hook, the store and the socket server."""
+
+    def __init__(self, runner, layer: int, path: str, max_rows: int) -> None:
+        import torch
+
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        layers = decoder_layer_list(model)
+        if not 1 <= layer <= len(layers):
+            raise RuntimeError(f"capture layer {layer} is outside 1..{len(layers)} (the model's decoder layers)")
+        dim = int(runner.model_config.get_hidden_size())
+        self.store = CaptureStore(dim, max_rows, layer)
+        self.active = False
+        self.states = None  # (num_tokens, H) of the current forward, set by the hook
+        self._torch = torch
+
+        def hook(_module, _args, output):
+            if self.active:
+                if isinstance(output, tuple):
+                    hidden, residual = output[0], output[1] if len(output) > 1 else None
+                    self.states = hidden if residual is None else hidden + residual  # before the next layer's
+                else:  # fused add-norm overwrites them in place
+                    self.states = output
+                self.states = self.states.detach().float().cpu()
+
+        layers[layer - 1].register_forward_hook(hook)
+        self.server = serve_store(self.store, path)
+        logger.info("atu capture: recording layer %d (width %d) for the guard on %s", layer, dim, path)
+
+    def layout(self, runner) -> list[tuple[str, str, int, int]]:
+        """(key, request id, first token index in this step's batch, tokens) of the marked requests."""
+        batch = runner.input_batch
+        n = batch.num_reqs
+        qsl = runner.query_start_loc.np[: n + 1]
+        out = []
+        for i, req_id in enumerate(batch.req_ids[:n]):
+            state = runner.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            extra = getattr(params, "extra_args", None) or {}
+            key = extra.get(XARG)
+            if key is not None and qsl[i + 1] > qsl[i]:
+                out.append((str(key), req_id, int(qsl[i]), int(qsl[i + 1] - qsl[i])))
+        return out
+
+    def save(self, marked, input_ids, positions) -> None:
+        states = self.states
+        self.states = None
+        if states is None:
+            return
+        ids = input_ids.detach().cpu().numpy() if input_ids is not None else None
+        pos = positions.detach().cpu().numpy()
+        if pos.ndim > 1:  # M-RoPE positions (3, T): the first row is the text position
+            pos = pos[0]
+        rows = states.numpy()
+        for key, req_id, first, count in marked:
+            tok = ids[first : first + count] if ids is not None else np.full(count, -1, np.int64)
+            self.store.record(key, req_id, int(pos[first]), tok.astype(np.int64), rows[first : first + count])
+
+
+def _wrap_runner(cls, layer: int, path: str, max_rows: int) -> None:
+    """Patch ``cls`` (a model runner class): capture starts once its model is loaded; every forward records."""
+    if "_atu_capture_patched" in cls.__dict__:
+        return
+    load, forward = cls.__dict__.get("load_model"), cls.__dict__.get("_model_forward")  # only what cls defines:
+
+    def load_model(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        if getattr(self, "_atu_capture", None) is None:
+            self._atu_capture = _EngineCapture(self, layer, path, max_rows)
+
+    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        cap = getattr(self, "_atu_capture", None)
+        marked = cap.layout(self) if cap is not None and positions is not None else []
+        if not marked:
+            return forward(self, input_ids, positions, *args, **kwargs)
+        cap.active = True
+        try:
+            out = forward(self, input_ids, positions, *args, **kwargs)
+        finally:
+            cap.active = False
+        try:
+            cap.save(marked, input_ids if input_ids is not None else self.input_ids.cpu, positions)
+        except Exception:  # never let the guard's bookkeeping fail a generation step
+            logger.exception("atu capture: could not record this step")
+        return out
+
+    if load is not None:  # a subclass that inherits a method gets the patched one through its parent
+        cls.load_model = load_model
+    if forward is not None:
+        cls._model_forward = _model_forward
+    cls._atu_capture_patched = True
+
+
+def register() -> None:
+    """vLLM general-plugin entry point (``vllm.general_plugins``): a no-op unless ``atu serve`` asked for capture."""
+    from atu.envs import capture_settings
+
+    settings = capture_settings()
+    if settings is None:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runners = [GPUModelRunner]
+    try:  # the CPU runner overrides load_model without calling the GPU one
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runners.append(CPUModelRunner)
+    except ImportError:
+        pass
+    for cls in runners:
+        _wrap_runner(cls, *settings)

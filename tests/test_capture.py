@@ -1,0 +1,260 @@
+"""The in-engine capture plugin and the capture backend: the store, the wire format and the matching as pure code;
+then the plugin inside the session's real vLLM server, against transformers and through the guard."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+from serve_helpers import TINY_MODEL_NAME, http, sse_events
+
+from serve.backends import BackendError, CaptureBackend, match_capture
+from serve.capture import (
+    XARG,
+    CaptureClient,
+    Captured,
+    CaptureStore,
+    decode_answer,
+    encode_answer,
+    serve_store,
+)
+from serve.policy import take_token_ids
+
+
+def _rows(n, dim=4, start=0):
+    return np.arange(start * dim, (start + n) * dim, dtype=np.float32).reshape(n, dim)
+
+
+# -- the store ----------------------------------------------------------------------------------------------------
+def test_store_assembles_chunked_prefill_and_decode_steps_by_position():
+    store = CaptureStore(dim=4)
+    store.record("k", "r", 0, np.array([1, 2, 3]), _rows(3))  # a prefill chunk
+    store.record("k", "r", 3, np.array([4, 5]), _rows(2, start=3))  # the rest of the prompt
+    store.record("k", "r", 5, np.array([6]), _rows(1, start=5))  # one decode step
+    (got,) = store.take(["k"], release=False)["k"]
+    assert got.ids.tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(got.rows, _rows(6))
+    store.record("k", "r", 0, np.array([1, 2]), -_rows(2))  # a preempted request recomputed from the start
+    (again,) = store.take(["k"], release=True)["k"]
+    assert again.ids.tolist() == [1, 2, 3, 4, 5, 6]  # nothing lost, the recomputed rows replace the old ones
+    np.testing.assert_array_equal(again.rows[:2], -_rows(2))
+    assert store.take(["k"], release=True) == {"k": []} and len(store) == 0
+
+
+def test_store_keeps_requests_apart_and_drops_the_oldest_when_full():
+    store = CaptureStore(dim=4, max_rows=10)
+    store.record("a", "r1", 0, np.arange(6), _rows(6))
+    store.record("b", "r2", 0, np.arange(3), _rows(3))
+    store.record("b", "r3", 0, np.arange(3), _rows(3))  # 12 rows > 10: the oldest entry ("a") goes
+    got = store.take(["a", "b"], release=False)
+    assert got["a"] == [] and [c.request_id for c in got["b"]] == ["r2", "r3"]
+    with pytest.raises(ValueError, match="rows must have shape"):
+        store.record("c", "r", 0, np.arange(2), _rows(3))
+
+
+def test_answer_round_trips_through_the_wire_format():
+    found = {"k1": [Captured("r1", np.array([5, 6, 7]), _rows(3))], "k2": [], "k3": [
+        Captured("r2", np.array([9]), _rows(1, start=7)), Captured("r3", np.array([1, 2]), _rows(2))]}  # fmt: skip
+    header, payload = encode_answer(found, dim=4, layer=2)
+    assert header["layer"] == 2
+    back = decode_answer(header, payload)
+    for key, items in found.items():
+        for a, b in zip(items, back.get(key, [])):
+            assert a.request_id == b.request_id and a.ids.tolist() == b.ids.tolist()
+            np.testing.assert_array_equal(a.rows, b.rows)
+        assert len(back.get(key, [])) == len(items)
+    with pytest.raises(ValueError, match="payload"):
+        decode_answer(header, payload + b"\0")
+
+
+def test_client_and_server_over_a_unix_socket():
+    store = CaptureStore(dim=4, layer=3)
+    store.record("k", "r", 0, np.array([1, 2]), _rows(2))
+    path = os.path.join(tempfile.mkdtemp(), "c.sock")
+    server = serve_store(store, path)
+    try:
+        client = CaptureClient(path)
+        assert client.ping() and (client.layer, client.dim) == (3, 4)
+        assert client.fetch(["k", "nothing"], release=False)["nothing"] == []
+        assert client.fetch(["k"], release=True)["k"][0].ids.tolist() == [1, 2]
+        assert client.fetch(["k"])["k"] == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not CaptureClient(path + ".missing").ping()
+
+
+# -- matching and the backend -------------------------------------------------------------------------------------
+def test_match_capture_needs_every_fed_token_and_never_invents_a_read_row():
+    item = Captured("r", np.array([1, 10, 11, 12]), _rows(4))  # the 5th token (13) was generated, never fed
+    rows = match_capture([1, 10, 11, 12, 13], [item])
+    np.testing.assert_array_equal(rows[:4], _rows(4))
+    np.testing.assert_array_equal(rows[4], rows[3])  # the last row is never read by a score
+    np.testing.assert_array_equal(match_capture([1, 10, 11, 12], [item]), _rows(4))  # its last token was fed
+    assert match_capture([1, 10, 99, 12, 13], [item]) is None  # another text
+    assert match_capture([1, 10, 11, 12, 13, 14, 15], [item]) is None  # longer than what was recorded
+    assert match_capture([1], [item]) is None
+    other = Captured("r0", np.array([1, 10, 50]), _rows(3))
+    np.testing.assert_array_equal(match_capture([1, 10, 11, 12], [other, item]), _rows(4))  # n > 1: the right one
+
+
+class _FakeClient:
+    path = "fake"
+
+    def __init__(self, found):
+        self.found, self.calls = found, []
+
+    def fetch(self, keys, release=True):
+        self.calls.append((sorted(keys), release))
+        return {k: self.found.get(k, []) for k in keys}
+
+
+class _Fallback:
+    def __init__(self):
+        self.seen = []
+
+    def hidden_states(self, seqs):
+        self.seen += seqs
+        return [np.full((len(s), 4), -1.0, np.float32) for s in seqs]
+
+    def close(self):
+        pass
+
+
+def test_capture_backend_falls_back_for_what_was_not_recorded():
+    client = _FakeClient({"k": [Captured("r", np.array([1, 2, 3]), _rows(3))]})
+    fallback = _Fallback()
+    backend = CaptureBackend(client, fallback)
+    seqs = [[1, 2, 3, 4], [1, 2, 9, 4], [7, 8]]
+    out = backend.hidden_states(seqs, [("k", False), ("k", True), None])
+    np.testing.assert_array_equal(out[0][:3], _rows(3))
+    assert (out[1] == -1).all() and (out[2] == -1).all()  # another text under the key, and no key at all
+    assert fallback.seen == [[1, 2, 9, 4], [7, 8]] and (backend.captured, backend.fell_back) == (1, 2)
+    assert client.calls == [(["k"], False), (["k"], True)]  # released only after every read
+
+    class Down(_FakeClient):
+        def fetch(self, keys, release=True):
+            raise ConnectionRefusedError("no plugin")
+
+    with pytest.raises(BackendError, match="capture plugin did not answer"):
+        CaptureBackend(Down({}), fallback).hidden_states([[1, 2]], [("k", True)])
+
+
+def test_take_token_ids_from_completions_and_chat_responses():
+    body = {"choices": [{"index": 0, "text": "a", "prompt_token_ids": [1, 5], "token_ids": [7, 8]}]}
+    ids, changed = take_token_ids(body, keep=False)
+    assert ids == {0: ([1, 5], [7, 8])} and changed and "token_ids" not in body["choices"][0]
+    chat = {"prompt_token_ids": [1, 6], "choices": [{"index": 1, "delta": {"content": "x"}, "token_ids": [9]}]}
+    ids, changed = take_token_ids(chat, keep=True)
+    assert ids == {1: ([1, 6], [9])} and not changed and chat["prompt_token_ids"] == [1, 6]
+    assert take_token_ids({"choices": [{"index": 0, "text": "a"}]}, keep=False) == ({0: (None, None)}, False)
+
+
+# -- the plugin inside a real vLLM server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_scorer(tiny_vllm):
+    from serve.scoring import Scorer
+
+    return Scorer.from_export(tiny_vllm[1], backend="hf")
+
+
+@pytest.mark.slow
+def test_plugin_records_the_hook_layer_states_that_transformers_computes(tiny_vllm, tiny_capture_socket):
+    import torch
+
+    from atu.export import load_export
+    from atu.hidden import hidden_at
+    from atu.loading import load_lm
+
+    base, export = tiny_vllm
+    body = {"model": TINY_MODEL_NAME, "prompt": "Where was the first person born?", "max_tokens": 12,
+            "temperature": 0, "return_token_ids": True}  # fmt: skip
+    status, _, plain = http(base + "/v1/completions", body)  # not marked: not recorded
+    status, _, marked = http(base + "/v1/completions", {**body, "vllm_xargs": {XARG: "t1"}})
+    assert status == 200 and plain["choices"][0]["text"] == marked["choices"][0]["text"]
+    client = CaptureClient(tiny_capture_socket)
+    (got,) = client.fetch(["t1"])["t1"]
+    choice = marked["choices"][0]
+    fed = choice["prompt_token_ids"] + choice["token_ids"][:-1]  # the last generated token is never fed back
+    assert got.ids.tolist() == fed
+    layer = load_export(export).guard.hook_layer
+    model, _ = load_lm(export / "model", device="cpu", dtype="float32")
+    ids = torch.tensor([fed])
+    with torch.inference_mode():
+        want = hidden_at(model, ids, torch.ones_like(ids), layer)[0].numpy()
+    np.testing.assert_allclose(got.rows, want, atol=1e-4, rtol=1e-4)
+    assert client.fetch(["t1"])["t1"] == []  # released by the first fetch
+
+
+@pytest.mark.slow
+def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_socket, hf_scorer, tiny_world):
+    from serve.launch import close_guard, guard_in_thread, make_guard
+    from serve.scoring import Capture
+    from serve.settings import GuardSettings
+
+    base, export = tiny_vllm
+    guard = make_guard(export, GuardSettings(upstream_url=base, port=0), backend="capture",
+                       capture_socket=tiny_capture_socket)  # fmt: skip
+    names = tiny_world.concepts().names()
+    try:
+        with guard_in_thread(guard) as url:
+            compared = 0
+            for name in names[:2]:
+                prompt = f"Where was {name} born?"
+                body = {"model": TINY_MODEL_NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+                status, headers, got = http(url + "/v1/completions", body)
+                assert status == 200 and "token_ids" not in got["choices"][0]  # not asked for: taken out
+                _, _, ref = http(base + "/v1/completions", {**body, "return_token_ids": True})
+                c = ref["choices"][0]
+                same_ids = Capture("x", True, c["prompt_token_ids"], c["token_ids"])
+                want = hf_scorer.score_batch([(prompt, c["text"])], [same_ids])[0]
+                for part in ("prompt", "completion"):
+                    by_concept = {s["concept"]: s["score"] for s in got["leakage"]["choices"][0][part]}
+                    for s in getattr(want, part):
+                        assert abs(by_concept[s.concept] - s.score) < 1e-3, (part, s.concept)
+                        compared += 1
+                # streamed: the same annotation, and no token ids the client did not ask for
+                status, _, text = http(url + "/v1/completions", {**body, "stream": True})
+                events = [e for e in sse_events(text) if isinstance(e, dict)]
+                assert not any("token_ids" in (ch or {}) for e in events for ch in e.get("choices") or [])
+                (note,) = [e for e in events if "leakage" in e]
+                streamed = note["leakage"]["choices"][0]["completion"][0]
+                assert abs(streamed["score"] - want.completion[0].score) < 1e-3
+            status, _, chat = http(url + "/v1/chat/completions", {"model": TINY_MODEL_NAME, "max_tokens": 8,
+                                   "messages": [{"role": "user", "content": f"Who is {names[0]}?"}],
+                                   "return_token_ids": True})  # fmt: skip
+            assert status == 200 and chat["choices"][0]["token_ids"]  # asked for: kept
+            assert compared >= 4
+        backend = guard.scorer.backend
+        assert backend.captured == 5 and backend.fell_back == 0  # 2 plain, 2 streamed, 1 chat: all recorded
+        client = CaptureClient(tiny_capture_socket)
+        client.fetch([], release=False)
+        assert client.stored == 0  # every exchange's states were released once scored
+    finally:
+        close_guard(guard)
+
+
+@pytest.mark.slow
+def test_capture_backend_refuses_a_socket_without_the_plugin(tiny_vllm):
+    from serve.scoring import Scorer
+
+    with pytest.raises(BackendError, match="no capture plugin answers"):
+        Scorer.from_export(tiny_vllm[1], backend="capture", capture_socket="/nonexistent/capture.sock")
+    with pytest.raises(ValueError, match="needs capture_socket"):
+        Scorer.from_export(tiny_vllm[1], backend="capture")
+
+
+def test_plugin_register_is_inert_without_its_settings(monkeypatch):
+    import sys
+
+    from serve import capture
+
+    monkeypatch.delenv("ATU_CAPTURE_LAYER", raising=False)
+    monkeypatch.delenv("ATU_CAPTURE_SOCKET", raising=False)
+    capture.register()  # vLLM calls it in every process: without the settings it must not touch vLLM
+    runner = sys.modules.get("vllm.v1.worker.gpu_model_runner")
+    assert runner is None or "_atu_capture_patched" not in runner.GPUModelRunner.__dict__
