@@ -46,7 +46,10 @@ class Guard:
         self.metrics = metrics or GuardMetrics()
         self.batcher = ScoreBatcher(scorer.score_batch, settings.max_batch, self.metrics)
         # The capture backend reads the states vLLM recorded while generating: requests are marked for it.
-        self.capture = bool(getattr(getattr(scorer, "backend", None), "uses_captures", False))
+        backend = getattr(scorer, "backend", None)
+        self.capture = bool(getattr(backend, "uses_captures", False))
+        if self.capture:
+            backend.listener = self._count_capture
         self.session: aiohttp.ClientSession | None = None
         self._models: set[str] = set()
 
@@ -156,6 +159,10 @@ class Guard:
             logger.error("audit log write failed: %s", e)
             raise AuditUnavailable(str(e)) from None
         self.metrics.audit_records.inc(len(records))
+
+    def _count_capture(self, captured: int, fell_back: int) -> None:
+        self.metrics.capture.labels("captured").inc(captured)
+        self.metrics.capture.labels("fallback").inc(fell_back)
 
     def count(self, leakage: dict) -> None:
         for c in leakage["flagged"]:

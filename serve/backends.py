@@ -185,6 +185,7 @@ class CaptureBackend:
         self.client, self.fallback = client, fallback
         self.captured = 0  # sequences served from the capture
         self.fell_back = 0  # sequences sent to the fallback backend
+        self.listener = None  # called with (captured, fell back) after each call, e.g. to count them in metrics
 
     def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
         seqs = check_id_lists(sequences)
@@ -207,6 +208,8 @@ class CaptureBackend:
         missing = [i for i, h in enumerate(out) if h is None]
         self.captured += len(seqs) - len(missing)
         self.fell_back += len(missing)
+        if self.listener is not None:
+            self.listener(len(seqs) - len(missing), len(missing))
         if missing:
             for i, h in zip(missing, self.fallback.hidden_states([seqs[i] for i in missing])):
                 out[i] = h

@@ -44,6 +44,12 @@ class GuardMetrics:
         )
         self.scoring_errors = Counter("atu_guard_scoring_errors_total", "Scoring failures.", registry=r)
         self.audit_records = Counter("atu_guard_audit_records_total", "Audit records committed.", registry=r)
+        self.capture = Counter(
+            "atu_guard_capture_sequences_total",
+            "Capture backend: sequences scored from states recorded in vLLM (captured) or re-computed (fallback).",
+            ["result"],
+            registry=r,
+        )
         self.scoring_seconds = Histogram(
             "atu_guard_scoring_seconds",
             "Time to score one exchange (queue + batch).",

@@ -229,6 +229,8 @@ def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_soc
                                    "return_token_ids": True})  # fmt: skip
             assert status == 200 and chat["choices"][0]["token_ids"]  # asked for: kept
             assert compared >= 4
+            _, _, metrics = http(url + "/metrics")
+            assert 'atu_guard_capture_sequences_total{result="captured"} 5.0' in metrics
         backend = guard.scorer.backend
         assert backend.captured == 5 and backend.fell_back == 0  # 2 plain, 2 streamed, 1 chat: all recorded
         client = CaptureClient(tiny_capture_socket)
