@@ -45,6 +45,9 @@ class DataConfig:
     unseen: str | None = None
 
 
+GUARD_TARGETS = (None, "name", "description", "centroid")
+
+
 @dataclass
 class RunConfig:
     model: str
@@ -58,8 +61,14 @@ class RunConfig:
     # (data.validation) exceeds, measured with the exported predictor on the exported model. None: use the
     # unlearning's final thresholds (tau), which sit wherever the schedule stopped, not where retain texts score.
     guard_fpr: float | None = 0.05
+    # What the guard's concept vectors in the export embed: "centroid" (the mean embedding of the concept's own
+    # forget-text windows: its facts, so an answer that no longer states them scores lower), "name",
+    # "description", or None for the unlearning's own target (unlearn.target). The unlearning never sees it.
+    guard_target: str | None = "centroid"
 
     def __post_init__(self) -> None:
+        if self.guard_target not in GUARD_TARGETS:
+            raise ConfigError(f"guard_target must be one of {GUARD_TARGETS}, got {self.guard_target!r}")
         if self.guard_fpr is not None and (
             isinstance(self.guard_fpr, bool)
             or not isinstance(self.guard_fpr, (int, float))

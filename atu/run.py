@@ -19,6 +19,7 @@ from atu.loading import load_encoder, load_lm
 from atu.metrics import auroc
 from atu.pipeline import RunConfig
 from atu.schedule import ScheduleInputs, run_schedule
+from atu.unlearn import concept_window_texts, target_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
     encoder = load_encoder(cfg.encoder, device=device)
     forget_set = set(data.forget)
     concepts = data.concepts.subset(data.forget)
+    if cfg.guard_target == "description" and any(not c.description for c in concepts.concepts):
+        raise ConfigError("guard_target is 'description' but a forgotten concept has no description in data.concepts")
     row = {n: i for i, n in enumerate(data.forget)}
     forget_records = [r for r in data.corpus if r.concept in forget_set]
     inputs = ScheduleInputs(
@@ -150,9 +153,18 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
         "after": after,
         "seconds": round(time.time() - t0, 1),
     }
+    guard_target = cfg.guard_target or cfg.unlearn.target
+    guard_vectors = result.concept_vectors
+    if guard_target != cfg.unlearn.target:
+        windows = concept_window_texts(
+            len(concepts.concepts), inputs.forget_texts, inputs.forget_concepts, tokenizer, encoder,
+            cfg.align.window, cfg.align.max_length,
+        ) if guard_target == "centroid" else None  # fmt: skip
+        guard_vectors = target_vectors(concepts, encoder, guard_target, windows).cpu()
+    summary["guard_target"] = guard_target
     thresholds = cfg.unlearn.final_thresholds(concepts).numpy()
     if cfg.guard_fpr is not None and data.validation:
-        vectors = result.concept_vectors
+        vectors = guard_vectors
         held = text_concept_scores(final, result.predictor, tokenizer, data.validation, vectors, layer)
         thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
         logger.info(
@@ -165,12 +177,12 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
             window=cfg.align.window,
             encoder=cfg.encoder,
             hidden_size=final.config.hidden_size,
-            embedding_dim=result.concept_vectors.shape[1],
+            embedding_dim=guard_vectors.shape[1],
             num_layers=final.config.num_hidden_layers,
-            concept_target=cfg.unlearn.target,
+            concept_target=guard_target,
             threshold_fpr=cfg.guard_fpr if cfg.guard_fpr is not None and data.validation else None,
         )
-        index = ConceptIndex.build(result.concept_vectors.numpy(), data.forget, thresholds)
+        index = ConceptIndex.build(guard_vectors.numpy(), data.forget, thresholds)
         brief = {"before": _brief(before), "after": _brief(after), "stop_reason": result.stop_reason}
         write_export(
             out / "export",

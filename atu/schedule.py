@@ -30,8 +30,15 @@ from atu.errors import AtuError, ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import attach_lora, decoder_layers, freeze_above
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
-from atu.unlearn import UnlearnConfig, forget_batches, perplexity, target_vectors, tokenize_texts, unlearn_stage
-from atu.windows import build_windows
+from atu.unlearn import (
+    UnlearnConfig,
+    concept_window_texts,
+    forget_batches,
+    perplexity,
+    target_vectors,
+    tokenize_texts,
+    unlearn_stage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,16 +170,10 @@ def run_schedule(
 
         window_texts = None
         if unlearn_cfg.target in ("centroid", "contrast"):
-            window_texts = []
-            for row in range(len(inputs.concepts.concepts)):
-                texts = [t for t, cs in zip(inputs.forget_texts, inputs.forget_concepts) if row in cs]
-                window_texts.append(
-                    build_windows(
-                        texts, tokenizer, encoder.tokenizer, align_cfg.window, align_cfg.max_length
-                    ).window_texts
-                    if texts
-                    else []
-                )
+            window_texts = concept_window_texts(
+                len(inputs.concepts.concepts), inputs.forget_texts, inputs.forget_concepts, tokenizer, encoder,
+                align_cfg.window, align_cfg.max_length,
+            )  # fmt: skip
         vectors = target_vectors(
             inputs.concepts, encoder, unlearn_cfg.target, window_texts, background=data.targets.mean(0)
         )

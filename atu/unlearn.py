@@ -237,6 +237,27 @@ def _similarity_stats(pred: torch.Tensor, vectors: torch.Tensor, mask: torch.Ten
     return {f"{prefix}_sim_mean": sim.mean(0).tolist(), f"{prefix}_sim_max": sim.max(0).values.tolist()}
 
 
+def concept_window_texts(
+    n_concepts: int,
+    forget_texts: list[str],
+    forget_concepts: list[list[int]],
+    tokenizer,
+    encoder,
+    window: int,
+    max_length: int,
+) -> list[list[str]]:
+    """Per concept row, the distinct window texts of its forget texts (what ``centroid`` targets average)."""
+    from atu.windows import build_windows
+
+    out = []
+    for row in range(n_concepts):
+        texts = [t for t, cs in zip(forget_texts, forget_concepts) if row in cs]
+        out.append(
+            build_windows(texts, tokenizer, encoder.tokenizer, window, max_length).window_texts if texts else []
+        )
+    return out
+
+
 def target_vectors(
     concepts: ConceptSet,
     encoder,

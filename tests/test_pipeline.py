@@ -31,6 +31,7 @@ def test_world_config_loads():
         ({"model": "world", "data": {"forgets": []}}, "unknown key 'data.forgets'"),
         ({"model": "world", "unlearn": {"taus": [0.5, 0.9]}}, "must not rise"),
         ({"model": "world", "device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"model": "world", "guard_target": "contrast"}, "guard_target must be one of"),
     ],
 )
 def test_bad_configs(raw, message):

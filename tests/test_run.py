@@ -52,6 +52,28 @@ def test_export_thresholds_are_calibrated_on_held_out_texts(tiny_run):
     assert all(t in held[:, c] for c, t in enumerate(exp.index.thresholds))
 
 
+def test_export_concept_vectors_embed_the_forget_texts_facts(tiny_run, encoder):
+    """The guard's concept vectors are the centroid of each concept's forget-text windows (guard_target), not the
+    name the unlearning pushed away from."""
+    from atu.align import encode_texts
+    from atu.loading import load_lm
+    from atu.run import _resolve_world, load_run_data
+    from atu.unlearn import concept_window_texts, target_vectors
+
+    out, cfg, summary = tiny_run
+    exp = load_export(out / "export")
+    assert cfg.guard_target == exp.guard.concept_target == summary["guard_target"] == "centroid"
+    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    _, tok = load_lm(exp.model_dir)
+    concepts = data.concepts.subset(data.forget)
+    texts = [r.text for r in data.corpus if r.concept == data.forget[0]]
+    windows = concept_window_texts(1, texts, [[0]] * len(texts), tok, encoder, cfg.align.window, cfg.align.max_length)
+    want = target_vectors(concepts, encoder, "centroid", windows)
+    assert torch.allclose(torch.from_numpy(exp.index.vectors()), want.cpu(), atol=1e-5)
+    name = encode_texts(encoder, [data.forget[0]])
+    assert float((want.cpu() * name.cpu()).sum()) < 0.99  # a different vector from the name's
+
+
 def test_killed_run_resumes_after_last_stage(tiny_run):
     out, cfg, summary = tiny_run
     state = json.loads((out / "checkpoint" / "state.json").read_text())
