@@ -22,8 +22,9 @@ ATU_API_KEY = "ATU_API_KEY"
 ATU_CAPTURE_LAYER = "ATU_CAPTURE_LAYER"
 # Unix socket on which that plugin serves the recorded states to the guard.
 ATU_CAPTURE_SOCKET = "ATU_CAPTURE_SOCKET"
-# Most token rows the plugin keeps at once (oldest requests dropped beyond it). Default 262,144.
-ATU_CAPTURE_MAX_ROWS = "ATU_CAPTURE_MAX_ROWS"
+# Memory the plugin may hold for recorded states not yet read by the guard, in MiB (oldest requests dropped
+# beyond it). Default 256: 262,144 token rows of a 256-wide model, 16,384 of a 4,096-wide one.
+ATU_CAPTURE_MAX_MIB = "ATU_CAPTURE_MAX_MIB"
 
 
 def cache_root() -> Path:
@@ -47,11 +48,12 @@ def api_key() -> str | None:
 
 
 def capture_settings() -> tuple[int, str, int] | None:
-    """(hook layer, socket path, max rows) for the in-engine capture plugin, or None when it is not asked for."""
+    """(hook layer, socket path, memory budget in bytes) for the in-engine capture plugin, or None when it is not
+    asked for."""
     layer, path = os.environ.get(ATU_CAPTURE_LAYER), os.environ.get(ATU_CAPTURE_SOCKET)
     if not layer or not path:
         return None
-    return int(layer), path, int(os.environ.get(ATU_CAPTURE_MAX_ROWS) or 262_144)
+    return int(layer), path, int(float(os.environ.get(ATU_CAPTURE_MAX_MIB) or 256) * 2**20)
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

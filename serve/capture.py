@@ -15,7 +15,8 @@ How it works (vLLM 0.32, V1 engine, eager mode):
   as ``SamplingParams.extra_args``). For those, each step's rows are stored by token position with the token id
   that was fed there, so chunked prefill and a preempted request's recomputation land in the right place.
 - A thread in the engine process answers the guard on a Unix socket: the rows and token ids recorded under the
-  asked keys, optionally releasing them. Rows not asked for are dropped oldest-first beyond ``max_rows``.
+  asked keys, optionally releasing them. Rows not asked for are dropped oldest-first beyond a memory
+  budget (``ATU_CAPTURE_MAX_MIB``, 256 by default).
 
 A request's last generated token is never fed back into the model, so its row does not exist; the scorer never
 reads that row (a completion's last token predicts text after the completion). Prefix caching must be off (a
@@ -255,7 +256,7 @@ def decoder_layer_list(model):
 class _EngineCapture:
     """Installed on one model runner: the forward hook, the store and the socket server."""
 
-    def __init__(self, runner, layer: int, path: str, max_rows: int) -> None:
+    def __init__(self, runner, layer: int, path: str, max_bytes: int) -> None:
         import torch
 
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
@@ -263,7 +264,7 @@ class _EngineCapture:
         if not 1 <= layer <= len(layers):
             raise RuntimeError(f"capture layer {layer} is outside 1..{len(layers)} (the model's decoder layers)")
         dim = int(runner.model_config.get_hidden_size())
-        self.store = CaptureStore(dim, max_rows, layer)
+        self.store = CaptureStore(dim, max(1, max_bytes // (4 * dim)), layer)  # float32 rows
         self.active = False
         self.states = None  # (num_tokens, H) of the current forward, set by the hook
         self._torch = torch
@@ -311,7 +312,7 @@ class _EngineCapture:
             self.store.record(key, req_id, int(pos[first]), tok.astype(np.int64), rows[first : first + count])
 
 
-def _wrap_runner(cls, layer: int, path: str, max_rows: int) -> None:
+def _wrap_runner(cls, layer: int, path: str, max_bytes: int) -> None:
     """Patch ``cls`` (a model runner class): capture starts once its model is loaded; every forward records."""
     if "_atu_capture_patched" in cls.__dict__:
         return
@@ -320,7 +321,7 @@ def _wrap_runner(cls, layer: int, path: str, max_rows: int) -> None:
     def load_model(self, *args, **kwargs):
         load(self, *args, **kwargs)
         if getattr(self, "_atu_capture", None) is None:
-            self._atu_capture = _EngineCapture(self, layer, path, max_rows)
+            self._atu_capture = _EngineCapture(self, layer, path, max_bytes)
 
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
         cap = getattr(self, "_atu_capture", None)

@@ -260,3 +260,16 @@ def test_plugin_register_is_inert_without_its_settings(monkeypatch):
     capture.register()  # vLLM calls it in every process: without the settings it must not touch vLLM
     runner = sys.modules.get("vllm.v1.worker.gpu_model_runner")
     assert runner is None or "_atu_capture_patched" not in runner.GPUModelRunner.__dict__
+
+
+def test_capture_settings_from_the_environment(monkeypatch):
+    from atu.envs import capture_settings
+
+    monkeypatch.delenv("ATU_CAPTURE_MAX_MIB", raising=False)
+    monkeypatch.setenv("ATU_CAPTURE_LAYER", "2")
+    monkeypatch.delenv("ATU_CAPTURE_SOCKET", raising=False)
+    assert capture_settings() is None  # a layer without a socket: off
+    monkeypatch.setenv("ATU_CAPTURE_SOCKET", "/tmp/x.sock")
+    assert capture_settings() == (2, "/tmp/x.sock", 256 * 2**20)
+    monkeypatch.setenv("ATU_CAPTURE_MAX_MIB", "0.5")
+    assert capture_settings()[2] == 2**19
