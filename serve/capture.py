@@ -271,12 +271,11 @@ class _EngineCapture:
 
         def hook(_module, _args, output):
             if self.active:
-                if isinstance(output, tuple):
-                    hidden, residual = output[0], output[1] if len(output) > 1 else None
-                    self.states = hidden if residual is None else hidden + residual  # before the next layer's
-                else:  # fused add-norm overwrites them in place
-                    self.states = output
-                self.states = self.states.detach().float().cpu()
+                hidden, residual = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) \
+                    else (output, None)  # fmt: skip
+                # A new tensor now: the next layer's fused add-norm overwrites its inputs in place.
+                states = hidden + residual if residual is not None else hidden.clone()
+                self.states = states.detach().float().cpu()
 
         layers[layer - 1].register_forward_hook(hook)
         self.server = serve_store(self.store, path)

@@ -47,6 +47,7 @@ def test_serve_prints_endpoints_and_stops_on_ctrl_c(tiny_vllm, tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert f"guard: http://127.0.0.1:{port}/v1" in out and "api key=on" in out and "stopped." in out
+    assert "backend=hf" in out  # auto: a vLLM started elsewhere, no capture socket given
     assert "k-from-env" not in out
 
 
@@ -102,3 +103,14 @@ def test_serve_refuses_a_taken_port_before_starting_anything(tiny_run):
         result = CliRunner().invoke(main, ["serve", str(tiny_run[0] / "export"), "--port", str(port)])
     assert result.exit_code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.output and "pass another --port" in result.output
+
+
+def test_serve_capture_on_an_upstream_needs_its_socket(tiny_run):
+    from click.testing import CliRunner
+
+    from atu.cli import main
+
+    args = ["serve", str(tiny_run[0] / "export"), "--upstream", "http://127.0.0.1:9", "--backend", "capture"]
+    result = CliRunner().invoke(main, [*args, "--port", str(free_port())])
+    assert result.exit_code == 1
+    assert "--backend capture with --upstream needs --capture-socket" in result.output
