@@ -273,3 +273,35 @@ def test_capture_settings_from_the_environment(monkeypatch):
     assert capture_settings() == (2, "/tmp/x.sock", 256 * 2**20)
     monkeypatch.setenv("ATU_CAPTURE_MAX_MIB", "0.5")
     assert capture_settings()[2] == 2**19
+
+
+@pytest.mark.slow
+def test_block_policy_streams_with_capture_and_releases_every_exchange(tiny_vllm, tiny_capture_socket, tiny_world):
+    """Block holds a stream back and scores it every few chunks (states read, not released) and at the end."""
+    from serve.launch import close_guard, guard_in_thread, make_guard
+    from serve.settings import GuardSettings
+
+    base, export = tiny_vllm
+    settings = GuardSettings(upstream_url=base, port=0, policy="block", stream_score_every=2)
+    guard = make_guard(export, settings, backend="capture", capture_socket=tiny_capture_socket)
+    name = tiny_world.concepts().names()[1]
+    try:
+        with guard_in_thread(guard) as url:
+            body = {"model": TINY_MODEL_NAME, "prompt": f"Where was {name} born?", "max_tokens": 12,
+                    "temperature": 0, "stream": True}  # fmt: skip
+            status, _, text = http(url + "/v1/completions", body)
+            events = [e for e in sse_events(text) if isinstance(e, dict)]
+            (note,) = [e for e in events if "leakage" in e]
+            streamed = "".join(ch.get("text") or "" for e in events for ch in e.get("choices") or [])
+            _, _, plain = http(base + "/v1/completions", {**body, "stream": False})
+            assert status == 200 and note["leakage"]["action"] == "passed"
+            assert streamed == plain["choices"][0]["text"]  # nothing lost or added by the holding back
+            status, _, two = http(url + "/v1/completions", {**body, "stream": False, "n": 2, "temperature": 1.0})
+            assert status == 200 and len(two["leakage"]["choices"]) == 2
+        backend = guard.scorer.backend
+        assert backend.fell_back == 0 and backend.captured >= 3  # several partial scores, the final one, n=2
+        client = CaptureClient(tiny_capture_socket)
+        client.fetch([], release=False)
+        assert client.stored == 0
+    finally:
+        close_guard(guard)
