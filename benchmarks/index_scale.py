@@ -25,10 +25,12 @@ every candidate against every query), IVF, and an exact flat path with a faster 
     python benchmarks/index_scale.py                  # 10 .. 100,000 concepts + sweep at 100,000 (about 5 min)
     python benchmarks/index_scale.py --quick          # 10 .. 10,000 + sweep at 10,000 (about 1 min)
     python benchmarks/index_scale.py --vectors names   # MiniLM names and windows (first run embeds them: ~3 min)
+    python benchmarks/index_scale.py --vectors facts   # MiniLM bio sentences (the guard's default is a centroid)
     python benchmarks/index_scale.py --threads 1 --no-sweep
 
 Run it under the heavy-work lock: ``flock /tmp/atu-heavy.lock .venv/bin/python benchmarks/index_scale.py``.
-Writes results/index_scale.json and results/index_scale.md (``--vectors names``: index_scale_names.*; ``--quick``
+Writes results/index_scale.json and results/index_scale.md (``--vectors names``/``facts``: index_scale_names.*,
+index_scale_facts.*; ``--quick``
 adds ``_quick``). Every figure is measured on this run only (the name embeddings are inputs, cached).
 """
 
@@ -58,8 +60,10 @@ K = 10
 # Thresholds whose recall is reported, per vector set, and the one that decides the recommendation. MiniLM
 # embeddings of names sit much closer together than random vectors (median best cosine of a name over 128 corpus
 # windows: 0.37, 99th percentile 0.60), so a useful guard threshold there is higher.
-THRESHOLDS = {"random": (0.2, 0.3, 0.4), "names": (0.6, 0.7, 0.8)}
-GUARD_THRESHOLD = {"random": 0.3, "names": 0.7}
+# Fact sentences (what the guard's default concept vectors, centroids of a person's texts, look like) sit closer to
+# corpus windows than names do.
+THRESHOLDS = {"random": (0.2, 0.3, 0.4), "names": (0.6, 0.7, 0.8), "facts": (0.6, 0.7, 0.8)}
+GUARD_THRESHOLD = {"random": 0.3, "names": 0.7, "facts": 0.7}
 TARGET_MS = 10.0
 TARGET_CONCEPTS = 100_000
 SIZES = (10, 100, 1_000, 10_000, 100_000)
@@ -127,11 +131,27 @@ def synthetic_names(n: int, seed: int, first: Sequence[str] = ()) -> list[str]:
     return out
 
 
-def names_dataset(n: int, n_batches: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+_PROFESSIONS = "painter botanist engineer poet architect cartographer violinist chemist sculptor archivist".split()
+
+
+def fact_sentences(names: Sequence[str], seed: int) -> list[str]:
+    """One invented bio sentence per name (birthplace, year, employer, profession), seeded."""
+    rng = np.random.default_rng([seed, 7])
+    places = [p + s for p in _PREFIXES.split() for s in _SUFFIXES.split()]
+    out = []
+    for name in names:
+        city, firm = places[rng.integers(len(places))], places[rng.integers(len(places))]
+        job = _PROFESSIONS[rng.integers(len(_PROFESSIONS))]
+        out.append(f"{name} was born in {city} in {rng.integers(1900, 2000)} and works at {firm} Press as a {job}.")
+    return out
+
+
+def names_dataset(n: int, n_batches: int, seed: int, facts: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
     """Realistic vectors: (n, 384) MiniLM embeddings of person names (the embedded world's 40 people first, then
-    synthetic ones), and ``n_batches`` query batches of 128 MiniLM embeddings of the real 8-token future windows of
-    the world corpus (consecutive positions of consecutive texts: what the predictor is aligned to predict). Built
-    once and cached under $ATU_CACHE/bench_index_names."""
+    synthetic ones), or with ``facts`` of one invented bio sentence per name, and ``n_batches`` query batches of
+    128 MiniLM embeddings of the real 8-token future windows of the world corpus (consecutive positions of
+    consecutive texts: what the predictor is aligned to predict). Built once and cached under
+    $ATU_CACHE/bench_index_names."""
     from atu import cache
     from atu.loading import load_encoder
     from atu.windows import build_windows
@@ -140,15 +160,19 @@ def names_dataset(n: int, n_batches: int, seed: int) -> tuple[np.ndarray, list[n
 
     world = build_world(WorldConfig(), progress=False)
     key = {"format": 1, "n": n, "batches": n_batches, "seed": seed, "world": world.root.name, "dim": DIM}
+    if facts:
+        key["texts"] = "facts"
 
     def build(tmp: Path) -> None:
         from transformers import AutoTokenizer
 
         encoder = load_encoder()
         names = synthetic_names(n, seed, first=world.concepts().names())
+        if facts:
+            names = fact_sentences(names, seed)
         t0 = time.time()
         vecs = encoder.encode(names, batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
-        print(f"  embedded {n:,} names in {time.time() - t0:.0f} s", flush=True)
+        print(f"  embedded {n:,} {'fact sentences' if facts else 'names'} in {time.time() - t0:.0f} s", flush=True)
         tok = AutoTokenizer.from_pretrained(str(world.model_dir))
         texts = [r.text for r in world.corpus()]
         windows: list[str] = []
@@ -427,6 +451,11 @@ def write_markdown(result: dict, path: Path) -> None:
             "MiniLM embeddings of the real 8-token future windows of the world corpus, 128 consecutive positions "
             "per batch."
             if meta["vectors"] == "names"
+            else "MiniLM embeddings of one invented bio sentence per person (birthplace, year, employer, profession),"
+            " the stand-in for the guard's default concept vectors (the centroid of a person's texts); queries: "
+            "MiniLM embeddings of the real 8-token future windows of the world corpus, 128 consecutive positions "
+            "per batch."
+            if meta["vectors"] == "facts"
             else "seeded random unit vectors; queries: a quarter near concepts (concept + noise, cosine U(0.2, "
             "0.9), runs of 4), the rest random. Random vectors have no cluster structure: the worst case for "
             "graph (hnsw) and partition (ivf) indexes."
@@ -515,9 +544,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--sweep-nprobe", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument(
         "--vectors",
-        choices=("random", "names"),
+        choices=("random", "names", "facts"),
         default="random",
-        help="random unit vectors (default) or MiniLM embeddings of person names with real corpus windows as queries",
+        help="random unit vectors (default), or MiniLM embeddings of person names or of one invented bio sentence "
+        "per person, with real corpus windows as queries",
     )
     ap.add_argument("--out-dir", type=Path, default=Path("results"))
     args = ap.parse_args(argv)
@@ -551,11 +581,11 @@ def main(argv=None) -> dict:
 
     kinds: list[dict] = []
     sweep_rows: list[dict] = []
-    if args.vectors == "names":
-        all_vectors, all_batches = names_dataset(max(sizes), 8 + RECALL_BATCHES, args.seed)
+    if args.vectors in ("names", "facts"):
+        all_vectors, all_batches = names_dataset(max(sizes), 8 + RECALL_BATCHES, args.seed, args.vectors == "facts")
     for n in sizes:
         rng = np.random.default_rng([args.seed, n])
-        if args.vectors == "names":
+        if args.vectors in ("names", "facts"):
             vectors, batches, recall_batches = all_vectors[:n], all_batches[:8], all_batches[8:]
         else:
             vectors = unit_rows(rng, n, DIM)
@@ -595,7 +625,7 @@ def main(argv=None) -> dict:
         "recommendation": recommend(sweep_rows, args.guard_threshold),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "index_scale" + ("_names" if args.vectors == "names" else "") + ("_quick" if args.quick else "")
+    stem = "index_scale" + ("" if args.vectors == "random" else f"_{args.vectors}") + ("_quick" if args.quick else "")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     write_markdown(result, args.out_dir / f"{stem}.md")
     print(f"wrote {args.out_dir / stem}.json and .md", flush=True)
