@@ -334,16 +334,14 @@ async def _generate(request: web.Request, req: ParsedRequest, guard: Guard) -> w
             body=body_bytes, status=status, content_type="application/json", headers={"X-Request-Id": request_id}
         )
     body = json.loads(body_bytes)
-    captures = None
-    if capture_key is not None:
-        ids, _ = pol.take_token_ids(body, keep=bool(req.body.get("return_token_ids")))
     choices = body.get("choices", [])
     prompts = [req.prompts[min(c.get("index", i) // req.n, len(req.prompts) - 1)] for i, c in enumerate(choices)]
     texts = [pol.choice_text(c, req.chat) for c in choices]
-    if capture_key is not None:
-        captures = [
-            Capture(capture_key, True, *ids.get(int(c.get("index", i)), (None, None))) for i, c in enumerate(choices)
-        ]
+    captures = None
+    if capture_key is not None:  # score the tokens vLLM used; the client gets them only if it asked
+        ids, _ = pol.take_token_ids(body, keep=bool(req.body.get("return_token_ids")))
+        found = [ids.get(int(c.get("index", i)), (None, None)) for i, c in enumerate(choices)]
+        captures = [Capture(capture_key, True, p_ids, c_ids) for p_ids, c_ids in found]
     endpoint = request.path
     start = time.perf_counter()
     try:
