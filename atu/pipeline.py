@@ -65,8 +65,14 @@ class RunConfig:
     # forget-text windows: its facts, so an answer that no longer states them scores lower), "name",
     # "description", or None for the unlearning's own target (unlearn.target). The unlearning never sees it.
     guard_target: str | None = "centroid"
+    # What the schedule's retain budget (unlearn.retain_budget) is measured on: "heldout" (data.validation: texts in
+    # phrasings the model never saw) or "retain_corpus" (the training texts of the same half of the retained
+    # concepts: what the model knows about people it must keep). Never the evaluation probes.
+    stop_signal: str = "heldout"
 
     def __post_init__(self) -> None:
+        if self.stop_signal not in ("heldout", "retain_corpus"):
+            raise ConfigError(f"stop_signal must be 'heldout' or 'retain_corpus', got {self.stop_signal!r}")
         if self.guard_target not in GUARD_TARGETS:
             raise ConfigError(f"guard_target must be one of {GUARD_TARGETS}, got {self.guard_target!r}")
         if self.guard_fpr is not None and (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,10 +29,11 @@ class RunData:
     corpus: list[formats.CorpusRecord]
     concepts: formats.ConceptSet  # the full concept set
     forget: list[str]
-    validation: list[str]  # held-out texts of half the retained concepts: the stopping signal
+    validation: list[str]  # held-out texts of half the retained concepts: the stopping signal (stop_signal heldout)
     evaluation: list[str]  # held-out texts of the other half: perplexity in the evaluation
     probes: list[formats.Probe]
     unseen: list[str]  # texts about concepts the model never saw (membership inference)
+    retain_known: list[str] = field(default_factory=list)  # training texts of that same half (retain_corpus)
 
 
 def _resolve_world(cfg: RunConfig, progress: bool) -> tuple[str, dict[str, str]]:
@@ -83,7 +84,8 @@ def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
     probes = formats.read_probes(path("probes")) if path("probes") else []
     unseen_path = path("unseen")
     unseen = [r.text for r in formats.read_corpus(unseen_path)] if unseen_path and Path(unseen_path).is_file() else []
-    return RunData(corpus, concepts, list(forget), validation, evaluation, probes, unseen)
+    known = [r.text for r in corpus if r.concept in val_names]
+    return RunData(corpus, concepts, list(forget), validation, evaluation, probes, unseen, known)
 
 
 def _device(name: str) -> str:
@@ -114,7 +116,8 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
         forget_texts=[r.text for r in forget_records],
         forget_concepts=[[row[r.concept]] for r in forget_records],
         align_texts=[r.text for r in data.corpus],
-        validation_texts=data.validation,
+        validation_texts=data.retain_known if cfg.stop_signal == "retain_corpus" else data.validation,
+        validation_name="retained-people corpus" if cfg.stop_signal == "retain_corpus" else "held-out retain",
         retain_texts=[r.text for r in data.corpus if r.concept not in forget_set],
     )
     retain_sample = inputs.retain_texts[:256]

@@ -49,8 +49,9 @@ class ScheduleInputs:
     forget_texts: list[str]  # texts about them
     forget_concepts: list[list[int]]  # for each forget text, the rows of ``concepts`` it is about
     align_texts: list[str]  # texts the predictor is aligned on (forget and retain)
-    validation_texts: list[str]  # held-out retain texts: the stopping signal
+    validation_texts: list[str]  # retain texts whose perplexity is the stopping signal
     retain_texts: list[str] = field(default_factory=list)  # retain texts for logging and the optional retain loss
+    validation_name: str = "held-out retain"  # what validation_texts are, for the stop reason
 
 
 @dataclass
@@ -250,7 +251,7 @@ def run_schedule(
                         p.copy_(snapshot[n])
                 kept = f"kept the model after tau={unlearn_cfg.taus[stage - 1]}" if stage else "nothing unlearned"
                 stop_reason = (
-                    f"stopped at tau={tau}: held-out retain perplexity rose {rise:.1%} "
+                    f"stopped at tau={tau}: {inputs.validation_name} perplexity rose {rise:.1%} "
                     f"(budget {unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
                 )
                 break

@@ -32,6 +32,7 @@ def test_world_config_loads():
         ({"model": "world", "unlearn": {"taus": [0.5, 0.9]}}, "must not rise"),
         ({"model": "world", "device": "tpu"}, "device must be auto, cpu or cuda"),
         ({"model": "world", "guard_target": "contrast"}, "guard_target must be one of"),
+        ({"model": "world", "stop_signal": "probes"}, "stop_signal must be 'heldout' or 'retain_corpus'"),
     ],
 )
 def test_bad_configs(raw, message):

@@ -74,6 +74,20 @@ def test_export_concept_vectors_embed_the_forget_texts_facts(tiny_run, encoder):
     assert float((want.cpu() * name.cpu()).sum()) < 0.99  # a different vector from the name's
 
 
+def test_stop_signal_texts_are_the_same_retained_half(tiny_run):
+    """retain_corpus stops on the training texts of exactly the retained people whose held-out texts heldout uses;
+    neither holds a forgotten person's text."""
+    from atu.run import _resolve_world, load_run_data
+
+    _, cfg, _ = tiny_run
+    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    by_text = {r.text: r.concept for r in data.corpus}
+    known_people = {by_text[t] for t in data.retain_known}
+    assert data.retain_known and not known_people & set(data.forget)
+    retained = sorted({r.concept for r in data.corpus if r.concept and r.concept not in data.forget})
+    assert known_people == set(retained[::2])
+
+
 def test_killed_run_resumes_after_last_stage(tiny_run):
     out, cfg, summary = tiny_run
     state = json.loads((out / "checkpoint" / "state.json").read_text())
