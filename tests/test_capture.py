@@ -229,10 +229,13 @@ def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_soc
                                    "return_token_ids": True})  # fmt: skip
             assert status == 200 and chat["choices"][0]["token_ids"]  # asked for: kept
             assert compared >= 4
+            status, _, scored = http(url + "/v1/leakage", {"text": f"{names[0]} was born in a city."})
+            assert status == 200 and scored  # no generation behind it: scored by the fallback backend
             _, _, metrics = http(url + "/metrics")
             assert 'atu_guard_capture_sequences_total{result="captured"} 5.0' in metrics
+            assert 'atu_guard_capture_sequences_total{result="fallback"} 1.0' in metrics
         backend = guard.scorer.backend
-        assert backend.captured == 5 and backend.fell_back == 0  # 2 plain, 2 streamed, 1 chat: all recorded
+        assert backend.captured == 5 and backend.fell_back == 1  # 2 plain, 2 streamed, 1 chat; then /v1/leakage
         client = CaptureClient(tiny_capture_socket)
         client.fetch([], release=False)
         assert client.stored == 0  # every exchange's states were released once scored
