@@ -257,24 +257,23 @@ class _EngineCapture:
     """Installed on one model runner: the forward hook, the store and the socket server."""
 
     def __init__(self, runner, layer: int, path: str, max_bytes: int) -> None:
-        import torch
-
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
         layers = decoder_layer_list(model)
         if not 1 <= layer <= len(layers):
             raise RuntimeError(f"capture layer {layer} is outside 1..{len(layers)} (the model's decoder layers)")
         dim = int(runner.model_config.get_hidden_size())
         self.store = CaptureStore(dim, max(1, max_bytes // (4 * dim)), layer)  # float32 rows
-        self.active = False
-        self.states = None  # (num_tokens, H) of the current forward, set by the hook
-        self._torch = torch
+        self.rows = None  # token indices (in this step's batch) of the marked requests; None: record nothing
+        self.states = None  # (len(rows), H) of the current forward, set by the hook
 
         def hook(_module, _args, output):
-            if self.active:
+            if self.rows is not None:
                 hidden, residual = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) \
                     else (output, None)  # fmt: skip
-                # A new tensor now: the next layer's fused add-norm overwrites its inputs in place.
-                states = hidden + residual if residual is not None else hidden.clone()
+                # Only the marked requests' rows, gathered (a copy) before the next layer's fused add-norm
+                # overwrites its inputs in place.
+                idx = self.rows.to(hidden.device)
+                states = hidden[idx] + residual[idx] if residual is not None else hidden[idx]
                 self.states = states.detach().float().cpu()
 
         layers[layer - 1].register_forward_hook(hook)
@@ -296,19 +295,26 @@ class _EngineCapture:
                 out.append((str(key), req_id, int(qsl[i]), int(qsl[i + 1] - qsl[i])))
         return out
 
+    def select(self, marked) -> None:
+        """Ask the hook for the rows of the ``marked`` requests (``layout``) in the coming forward."""
+        import torch
+
+        self.rows = torch.from_numpy(np.concatenate([np.arange(first, first + n) for _, _, first, n in marked]))
+
     def save(self, marked, input_ids, positions) -> None:
         states = self.states
-        self.states = None
+        self.rows = self.states = None
         if states is None:
             return
         ids = input_ids.detach().cpu().numpy() if input_ids is not None else None
         pos = positions.detach().cpu().numpy()
         if pos.ndim > 1:  # M-RoPE positions (3, T): the first row is the text position
             pos = pos[0]
-        rows = states.numpy()
+        rows, at = states.numpy(), 0  # the marked requests' rows, one after another in ``marked`` order
         for key, req_id, first, count in marked:
             tok = ids[first : first + count] if ids is not None else np.full(count, -1, np.int64)
-            self.store.record(key, req_id, int(pos[first]), tok.astype(np.int64), rows[first : first + count])
+            self.store.record(key, req_id, int(pos[first]), tok.astype(np.int64), rows[at : at + count])
+            at += count
 
 
 def _wrap_runner(cls, layer: int, path: str, max_bytes: int) -> None:
@@ -327,11 +333,12 @@ def _wrap_runner(cls, layer: int, path: str, max_bytes: int) -> None:
         marked = cap.layout(self) if cap is not None and positions is not None else []
         if not marked:
             return forward(self, input_ids, positions, *args, **kwargs)
-        cap.active = True
+        cap.select(marked)
         try:
             out = forward(self, input_ids, positions, *args, **kwargs)
-        finally:
-            cap.active = False
+        except BaseException:
+            cap.rows = cap.states = None
+            raise
         try:
             cap.save(marked, input_ids if input_ids is not None else self.input_ids.cpu, positions)
         except Exception:  # never let the guard's bookkeeping fail a generation step

@@ -191,6 +191,46 @@ def test_plugin_records_the_hook_layer_states_that_transformers_computes(tiny_vl
 
 
 @pytest.mark.slow
+def test_plugin_records_marked_requests_sharing_steps_with_unmarked_ones(tiny_vllm, tiny_capture_socket, tiny_world):
+    """Requests in flight together share each forward; only the marked ones' rows are kept, each in its place."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from atu.export import load_export
+    from atu.hidden import hidden_at
+    from atu.loading import load_lm
+
+    base, export = tiny_vllm
+    names = tiny_world.concepts().names()
+
+    def ask(i):
+        body = {"model": TINY_MODEL_NAME, "prompt": f"Where was {names[i % len(names)]} born? " * (1 + i % 3),
+                "max_tokens": 10, "temperature": 0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        if i % 2:
+            body["vllm_xargs"] = {XARG: f"mixed{i}"}
+        return i, http(base + "/v1/completions", body)[2]["choices"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = dict(pool.map(ask, range(8)))
+    client = CaptureClient(tiny_capture_socket)
+    got = client.fetch([f"mixed{i}" for i in range(8)])
+    assert all(got[f"mixed{i}"] == [] for i in range(0, 8, 2))  # unmarked: nothing kept
+    model, _ = load_lm(export / "model", device="cpu", dtype="float32")
+    layer = load_export(export).guard.hook_layer
+    for i in range(1, 8, 2):
+        (rec,) = got[f"mixed{i}"]
+        fed = answers[i]["prompt_token_ids"] + answers[i]["token_ids"][:-1]
+        assert rec.ids.tolist() == fed
+        ids = torch.tensor([fed])
+        with torch.inference_mode():
+            want = hidden_at(model, ids, torch.ones_like(ids), layer)[0].numpy()
+        np.testing.assert_allclose(rec.rows, want, atol=1e-4, rtol=1e-4)
+    client.fetch([], release=False)
+    assert client.stored == 0
+
+
+@pytest.mark.slow
 def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_socket, hf_scorer, tiny_world):
     from serve.launch import close_guard, guard_in_thread, make_guard
     from serve.scoring import Capture
