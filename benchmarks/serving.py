@@ -131,10 +131,9 @@ def main() -> None:
     if not (args.export / "manifest.json").is_file():
         raise SystemExit(f"{args.export} is not an export; run `make demo` first or pass --export")
 
-    from atu.export import load_export
     from atu.vllm_check import free_port, vllm_server
     from serve.demo import atu_serve
-    from serve.launch import CAPTURE_VLLM_ARGS, capture_env
+    from serve.launch import capture_vllm
 
     model_dir = args.export / "model"
     res = {
@@ -152,8 +151,8 @@ def main() -> None:
     vllm_args, env = ["--served-model-name", MODEL_NAME], {}
     guard_args = ["--model-name", MODEL_NAME, "--audit", str(audit), "--backend", args.backend]
     if args.backend == "capture":
-        vllm_args += CAPTURE_VLLM_ARGS
-        env = capture_env(load_export(args.export).guard.hook_layer, sock)
+        capture_args, env = capture_vllm(args.export, sock)
+        vllm_args += capture_args
         guard_args += ["--capture-socket", sock]
     t0 = time.time()
     with vllm_server(model_dir, extra_args=vllm_args, env=env) as bare:

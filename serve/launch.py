@@ -79,17 +79,14 @@ def make_guard(
     capture_socket: str | None = None,
 ) -> Guard:
     """Load the export's scorer, tokenizer and (when configured) audit log into a Guard."""
-    from transformers import AutoTokenizer
-
     from serve.audit import AuditLog
     from serve.scoring import Scorer
 
     scorer = Scorer.from_export(
         export_dir, backend=backend, device=device, pooling_url=pooling_url, capture_socket=capture_socket
     )
-    tokenizer = AutoTokenizer.from_pretrained(Path(export_dir) / "model")
     audit = AuditLog(settings.audit_path, store_text=settings.audit_store_text) if settings.audit_path else None
-    return Guard(settings, scorer, tokenizer, audit=audit)
+    return Guard(settings, scorer, scorer.tokenizer, audit=audit)  # the export's tokenizer, loaded once
 
 
 def close_guard(guard: Guard) -> None:
@@ -140,22 +137,21 @@ def guard_in_thread(guard: Guard) -> Iterator[str]:
         loop.close()
 
 
-def capture_env(layer: int, socket_path: str) -> dict[str, str]:
-    """Environment that turns the capture plugin on in a vLLM server (see ``serve.capture``)."""
+def capture_vllm(export_dir: Path, socket_path: str) -> tuple[list[str], dict[str, str]]:
+    """(extra vLLM arguments, environment) that start a vLLM server on ``export_dir`` with the capture plugin on
+    (see ``serve.capture``), recording the export's hook layer and answering on ``socket_path``."""
     from atu import envs
+    from atu.export import load_export
 
-    return {envs.ATU_CAPTURE_LAYER: str(layer), envs.ATU_CAPTURE_SOCKET: socket_path}
-
-
-# A prompt token served from vLLM's prefix cache is never computed, so the plugin would have no row for it.
-CAPTURE_VLLM_ARGS = ("--no-enable-prefix-caching",)
+    env = {envs.ATU_CAPTURE_LAYER: str(load_export(export_dir).guard.hook_layer), envs.ATU_CAPTURE_SOCKET: socket_path}
+    # A prompt token served from vLLM's prefix cache is never computed, so the plugin would have no row for it.
+    return ["--no-enable-prefix-caching"], env
 
 
 @contextlib.contextmanager
 def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
     """Start (or reuse) vLLM, with the capture plugin on for the capture backend, and, for the vLLM backend, the
     pooling server."""
-    from atu.export import load_export
     from atu.vllm_check import vllm_server
 
     export_dir = Path(opts.export_dir)
@@ -167,8 +163,8 @@ def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
             args, env = ["--served-model-name", model_name], {}
             if backend == "capture":
                 up.capture_socket = str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "capture.sock")
-                env = capture_env(load_export(export_dir).guard.hook_layer, up.capture_socket)
-                args += CAPTURE_VLLM_ARGS
+                capture_args, env = capture_vllm(export_dir, up.capture_socket)
+                args += capture_args
             up.url = stack.enter_context(
                 vllm_server(export_dir / "model", port=opts.vllm_port, extra_args=args, env=env)
             )

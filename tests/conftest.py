@@ -84,15 +84,14 @@ def tiny_vllm(tiny_run, tmp_path_factory):
     """(base URL, export dir) of a real vLLM server on the tiny export, started once for the session. It answers to
     the model name "tiny" and to the model directory's path. The capture plugin is on, as `atu serve` starts it
     (socket: the ``tiny_capture_socket`` fixture); requests not marked for it are served as by a plain vLLM."""
-    from atu.export import load_export
     from atu.vllm_check import vllm_server
-    from serve.launch import CAPTURE_VLLM_ARGS, capture_env
+    from serve.launch import capture_vllm
 
     export = tiny_run[0] / "export"
     sock = str(tmp_path_factory.mktemp("capture") / "capture.sock")
     _CAPTURE_SOCKETS[str(export)] = sock
-    args = ["--served-model-name", "tiny", str(export / "model"), *CAPTURE_VLLM_ARGS]  # serve_helpers.TINY_MODEL_NAME
-    env = capture_env(load_export(export).guard.hook_layer, sock)
+    capture_args, env = capture_vllm(export, sock)
+    args = ["--served-model-name", "tiny", str(export / "model"), *capture_args]  # serve_helpers.TINY_MODEL_NAME
     with vllm_server(export / "model", extra_args=args, env=env) as base:
         yield base, export
 
