@@ -22,3 +22,8 @@ def dataclass_from_dict(cls, data: dict[str, Any], where: str):
     """``cls(**data)``, with an error naming ``where`` and the allowed keys when a key is unknown."""
     check_keys(cls, data, where)
     return cls(**data)
+
+
+def is_open_fraction(value: Any) -> bool:
+    """Whether ``value`` is a number strictly between 0 and 1 (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < 1

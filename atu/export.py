@@ -34,6 +34,7 @@ import transformers
 from safetensors import SafetensorError
 
 from atu import __version__
+from atu.configs import is_open_fraction
 from atu.errors import AtuError, ConfigError, FormatError
 from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
@@ -87,11 +88,7 @@ class GuardConfig:
                 f"GuardConfig.input_normalisation must be one of {INPUT_NORMALISATIONS}, "
                 f"got {self.input_normalisation!r}."
             )
-        if self.threshold_fpr is not None and (
-            isinstance(self.threshold_fpr, bool)
-            or not isinstance(self.threshold_fpr, (int, float))
-            or not 0 < self.threshold_fpr < 1
-        ):
+        if self.threshold_fpr is not None and not is_open_fraction(self.threshold_fpr):
             raise ConfigError(f"GuardConfig.threshold_fpr must be in (0, 1) or None, got {self.threshold_fpr!r}.")
         if self.concept_target not in CONCEPT_TARGETS:
             raise ConfigError(

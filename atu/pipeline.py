@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from atu.align import AlignConfig
-from atu.configs import check_keys
+from atu.configs import check_keys, is_open_fraction
 from atu.errors import ConfigError
 from atu.loading import DEFAULT_ENCODER
 from atu.unlearn import UnlearnConfig
@@ -75,11 +75,7 @@ class RunConfig:
             raise ConfigError(f"stop_signal must be 'heldout' or 'retain_corpus', got {self.stop_signal!r}")
         if self.guard_target not in GUARD_TARGETS:
             raise ConfigError(f"guard_target must be one of {GUARD_TARGETS}, got {self.guard_target!r}")
-        if self.guard_fpr is not None and (
-            isinstance(self.guard_fpr, bool)
-            or not isinstance(self.guard_fpr, (int, float))
-            or not 0 < self.guard_fpr < 1
-        ):
+        if self.guard_fpr is not None and not is_open_fraction(self.guard_fpr):
             raise ConfigError(f"guard_fpr must be a number in (0, 1) or null, got {self.guard_fpr!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")

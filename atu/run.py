@@ -167,8 +167,7 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
     summary["guard_target"] = guard_target
     thresholds = cfg.unlearn.final_thresholds(concepts).numpy()
     if cfg.guard_fpr is not None and data.validation:
-        vectors = guard_vectors
-        held = text_concept_scores(final, result.predictor, tokenizer, data.validation, vectors, layer)
+        held = text_concept_scores(final, result.predictor, tokenizer, data.validation, guard_vectors, layer)
         thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
         logger.info(
             "guard thresholds at %.0f%% false positives on held-out texts: %s", 100 * cfg.guard_fpr, thresholds

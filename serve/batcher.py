@@ -56,9 +56,9 @@ class ScoreBatcher:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def score(self, prompt: str, completion: str, capture: tuple[str, bool] | None = None) -> Any:
+    async def score(self, prompt: str, completion: str, capture: Any = None) -> Any:
         """The scorer's report for one (prompt, completion); raises what the scorer raised for its batch.
-        ``capture``: ``(key, release)`` when the capture plugin recorded this exchange under ``key``."""
+        ``capture`` (a ``serve.scoring.Capture`` or None) is handed to ``score_batch`` with its pair."""
         if self._queue is None:
             raise RuntimeError("ScoreBatcher.start() was not awaited.")
         fut = asyncio.get_running_loop().create_future()

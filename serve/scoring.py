@@ -180,7 +180,7 @@ class _Part:
     base: int  # index in the part's tokens of its first token in the scored sequence
     first_row: int  # sequence index of that token
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # predictor rows scoring the part
-    ids: list[int] | None = None  # the part's own tokens, when they came from vLLM
+    ids: list[int] = field(default_factory=list)  # the part's own tokens (decoded for spans when offsets is None)
 
 
 @dataclass
@@ -354,8 +354,8 @@ class Scorer:
             n_prefix = len(prefix)
             drop_p, drop_c = truncation(n_prefix, len(p_ids) - p_start, len(c_ids), self.max_tokens)
             p_keep, c_keep = p_ids[p_start + drop_p :], c_ids[drop_c:]
-            prompt = _Part(p_text, p_off, p_start + drop_p, n_prefix, ids=None if p_off is not None else p_ids)
-            completion = _Part(c_text, c_off, drop_c, n_prefix + len(p_keep), ids=None if c_off is not None else c_ids)
+            prompt = _Part(p_text, p_off, p_start + drop_p, n_prefix, ids=p_ids)
+            completion = _Part(c_text, c_off, drop_c, n_prefix + len(p_keep), ids=c_ids)
             prompt.rows, completion.rows = part_rows(n_prefix, len(p_keep), len(c_keep))
             items.append(_Item(prefix + p_keep + c_keep, prompt, completion, bool(drop_p or drop_c)))
         return items
