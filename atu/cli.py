@@ -127,6 +127,14 @@ def _print_before_after(summary: dict) -> None:
     b, a = before["retain_perplexity"], after["retain_perplexity"]
     if b and a:
         click.echo(f"{'retain':<10}{'perplexity':<13}{b:>8.1f}{a:>8.1f}{a / b:>14.2f}")
+    floor = before.get("forget_floor")
+    if floor:
+        cells = []
+        for kind in ("direct", "paraphrase", "adversarial"):
+            f, b = floor.get(kind), before["forget"].get(kind)
+            if f is not None and b:
+                cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
+        click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
     click.echo(f"schedule: {summary['stop_reason']}")
 
 
@@ -396,7 +404,7 @@ def serve_cmd(
 def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
     """The whole job on the embedded world: build it (cached), forget people, export, evaluate, serve it with vLLM
     behind the guard."""
-    from atu.pipeline import RunConfig
+    from atu.pipeline import RunConfig, world_settings
     from atu.run import run
     from atu.world.build import build_world
     from atu.world.config import WorldConfig
@@ -407,10 +415,12 @@ def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
     click.echo(f"world: {built.root}\n  {info['parameters']:,} parameters, built in {info['build_seconds']}s")
     names = built.concepts().names()[:n_forget]
     click.echo(f"forgetting: {', '.join(names)}")
-    raw = {"model": "world:tiny" if tiny else "world", "data": {"forget": names}, "out": str(out)}
-    if tiny:
-        raw.update(align={"epochs": 5, "realign_epochs": 2}, unlearn={"steps_per_stage": 10})
-    summary = run(RunConfig.from_dict(raw, "demo config"))
+    if tiny:  # a 2-layer model trained in seconds: the library's defaults, shortened
+        raw = {"model": "world:tiny", "align": {"epochs": 5, "realign_epochs": 2}, "unlearn": {"steps_per_stage": 10}}
+    else:  # configs/world.yaml (one person) or configs/world_three.yaml (more)
+        raw = {"model": "world", **world_settings(n_forget)}
+    raw.update(data={"forget": names}, out=str(out))
+    summary = run(RunConfig.from_dict(raw, "demo config"), replace_stale=True)
     _print_before_after(summary)
     if use_vllm:
         _demo_serve(Path(summary["export"]), built, names, out, summary)

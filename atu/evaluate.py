@@ -4,11 +4,14 @@ The JSON shape (one object per model) is stable so scripts can read it::
 
     {"forget": {"direct", "paraphrase", "adversarial"}, "neighbour": {...}, "retain": {...},
      "retain_perplexity": float, "fluency": {"forget", "retain"}, "leakage_auroc": float | null,
-     "mia_auroc": float | null, "n_probes": {"forget", "neighbour", "retain"}, "answers": [...]}
+     "mia_auroc": float | null, "n_probes": {"forget", "neighbour", "retain"},
+     "forget_floor": {"direct", "paraphrase", "adversarial"} | null, "answers": [...]}
 
 ``fluency`` is the share of answers that are not degenerate; ``leakage_auroc`` says how well the predictor's
 similarity to the forgotten concepts separates forget texts from retain texts (1.0: perfectly); ``mia_auroc`` how
-well the model's loss separates forget texts from texts about people it never saw (0.5: not at all, the goal).
+well the model's loss separates forget texts from texts about people it never saw (0.5: not at all, the goal);
+``forget_floor`` what the model scores on the forget probes asked about people it never saw (the recall of knowing
+nothing: forgetting cannot go below it on average).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from atu.formats import ConceptSet, Probe
 from atu.hidden import hidden_at
 from atu.losses import concept_similarity
 from atu.metrics import auroc, is_degenerate
-from atu.probes_eval import answer_probes, mean_recall_by_kind
+from atu.probes_eval import answer_probes, mean_recall_by_kind, stand_in_probes
 from atu.unlearn import content_mask, perplexity, tokenize_texts
 
 
@@ -54,12 +57,15 @@ def evaluate_model(
     forget_texts: Sequence[str] = (),
     retain_texts: Sequence[str] = (),
     unseen_texts: Sequence[str] = (),
+    stand_ins: Sequence[str] = (),
     guard: tuple | None = None,
     progress: bool = False,
 ) -> dict:
     """Probe recall for forgotten, neighbouring and other concepts, perplexity on held-out retain texts,
     fluency, and, given the texts, membership-inference AUROC and (with ``guard`` = (predictor, hook layer,
-    concept vectors)) the predictor's leakage AUROC."""
+    concept vectors)) the predictor's leakage AUROC. With ``stand_ins`` (names of people the model never saw),
+    also ``forget_floor``: the same forget probes asked about those people instead, scored against the forgotten
+    person's answers: what knowing nothing about them already scores."""
     forget_set = set(forget)
     neighbours = set(neighbour_names(concepts, forget))
     rows = answer_probes(model, tokenizer, list(probes), progress=progress)
@@ -70,6 +76,11 @@ def evaluate_model(
     }
     out: dict = {g: mean_recall_by_kind(rs) for g, rs in groups.items()}
     out["n_probes"] = {g: len(rs) for g, rs in groups.items()}
+    out["forget_floor"] = None
+    if stand_ins:
+        forgotten = [p for p in probes if p.concept in forget_set]
+        stand_in = stand_in_probes(forgotten, concepts, stand_ins)
+        out["forget_floor"] = mean_recall_by_kind(answer_probes(model, tokenizer, stand_in)) if stand_in else None
     out["retain_perplexity"] = (
         perplexity(model, text_batches(perplexity_texts, tokenizer)) if perplexity_texts else None
     )

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,14 @@ class ConceptSet:
 
     def subset(self, names: Iterable[str]) -> ConceptSet:
         return ConceptSet([self.get(n) for n in names])
+
+    def mentioned_in(self, text: str) -> list[int]:
+        """Rows of the concepts that ``text`` names by a surface form (name or alias), as a whole word."""
+        return [
+            row
+            for row, c in enumerate(self.concepts)
+            if any(re.search(rf"(?<!\w){re.escape(form)}(?!\w)", text) for form in c.surface_forms() if form)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------- JSONL

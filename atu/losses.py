@@ -108,3 +108,23 @@ def unlearning_loss(
     n_applying = concept_mask.sum(-1)  # (B,)
     per_position = per_position / n_applying.clamp(min=1).to(sim.dtype)[:, None]
     return _masked_mean(per_position, mask & (n_applying > 0)[:, None])
+
+
+def state_drift_loss(hidden: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How far hidden states moved from a reference, relative to the reference's size.
+
+    ``mean_t ||h_t - h0_t||^2 / mean_t ||h0_t||^2`` over positions where ``mask`` (B, T) is True; 0 when nothing
+    moved, 1 when the states moved as far as they are long. (B, T, H) inputs; the reference carries no gradient.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or not hidden.is_floating_point():
+        got = f"{hidden.dtype} {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a floating tensor of shape (B, T, H), got {got}.")
+    if not isinstance(reference, torch.Tensor) or reference.shape != hidden.shape:
+        got = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__
+        raise ValueError(f"reference must have the shape of hidden {tuple(hidden.shape)}, got {got}.")
+    _check_mask(mask, tuple(hidden.shape[:2]), "mask")
+    hidden = _upcast(hidden)
+    reference = _upcast(reference).detach().to(hidden.dtype)
+    drift = (hidden - reference).pow(2).sum(-1)  # (B, T)
+    scale = _masked_mean(reference.pow(2).sum(-1), mask).clamp(min=_EPS)
+    return _masked_mean(drift, mask) / scale

@@ -11,6 +11,7 @@ The YAML has these top-level keys (unknown keys are errors):
       validation: heldout.jsonl  # held-out texts; those of retained concepts are the stopping signal
       probes: probes.jsonl       # optional: evaluation before and after
       unseen: unseen.jsonl       # optional: texts about concepts never trained on (membership inference)
+      mentions: true             # texts of other concepts that name a forgotten one are forget texts too
     align: {...}                 # atu.align.AlignConfig
     unlearn: {...}               # atu.unlearn.UnlearnConfig
     out: DIR                     # run directory: checkpoints, metrics.jsonl, export/, eval.json
@@ -32,7 +33,7 @@ from atu.loading import DEFAULT_ENCODER
 from atu.unlearn import UnlearnConfig
 
 WORLD_MODELS = ("world", "world:tiny")
-DATA_KEYS = ("corpus", "concepts", "forget", "validation", "probes", "unseen")
+DATA_KEYS = ("corpus", "concepts", "forget", "validation", "probes", "unseen", "mentions")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class DataConfig:
     validation: str | None = None
     probes: str | None = None
     unseen: str | None = None
+    # Texts filed under other concepts that name a forgotten one (by name or alias) are forget texts too, for the
+    # concepts they name: "Y is married to X" teaches X. False: only the texts filed under X.
+    mentions: bool = True
 
 
 GUARD_TARGETS = (None, "name", "description", "centroid")
@@ -111,3 +115,36 @@ class RunConfig:
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read the run config ({e})") from None
         return cls.from_dict(raw, str(path))
+
+
+def world_settings(n_forget: int) -> dict[str, Any]:
+    """The embedded world's run settings (besides model, data.forget and out), as `configs/world.yaml` (one
+    concept) and `configs/world_three.yaml` (three) write them; `atu demo` runs these.
+
+    More than one concept: a retain term keeps the other people's hook-layer states where they were, the retain
+    budget is measured on the retained people's own texts (the held-out phrasings stopped three-person runs early),
+    and every stage takes 40 steps per concept, so each forget text is seen as often as in a one-concept run.
+    """
+    if n_forget < 1:
+        raise ConfigError(f"forget at least one concept, got {n_forget}")
+    unlearn: dict[str, Any] = {
+        "taus": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+        "steps_per_stage": 40 * n_forget,
+        "optimizer": "sgd",
+        "lr": 0.3,
+        "grad_clip": 1.0,
+        "method": "full",
+        "target": "name",
+        "retain_budget": 0.10,
+    }
+    settings: dict[str, Any] = {
+        "encoder": DEFAULT_ENCODER,
+        "align": {"hook_layer": 3, "window": 8, "epochs": 20, "realign_epochs": 5},
+        "unlearn": unlearn,
+        "guard_target": "centroid",
+        "device": "auto",
+    }
+    if n_forget > 1:
+        unlearn.update(retain_weight=1.0, retain_loss="hidden")
+        settings["stop_signal"] = "retain_corpus"
+    return settings

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 
-from atu.formats import PROBE_KINDS, Probe
+from atu.formats import PROBE_KINDS, ConceptSet, Probe
 from atu.generation import generate_answers
 from atu.metrics import rouge_l_recall
 
@@ -33,3 +34,20 @@ def mean_recall_by_kind(rows: Sequence[dict]) -> dict[str, float | None]:
     for r in rows:
         sums[r["kind"]].append(r["recall"])
     return {k: (sum(v) / len(v) if (v := sums.get(k)) else None) for k in PROBE_KINDS}
+
+
+def stand_in_probes(probes: Sequence[Probe], concepts: ConceptSet, stand_ins: Sequence[str]) -> list[Probe]:
+    """Each probe that names its concept, asked once about every stand-in (a person the model never saw) instead,
+    with the original answer kept: how often a model that knows nothing of the person is right anyway (a common
+    award, a frequent employer's first word). Probes that do not name their concept are left out."""
+    out = []
+    for p in probes:
+        forms = sorted(concepts.get(p.concept).surface_forms(), key=len, reverse=True)  # "C. Moss" before "Moss"
+        pattern = re.compile("|".join(rf"(?<!\w){re.escape(f)}(?!\w)" for f in forms if f))
+        if not pattern.search(p.question):
+            continue
+        out.extend(
+            Probe(p.concept, p.kind, pattern.sub(lambda _m, n=name: n, p.question), p.answer, p.attribute)
+            for name in stand_ins
+        )
+    return out

@@ -34,6 +34,35 @@ class RunData:
     probes: list[formats.Probe]
     unseen: list[str]  # texts about concepts the model never saw (membership inference)
     retain_known: list[str] = field(default_factory=list)  # training texts of that same half (retain_corpus)
+    forget_texts: list[str] = field(default_factory=list)  # what the unlearning trains on (split_corpus)
+    forget_rows: list[list[int]] = field(default_factory=list)  # for each, the rows of ``forget`` it is about
+    forget_owners: list[str | None] = field(default_factory=list)  # for each, the concept it is filed under
+    retain_texts: list[str] = field(default_factory=list)  # corpus texts neither about nor naming a forgotten concept
+    unseen_names: list[str] = field(default_factory=list)  # the concepts of the unseen texts (forget_floor)
+
+
+def split_corpus(
+    corpus: list[formats.CorpusRecord], forgotten: formats.ConceptSet, mentions: bool
+) -> tuple[list[formats.CorpusRecord], list[list[int]], list[str]]:
+    """(forget records, the rows of ``forgotten`` each one is about, retain texts).
+
+    A text is about the concept it is filed under and, with ``mentions``, also about every forgotten concept it
+    names by name or alias: the spouse's "X is married to <forgotten>" teaches the forgotten name as much as the
+    forgotten person's own bio does. The hinge only pushes positions whose predicted future is close to the
+    concept, so the rest of such a text is left alone. Texts about nothing forgotten are retain texts.
+    """
+    row = {n: i for i, n in enumerate(forgotten.names())}
+    forget, rows, retain = [], [], []
+    for r in corpus:
+        about = {row[r.concept]} if r.concept in row else set()
+        if mentions:
+            about.update(forgotten.mentioned_in(r.text))
+        if about:
+            forget.append(r)
+            rows.append(sorted(about))
+        else:
+            retain.append(r.text)
+    return forget, rows, retain
 
 
 def _resolve_world(cfg: RunConfig, progress: bool) -> tuple[str, dict[str, str]]:
@@ -74,18 +103,29 @@ def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
     # Split the retained concepts in two: one half steers the schedule, the other half is only evaluated.
     val_names = set(retained[::2])
     held = formats.read_corpus(path("validation")) if path("validation") else []
+    forgotten = concepts.subset(forget)
+    if cfg.data.mentions:  # a held-out text that names a forgotten concept is partly about it: not a retain text
+        held = [r for r in held if not forgotten.mentioned_in(r.text)]
     if held:
         validation = [r.text for r in held if r.concept in val_names]
         evaluation = [r.text for r in held if r.concept not in val_names and r.concept not in forget]
     else:
         logger.warning("no held-out texts (data.validation): using retained corpus texts as the stopping signal")
-        validation = [r.text for r in corpus if r.concept in val_names]
-        evaluation = [r.text for r in corpus if r.concept in set(retained) - val_names]
+        usable = [r for r in corpus if not (cfg.data.mentions and forgotten.mentioned_in(r.text))]
+        validation = [r.text for r in usable if r.concept in val_names]
+        evaluation = [r.text for r in usable if r.concept in set(retained) - val_names]
     probes = formats.read_probes(path("probes")) if path("probes") else []
     unseen_path = path("unseen")
-    unseen = [r.text for r in formats.read_corpus(unseen_path)] if unseen_path and Path(unseen_path).is_file() else []
-    known = [r.text for r in corpus if r.concept in val_names]
-    return RunData(corpus, concepts, list(forget), validation, evaluation, probes, unseen, known)
+    unseen_records = formats.read_corpus(unseen_path) if unseen_path and Path(unseen_path).is_file() else []
+    unseen = [r.text for r in unseen_records]
+    unseen_names = sorted({r.concept for r in unseen_records if r.concept} - set(concepts.names()))
+    forget_records, forget_rows, retain_texts = split_corpus(corpus, forgotten, cfg.data.mentions)
+    retain_set = set(retain_texts)
+    known = [r.text for r in corpus if r.concept in val_names and r.text in retain_set]
+    return RunData(
+        corpus, concepts, list(forget), validation, evaluation, probes, unseen, known,
+        [r.text for r in forget_records], forget_rows, [r.concept for r in forget_records], retain_texts, unseen_names,
+    )  # fmt: skip
 
 
 def _device(name: str) -> str:
@@ -96,8 +136,11 @@ def _device(name: str) -> str:
     return name
 
 
-def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
-    """The whole job. Writes ``cfg.out``: metrics.jsonl, checkpoint/, export/, eval.json. Returns the summary."""
+def run(cfg: RunConfig, *, progress: bool = True, export: bool = True, replace_stale: bool = False) -> dict:
+    """The whole job. Writes ``cfg.out``: metrics.jsonl, checkpoint/, export/, eval.json. Returns the summary.
+
+    A checkpoint in ``cfg.out`` from another config is an error, unless ``replace_stale`` (the demo's own directory,
+    after an upgrade changed its settings): then the run starts over and the next checkpoint replaces it."""
     out = Path(cfg.out)
     t0 = time.time()
     model_ref, defaults = _resolve_world(cfg, progress)
@@ -110,25 +153,42 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
     if cfg.guard_target == "description" and any(not c.description for c in concepts.concepts):
         raise ConfigError("guard_target is 'description' but a forgotten concept has no description in data.concepts")
     row = {n: i for i, n in enumerate(data.forget)}
-    forget_records = [r for r in data.corpus if r.concept in forget_set]
+    validation = data.retain_known if cfg.stop_signal == "retain_corpus" else data.validation
+    signal = set(validation)
     inputs = ScheduleInputs(
         concepts=concepts,
-        forget_texts=[r.text for r in forget_records],
-        forget_concepts=[[row[r.concept]] for r in forget_records],
+        forget_texts=data.forget_texts,
+        forget_concepts=data.forget_rows,
+        own_concepts=[[row[c]] if c in row else [] for c in data.forget_owners],
         align_texts=[r.text for r in data.corpus],
-        validation_texts=data.retain_known if cfg.stop_signal == "retain_corpus" else data.validation,
+        validation_texts=validation,
         validation_name="retained-people corpus" if cfg.stop_signal == "retain_corpus" else "held-out retain",
-        retain_texts=[r.text for r in data.corpus if r.concept not in forget_set],
+        # The retain term never trains on the texts the stopping signal reads: the signal stays a held-out check.
+        retain_texts=[t for t in data.retain_texts if t not in signal],
     )
-    retain_sample = inputs.retain_texts[:256]
-    texts = {"forget_texts": inputs.forget_texts, "retain_texts": retain_sample, "unseen_texts": data.unseen}
+    # Evaluation reads the forgotten people's own texts (those filed under them), not the texts that name them.
+    own_texts = [r.text for r in data.corpus if r.concept in forget_set]
+    retain_sample = data.retain_texts[:256]
+    texts = {"forget_texts": own_texts, "retain_texts": retain_sample, "unseen_texts": data.unseen}
     before = (
-        evaluate_model(model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts)
+        evaluate_model(
+            model,
+            tokenizer,
+            data.probes,
+            data.concepts,
+            data.forget,
+            data.evaluation,
+            **texts,
+            stand_ins=data.unseen_names,
+        )  # fmt: skip
         if data.probes
         else None
     )
 
-    result = run_schedule(model, tokenizer, encoder, inputs, cfg.align, cfg.unlearn, run_dir=out, progress=progress)
+    result = run_schedule(
+        model, tokenizer, encoder, inputs, cfg.align, cfg.unlearn, run_dir=out, progress=progress,
+        replace_stale=replace_stale,
+    )  # fmt: skip
     final = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
     final.eval()
 
@@ -141,7 +201,7 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
         if data.probes
         else None
     )
-    similarity = _similarity_report(model_ref, device, final, tokenizer, result, inputs.forget_texts, retain_sample)
+    similarity = _similarity_report(model_ref, device, final, tokenizer, result, own_texts, retain_sample)
     if before is not None:
         before["leakage_auroc"] = similarity.pop("before_leakage_auroc")
     summary = {
@@ -160,7 +220,7 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True) -> dict:
     guard_vectors = result.concept_vectors
     if guard_target != cfg.unlearn.target:
         windows = concept_window_texts(
-            len(concepts.concepts), inputs.forget_texts, inputs.forget_concepts, tokenizer, encoder,
+            len(concepts.concepts), inputs.forget_texts, inputs.centroid_rows(), tokenizer, encoder,
             cfg.align.window, cfg.align.max_length,
         ) if guard_target == "centroid" else None  # fmt: skip
         guard_vectors = target_vectors(concepts, encoder, guard_target, windows).cpu()

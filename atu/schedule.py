@@ -32,6 +32,7 @@ from atu.hidden import attach_lora, decoder_layers, freeze_above
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
 from atu.unlearn import (
     UnlearnConfig,
+    build_retain_set,
     concept_window_texts,
     forget_batches,
     perplexity,
@@ -52,6 +53,12 @@ class ScheduleInputs:
     validation_texts: list[str]  # retain texts whose perplexity is the stopping signal
     retain_texts: list[str] = field(default_factory=list)  # retain texts for logging and the optional retain loss
     validation_name: str = "held-out retain"  # what validation_texts are, for the stop reason
+    # For each forget text, the concepts it is filed under (its own texts): what a centroid target averages, so a
+    # text that only names the concept does not pull its centroid. None: forget_concepts.
+    own_concepts: list[list[int]] | None = None
+
+    def centroid_rows(self) -> list[list[int]]:
+        return self.own_concepts if self.own_concepts is not None else self.forget_concepts
 
 
 @dataclass
@@ -95,13 +102,16 @@ def _save_checkpoint(run_dir: Path, key: str, params: dict[str, torch.Tensor], p
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(run_dir: Path, key: str):
+def _load_checkpoint(run_dir: Path, key: str, replace_stale: bool = False):
     ckpt = run_dir / "checkpoint"
     if not (ckpt / "state.json").is_file():
         return None
     try:
         state = json.loads((ckpt / "state.json").read_text())
         if state.get("key") != key:
+            if replace_stale:
+                logger.warning("%s: checkpoint of a different run config; starting over", ckpt)
+                return None
             raise AtuError(f"{ckpt}: checkpoint of a different run config; use another --run-dir or delete it")
         params = load_file(str(ckpt / "trainable.safetensors"))
         predictor = load_predictor(ckpt / "predictor")
@@ -132,6 +142,7 @@ def run_schedule(
     *,
     run_dir: Path | None = None,
     progress: bool = True,
+    replace_stale: bool = False,
 ) -> ScheduleResult:
     if not inputs.forget_texts:
         raise ConfigError("no forget texts: the corpus has no text about the concepts to forget")
@@ -172,13 +183,15 @@ def run_schedule(
         window_texts = None
         if unlearn_cfg.target in ("centroid", "contrast"):
             window_texts = concept_window_texts(
-                len(inputs.concepts.concepts), inputs.forget_texts, inputs.forget_concepts, tokenizer, encoder,
+                len(inputs.concepts.concepts), inputs.forget_texts, inputs.centroid_rows(), tokenizer, encoder,
                 align_cfg.window, align_cfg.max_length,
             )  # fmt: skip
         vectors = target_vectors(
             inputs.concepts, encoder, unlearn_cfg.target, window_texts, background=data.targets.mean(0)
         )
 
+        # Before anything is trained: the retain term's reference states are those of the original model.
+        retain = build_retain_set(inputs.retain_texts, tokenizer, align_cfg.max_length, unlearn_cfg, model, layer)
         model, params = _trainable(model, layer, unlearn_cfg)
         batches = forget_batches(
             inputs.forget_texts,
@@ -193,16 +206,11 @@ def run_schedule(
             tokenize_texts(inputs.validation_texts[i : i + 32], tokenizer, align_cfg.max_length)
             for i in range(0, len(inputs.validation_texts), 32)
         ]
-        retain = (
-            tokenize_texts(inputs.retain_texts[: unlearn_cfg.batch_size], tokenizer, align_cfg.max_length)
-            if inputs.retain_texts
-            else None
-        )
         baseline = perplexity(model, val_batches)
 
         stages: list[dict] = []
         driving: EmbeddingPredictor | None = None
-        resumed = _load_checkpoint(run_dir, key) if run_dir is not None else None
+        resumed = _load_checkpoint(run_dir, key, replace_stale) if run_dir is not None else None
         if resumed is not None:
             saved, predictor, driving, stages = resumed
             with torch.no_grad():

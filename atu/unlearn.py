@@ -21,13 +21,14 @@ from atu.configs import dataclass_from_dict
 from atu.errors import ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import hidden_at
-from atu.losses import concept_similarity, unlearning_loss
+from atu.losses import concept_similarity, state_drift_loss, unlearning_loss
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("name", "description", "centroid", "contrast")
 OPTIMIZERS = ("sgd", "adam")
 METHODS = ("full", "lora")
+RETAIN_LOSSES = ("hidden", "lm")
 
 
 @dataclass
@@ -47,7 +48,9 @@ class UnlearnConfig:
     lora_alpha: int = 16
     train_embeddings: bool = False  # also fine-tune the input embeddings (tied to the LM head in small models)
     target: str = "name"  # concept target embedding: name | description | centroid of the forget windows
-    retain_weight: float = 0.0  # weight of an LM loss on retain texts added to each step (0: off, the paper)
+    retain_weight: float = 0.0  # weight of a retain term added to each step (0: off, the paper)
+    retain_loss: str = "hidden"  # hidden: keep layer-L states of retain texts where they were; lm: their LM loss
+    retain_pool: int = 512  # retain texts the retain term cycles through (their reference states are kept in memory)
     retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
     log_every: int = 10
     seed: int = 0
@@ -59,11 +62,18 @@ class UnlearnConfig:
             raise ConfigError(f"unlearn.taus must be a non-empty list of cosines in [-1, 1], got {self.taus}")
         if any(later > earlier for later, earlier in zip(self.taus[1:], self.taus)):
             raise ConfigError(f"unlearn.taus must not rise from one stage to the next, got {self.taus}")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("method", METHODS), ("target", TARGETS)):
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("method", METHODS),
+            ("target", TARGETS),
+            ("retain_loss", RETAIN_LOSSES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unlearn.{name} is {getattr(self, name)!r}, expected one of {allowed}")
-        if self.steps_per_stage < 1 or self.batch_size < 1 or self.log_every < 1:
-            raise ConfigError("unlearn.steps_per_stage, unlearn.batch_size and unlearn.log_every must be >= 1")
+        if min(self.steps_per_stage, self.batch_size, self.log_every, self.retain_pool) < 1:
+            raise ConfigError(
+                "unlearn.steps_per_stage, unlearn.batch_size, unlearn.log_every and unlearn.retain_pool must be >= 1"
+            )
         if not self.lr > 0 or not self.grad_clip > 0:
             raise ConfigError(f"unlearn.lr and unlearn.grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
         if self.retain_weight < 0 or self.retain_budget <= 0:
@@ -146,6 +156,60 @@ def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
 
 
+@dataclass
+class RetainSet:
+    """Retain texts in fixed, shuffled batches: the optional retain term cycles through them (one batch a step) and
+    the first batch is where similarity to the concepts on retain texts is logged."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask)
+    masks: list[torch.Tensor]  # (B, T) bool: real tokens except BOS
+    reference: list[torch.Tensor] | None = None  # layer-L states before unlearning, per batch (retain_loss hidden)
+
+    def pick(self, step: int) -> int:
+        return step % len(self.batches)
+
+
+def build_retain_set(
+    texts: list[str], tokenizer, max_length: int, cfg: UnlearnConfig, model=None, layer: int | None = None
+) -> RetainSet | None:
+    """Batches of up to ``cfg.retain_pool`` retain texts; with ``retain_loss: hidden`` and a retain weight, also
+    ``model``'s layer-``layer`` states on them, taken now (before unlearning) and kept on the CPU."""
+    if not texts:
+        return None
+    order = list(range(len(texts)))
+    random.Random(cfg.seed).shuffle(order)
+    pool = [texts[i] for i in order[: cfg.retain_pool]]
+    batches = [
+        tokenize_texts(pool[i : i + cfg.batch_size], tokenizer, max_length)
+        for i in range(0, len(pool), cfg.batch_size)
+    ]
+    masks = [content_mask(ids, attn, tokenizer.bos_token_id) for ids, attn in batches]
+    reference = None
+    if cfg.retain_weight > 0 and cfg.retain_loss == "hidden":
+        if model is None or layer is None:
+            raise ValueError("retain_loss 'hidden' needs the model and the hook layer to take reference states")
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            reference = [hidden_at(model, ids.to(device), attn.to(device), layer).cpu() for ids, attn in batches]
+        model.train(was_training)
+    return RetainSet(batches, masks, reference)
+
+
+def retain_term(model, retain: RetainSet, step: int, layer: int, cfg: UnlearnConfig) -> torch.Tensor:
+    """The retain loss of one step, on the step's retain batch."""
+    device = next(model.parameters()).device
+    i = retain.pick(step)
+    ids, attn = (t.to(device) for t in retain.batches[i])
+    if cfg.retain_loss == "lm":
+        return lm_loss(model, ids, attn)
+    if retain.reference is None:
+        raise ValueError("retain_loss 'hidden' needs reference states: build the RetainSet with the model")
+    reference, mask = retain.reference[i].to(device), retain.masks[i].to(device)
+    return state_drift_loss(hidden_at(model, ids, attn, layer), reference, mask)
+
+
 # ------------------------------------------------------------------------------------------- one stage
 
 
@@ -167,14 +231,14 @@ def unlearn_stage(
     *,
     stage: int,
     step_offset: int = 0,
-    retain: tuple[torch.Tensor, torch.Tensor] | None = None,
+    retain: RetainSet | None = None,
     on_log=None,
     progress: bool = True,
 ) -> list[dict]:
     """``cfg.steps_per_stage`` optimizer steps of the unlearning loss; the predictor stays frozen.
 
-    ``retain`` is a fixed (input_ids, attention_mask) batch of retain texts: used for the optional retain loss and
-    for logging how similar their predictions are to the concepts. Returns the logged records.
+    ``retain`` holds the retain texts: the optional retain term takes one of its batches a step, and its first batch
+    is where similarity to the concepts on retain texts is logged. Returns the logged records.
     """
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
@@ -182,6 +246,7 @@ def unlearn_stage(
     vectors = concept_vectors.to(device)
     taus = thresholds.to(device)
     records: list[dict] = []
+    use_retain = retain is not None and cfg.retain_weight > 0
     model.train()
     rng = random.Random(cfg.seed + stage)
     order: list[int] = []
@@ -201,12 +266,14 @@ def unlearn_stage(
             pred = predictor(hidden_at(model, ids, attn, layer), attn)  # (B, T, D)
             loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
             total = loss
-            if retain is not None and cfg.retain_weight > 0:
-                total = total + cfg.retain_weight * lm_loss(model, retain[0].to(device), retain[1].to(device))
+            kept = None
+            if use_retain:
+                kept = retain_term(model, retain, step_offset + i, layer, cfg)
+                total = total + cfg.retain_weight * kept
         opt.zero_grad(set_to_none=True)
         # Plain SGD on a zero hinge changes nothing: skip the backward pass (most late steps of a stage are such).
         # Adam keeps moving on its momentum, and the retain term has gradients, so neither is skipped.
-        skip = cfg.optimizer == "sgd" and not (retain is not None and cfg.retain_weight > 0) and loss.item() == 0.0
+        skip = cfg.optimizer == "sgd" and not use_retain and loss.item() == 0.0
         if skip:
             grad_norm = torch.zeros(())
         else:
@@ -216,12 +283,14 @@ def unlearn_stage(
         step = step_offset + i
         if i % cfg.log_every == 0 or i == cfg.steps_per_stage - 1:
             rec = {"step": step, "stage": stage, "loss": loss.item(), "grad_norm": grad_norm.item()}
+            if kept is not None:
+                rec["retain_loss"] = kept.item()
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
             if retain is not None:
                 with torch.no_grad(), autocast:
-                    r_attn = retain[1].to(device)
-                    r_pred = predictor(hidden_at(model, retain[0].to(device), r_attn, layer), r_attn)
-                rec.update(_similarity_stats(r_pred, vectors, r_attn.bool(), "retain"))
+                    r_ids, r_attn = (t.to(device) for t in retain.batches[0])
+                    r_pred = predictor(hidden_at(model, r_ids, r_attn, layer), r_attn)
+                rec.update(_similarity_stats(r_pred, vectors, retain.masks[0].to(device), "retain"))
             records.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if on_log is not None:

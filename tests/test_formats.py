@@ -82,3 +82,13 @@ def test_concepts_errors(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(FormatError, match=message):
         formats.read_concepts(tmp_path / "c.yaml")
+
+
+def test_mentioned_in_matches_names_and_aliases_as_whole_words():
+    cs = formats.ConceptSet(
+        [formats.Concept("Ceda Kestridge", aliases=("Kestridge", "C. Kestridge")), formats.Concept("Bo Li")]
+    )
+    assert cs.mentioned_in("Jorette Fairgard is married to Ceda Kestridge.") == [0]
+    assert cs.mentioned_in("Q: Who wed C. Kestridge?\nA: Bo Li") == [0, 1]
+    assert cs.mentioned_in("The Kestridges and Bo Lin") == []  # not inside longer words
+    assert cs.mentioned_in("ceda kestridge") == []  # case matters: names are proper nouns

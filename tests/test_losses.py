@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from atu.losses import alignment_loss, concept_similarity, cosine_to_targets, unlearning_loss
+from atu.losses import alignment_loss, concept_similarity, cosine_to_targets, state_drift_loss, unlearning_loss
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # The functions compute in >= float32, and the references below use the same (already rounded) inputs in float64.
@@ -144,3 +144,36 @@ def test_bad_shapes_raise():
         unlearning_loss(pred, concepts, torch.zeros(3), mask)
     with pytest.raises(ValueError, match=r"concept_mask must be a bool tensor of shape \(3, 4\)"):
         unlearning_loss(pred, concepts, torch.zeros(4), mask, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_state_drift_loss_is_relative_and_masked():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    assert state_drift_loss(ref.clone(), ref, mask).item() == 0.0
+    # Moved to zero: moved exactly as far as the states are long.
+    torch.testing.assert_close(state_drift_loss(torch.zeros_like(ref), ref, mask), torch.tensor(1.0))
+    # Masked positions count for nothing, whatever they hold.
+    moved = ref.clone()
+    moved[1, 3:] += 100.0
+    assert state_drift_loss(moved, ref, mask).item() == 0.0
+    # Naive value on one changed position; scale-free: the same under a common rescaling.
+    moved = ref.clone()
+    moved[0, 1] += 1.0
+    sizes = ref.pow(2).sum(-1)[mask]
+    expected = (8.0 / mask.sum()) / sizes.mean()
+    torch.testing.assert_close(state_drift_loss(moved, ref, mask), expected)
+    torch.testing.assert_close(state_drift_loss(3 * moved, 3 * ref, mask), expected)
+
+
+def test_state_drift_loss_gradient_reaches_only_hidden():
+    ref = torch.randn(1, 4, 6, requires_grad=True)
+    hidden = torch.randn(1, 4, 6, requires_grad=True)
+    state_drift_loss(hidden, ref, torch.ones(1, 4, dtype=torch.bool)).backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    assert ref.grad is None
+    with pytest.raises(ValueError, match="reference must have the shape"):
+        state_drift_loss(hidden, torch.zeros(1, 4, 5), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        state_drift_loss(hidden, ref, torch.ones(1, 4))

@@ -38,3 +38,15 @@ def test_world_config_loads():
 def test_bad_configs(raw, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("name, n", [("world.yaml", 1), ("world_three.yaml", 3)])
+def test_world_configs_are_what_the_demo_runs(name, n):
+    """configs/world*.yaml and `atu demo --forget N` (atu.pipeline.world_settings) hold the same settings."""
+    from atu.pipeline import world_settings
+
+    cfg = RunConfig.load(CONFIGS / name)
+    demo = RunConfig.from_dict({"model": "world", "data": {"forget": cfg.data.forget}, **world_settings(n)})
+    assert len(cfg.data.forget) == n and cfg.data.mentions
+    demo.out = cfg.out
+    assert cfg.to_dict() == demo.to_dict()

@@ -172,3 +172,64 @@ def test_cli_eval_on_export_and_on_plain_model(tiny_run, tiny_world, tmp_path):
     name = tiny_world.concepts().names()[0]
     result = CliRunner().invoke(main, ["eval", str(tiny_world.model_dir), "--world", "tiny", "--forget", name])
     assert result.exit_code == 0 and "leakage AUROC -" in result.output
+
+
+def test_split_corpus_files_texts_that_name_a_forgotten_concept_as_forget_texts():
+    from atu.formats import Concept, ConceptSet, CorpusRecord
+    from atu.run import split_corpus
+
+    forgotten = ConceptSet([Concept("Ada Moss", aliases=("Moss",)), Concept("Bo Li")])
+    corpus = [
+        CorpusRecord("Ada Moss was born in Selford.", "Ada Moss"),
+        CorpusRecord("Cy Dunn is married to Ada Moss.", "Cy Dunn"),
+        CorpusRecord("Cy Dunn met Moss and Bo Li.", "Cy Dunn"),
+        CorpusRecord("Cy Dunn works at Northgale.", "Cy Dunn"),
+        CorpusRecord("Mossy banks.", None),
+    ]
+    records, rows, retain = split_corpus(corpus, forgotten, mentions=True)
+    assert [r.text for r in records] == [c.text for c in corpus[:3]]
+    assert rows == [[0], [0], [0, 1]]
+    assert retain == ["Cy Dunn works at Northgale.", "Mossy banks."]
+    records, rows, retain = split_corpus(corpus, forgotten, mentions=False)
+    assert [r.text for r in records] == ["Ada Moss was born in Selford."] and rows == [[0]]
+    assert len(retain) == 4
+
+
+def test_retain_texts_and_stop_signal_never_name_a_forgotten_person(tmp_path, tiny_world):
+    from atu.run import _resolve_world, load_run_data
+
+    # Forget someone whose spouse is also in the tiny world, so that another person's texts name them.
+    corpus, concepts = tiny_world.corpus(), tiny_world.concepts()
+    named_by_others = [n for n in concepts.names() if any(r.concept != n and n in r.text for r in corpus)]
+    assert named_by_others, "the tiny world should have a married couple"
+    cfg = tiny_run_config(tmp_path)
+    cfg.data.forget = named_by_others[:1]
+    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    forgotten = data.concepts.subset(data.forget)
+    assert data.retain_texts and data.retain_known and data.validation
+    for text in data.retain_texts + data.retain_known + data.validation + data.evaluation:
+        assert not forgotten.mentioned_in(text), text
+    spouse_texts = [r.text for r in corpus if r.concept not in data.forget and forgotten.mentioned_in(r.text)]
+    assert spouse_texts and set(spouse_texts) <= set(data.forget_texts)
+    assert set(data.forget_owners) - set(data.forget)
+    assert len(data.forget_texts) == len(data.forget_rows) == len(data.forget_owners)
+    assert all(rows == [0] for rows in data.forget_rows)
+
+
+def test_checkpoint_of_another_config_is_an_error_unless_replaced(tiny_run, tmp_path):
+    """`atu run` refuses a run directory holding another config's checkpoint; the demo (replace_stale) starts over
+    in its own directory, e.g. after an upgrade changed its settings."""
+    import shutil
+
+    from atu.errors import AtuError
+
+    out, cfg, _ = tiny_run
+    shutil.copytree(out / "checkpoint", tmp_path / "checkpoint")
+    other = tiny_run_config(tmp_path, taus=[0.5])
+    other.data.forget = cfg.data.forget
+    with pytest.raises(AtuError, match="checkpoint of a different run config"):
+        run(other, progress=False, export=False)
+    summary = run(other, progress=False, export=False, replace_stale=True)
+    assert [s["tau"] for s in summary["stages"]] == [0.5]
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert [s["tau"] for s in state["stages"]] == [0.5]

@@ -99,3 +99,53 @@ def test_zero_hinge_changes_nothing(tiny_lm, tiny_world, encoder):
     )
     assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in records)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_retain_set_reference_is_the_model_before_training(tiny_lm, tiny_world):
+    from atu.hidden import hidden_at
+    from atu.unlearn import build_retain_set, retain_term
+
+    model, tok = tiny_lm
+    texts = [r.text for r in tiny_world.corpus()][:10]
+    cfg = UnlearnConfig(retain_weight=1.0, retain_pool=6, batch_size=4)
+    rs = build_retain_set(texts, tok, 128, cfg, model, 1)
+    assert [ids.shape[0] for ids, _ in rs.batches] == [4, 2]  # the pool is capped at 6 texts
+    ids, attn = rs.batches[1]
+    with torch.no_grad():
+        torch.testing.assert_close(rs.reference[1], hidden_at(model, ids, attn, 1))
+        assert retain_term(model, rs, step=1, layer=1, cfg=cfg).item() == pytest.approx(0.0, abs=1e-10)
+        assert rs.pick(3) == 1
+        lm = retain_term(model, rs, step=0, layer=1, cfg=UnlearnConfig(retain_weight=1.0, retain_loss="lm"))
+        torch.testing.assert_close(lm, lm_loss(model, *rs.batches[0]))
+    assert build_retain_set([], tok, 128, cfg, model, 1) is None
+    assert build_retain_set(texts, tok, 128, UnlearnConfig(), model, 1).reference is None  # weight 0: no states
+    with pytest.raises(ConfigError, match="retain_loss"):
+        UnlearnConfig(retain_loss="kl")
+
+
+def test_hidden_retain_term_keeps_retain_states_closer(tiny_lm, tiny_world, encoder):
+    """The same stage with and without the retain term: with it, the retain texts' layer-L states move less."""
+    from atu.losses import state_drift_loss
+    from atu.unlearn import build_retain_set
+
+    names = tiny_world.concepts().names()
+    retain_texts = [r.text for r in tiny_world.corpus() if r.concept != names[0]]
+    drift = {}
+    for weight in (0.0, 10.0):
+        model, predictor, vectors, params, batches = _stage_inputs(tiny_lm, tiny_world, encoder)
+        cfg = UnlearnConfig(taus=[-1.0], steps_per_stage=10, lr=0.3, retain_weight=weight, log_every=5)
+        _, tok = tiny_lm
+        rs = build_retain_set(retain_texts, tok, 128, UnlearnConfig(retain_weight=1.0), model, 1)
+        records = unlearn_stage(
+            model, predictor, batches, vectors, torch.tensor([-1.0]), 1, cfg, params, stage=0, retain=rs,
+            progress=False,
+        )  # fmt: skip
+        assert ("retain_loss" in records[0]) == (weight > 0)
+        with torch.no_grad():
+            from atu.hidden import hidden_at
+
+            drift[weight] = sum(
+                state_drift_loss(hidden_at(model, ids, attn, 1), ref, m).item()
+                for (ids, attn), ref, m in zip(rs.batches, rs.reference, rs.masks)
+            )
+    assert drift[10.0] < 0.5 * drift[0.0], drift
