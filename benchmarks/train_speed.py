@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--texts", type=int, default=128, help="texts in the alignment epoch")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--unlearn-steps", type=int, default=10)
+    ap.add_argument("--unlearn-steps", type=int, default=30, help="unlearning steps timed per method, alternating")
     ap.add_argument("--repeats", type=int, default=2, help="alignment epochs timed per method")
     ap.add_argument("--encoder", default=None, help="sentence-transformers id or path (default: packaged MiniLM)")
     ap.add_argument("--out", type=Path, default=Path("results/train_speed.json"))
@@ -177,19 +177,31 @@ def main(argv=None) -> dict:
         loss.backward()
         opt_ref.step()
 
-    freeze_above(model, layer)
-    ours_step()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    unlearn_ours = _timeit(ours_step, args.unlearn_steps, args.device)
-    peak_ours = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-    for p in model.parameters():
-        p.requires_grad_(True)
-    reference_step()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    unlearn_ref = _timeit(reference_step, args.unlearn_steps, args.device)
-    peak_ref = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    def as_ours():
+        freeze_above(model, layer)
+
+    def as_reference():
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    # Warm up both, then alternate them step by step, so that both see the same load on a shared machine.
+    for setup, step in ((as_ours, ours_step), (as_reference, reference_step)):
+        setup()
+        step()
+    unlearn_ours, unlearn_ref = [], []
+    peak_ours = peak_ref = None
+    for _ in range(args.unlearn_steps):
+        for setup, step, times in ((as_ours, ours_step, unlearn_ours), (as_reference, reference_step, unlearn_ref)):
+            setup()
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times.extend(_timeit(step, 1, args.device))
+            if args.device == "cuda":
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                if step is ours_step:
+                    peak_ours = max(peak_ours or 0.0, peak)
+                else:
+                    peak_ref = max(peak_ref or 0.0, peak)
 
     med = statistics.median
     result = {
