@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -51,6 +52,10 @@ class Concept:
     def surface_forms(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
+    def surface_pattern(self) -> re.Pattern[str]:
+        """Any surface form as a whole word, the longest first (so "C. Moss" is matched whole, not as "Moss")."""
+        return _whole_words(self.surface_forms())
+
 
 @dataclass
 class ConceptSet:
@@ -70,11 +75,13 @@ class ConceptSet:
 
     def mentioned_in(self, text: str) -> list[int]:
         """Rows of the concepts that ``text`` names by a surface form (name or alias), as a whole word."""
-        return [
-            row
-            for row, c in enumerate(self.concepts)
-            if any(re.search(rf"(?<!\w){re.escape(form)}(?!\w)", text) for form in c.surface_forms() if form)
-        ]
+        return [row for row, c in enumerate(self.concepts) if c.surface_pattern().search(text)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_words(forms: tuple[str, ...]) -> re.Pattern[str]:
+    words = sorted((f for f in forms if f), key=len, reverse=True)
+    return re.compile("|".join(rf"(?<!\w){re.escape(w)}(?!\w)" for w in words) or r"(?!)")  # no form: no match
 
 
 # ---------------------------------------------------------------------------------------------- JSONL

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -42,8 +41,7 @@ def stand_in_probes(probes: Sequence[Probe], concepts: ConceptSet, stand_ins: Se
     award, a frequent employer's first word). Probes that do not name their concept are left out."""
     out = []
     for p in probes:
-        forms = sorted(concepts.get(p.concept).surface_forms(), key=len, reverse=True)  # "C. Moss" before "Moss"
-        pattern = re.compile("|".join(rf"(?<!\w){re.escape(f)}(?!\w)" for f in forms if f))
+        pattern = concepts.get(p.concept).surface_pattern()
         if not pattern.search(p.question):
             continue
         out.extend(

@@ -40,6 +40,16 @@ class RunData:
     retain_texts: list[str] = field(default_factory=list)  # corpus texts neither about nor naming a forgotten concept
     unseen_names: list[str] = field(default_factory=list)  # the concepts of the unseen texts (forget_floor)
 
+    def evaluation_texts(self) -> dict[str, list[str]]:
+        """The text keyword arguments of `evaluate_model`: the forgotten people's own texts (those filed under them,
+        not the texts that name them), a sample of retain texts, and the unseen texts."""
+        forget = set(self.forget)
+        return {
+            "forget_texts": [r.text for r in self.corpus if r.concept in forget],
+            "retain_texts": self.retain_texts[:256],
+            "unseen_texts": self.unseen,
+        }
+
 
 def split_corpus(
     corpus: list[formats.CorpusRecord], forgotten: formats.ConceptSet, mentions: bool
@@ -148,7 +158,6 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True, replace_s
     device = _device(cfg.device)
     model, tokenizer = load_lm(model_ref, device=device)
     encoder = load_encoder(cfg.encoder, device=device)
-    forget_set = set(data.forget)
     concepts = data.concepts.subset(data.forget)
     if cfg.guard_target == "description" and any(not c.description for c in concepts.concepts):
         raise ConfigError("guard_target is 'description' but a forgotten concept has no description in data.concepts")
@@ -166,10 +175,7 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True, replace_s
         # The retain term never trains on the texts the stopping signal reads: the signal stays a held-out check.
         retain_texts=[t for t in data.retain_texts if t not in signal],
     )
-    # Evaluation reads the forgotten people's own texts (those filed under them), not the texts that name them.
-    own_texts = [r.text for r in data.corpus if r.concept in forget_set]
-    retain_sample = data.retain_texts[:256]
-    texts = {"forget_texts": own_texts, "retain_texts": retain_sample, "unseen_texts": data.unseen}
+    texts = data.evaluation_texts()
     before = (
         evaluate_model(
             model,
@@ -180,7 +186,7 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True, replace_s
             data.evaluation,
             **texts,
             stand_ins=data.unseen_names,
-        )  # fmt: skip
+        )
         if data.probes
         else None
     )
@@ -201,7 +207,9 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True, replace_s
         if data.probes
         else None
     )
-    similarity = _similarity_report(model_ref, device, final, tokenizer, result, own_texts, retain_sample)
+    similarity = _similarity_report(
+        model_ref, device, final, tokenizer, result, texts["forget_texts"], texts["retain_texts"]
+    )
     if before is not None:
         before["leakage_auroc"] = similarity.pop("before_leakage_auroc")
     summary = {

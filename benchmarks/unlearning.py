@@ -108,17 +108,8 @@ def _world_data(plan: Plan, built: BuiltWorld, forget: list[str]) -> RunData:
 
 def _evaluate(model, tokenizer, data: RunData) -> dict:
     """`evaluate_model` on exactly the inputs `atu.run.run` gives it (no guard: no leakage AUROC)."""
-    forget = set(data.forget)
     ev = evaluate_model(
-        model,
-        tokenizer,
-        data.probes,
-        data.concepts,
-        data.forget,
-        data.evaluation,
-        forget_texts=[r.text for r in data.corpus if r.concept in forget],
-        retain_texts=[r.text for r in data.corpus if r.concept not in forget][:256],
-        unseen_texts=data.unseen,
+        model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **data.evaluation_texts()
     )
     return {k: v for k, v in ev.items() if k != "answers"}
 
