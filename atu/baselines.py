@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -126,12 +127,16 @@ def run_baseline(
     cfg: BaselineConfig,
     *,
     progress: bool = True,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Train ``model`` in place with ``cfg.method`` for ``cfg.steps`` steps; returns (model, one record per step).
 
     With the lora budget the returned model is the merged plain model. Records hold ``step``, ``loss``,
     ``forget_nll`` (mean token NLL of the step's forget batch, before the step) and ``retain_nll`` when retain
     texts are given. The parameters' ``requires_grad`` flags are restored afterwards.
+
+    ``on_step(steps_done, model)`` is called after every step, with the model in eval mode (LoRA: not merged yet):
+    a benchmark scores the model at several step counts from one run. It must not change the model.
     """
     if not forget_texts:
         raise ConfigError("no forget texts: a baseline needs texts about the concepts to forget")
@@ -174,6 +179,10 @@ def run_baseline(
         opt.step()
         # Keep tensors and convert them once at the end: no device sync per step.
         logged.append({"loss": loss.detach(), **{k: v.detach() for k, v in rec.items()}})
+        if on_step is not None:
+            model.eval()
+            on_step(step + 1, model)
+            model.train()
     model.eval()
     if cfg.method_budget == "lora":
         model = model.merge_and_unload()

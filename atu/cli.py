@@ -404,7 +404,7 @@ def serve_cmd(
 def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
     """The whole job on the embedded world: build it (cached), forget people, export, evaluate, serve it with vLLM
     behind the guard."""
-    from atu.pipeline import RunConfig, world_settings
+    from atu.pipeline import RunConfig, demo_settings
     from atu.run import run
     from atu.world.build import build_world
     from atu.world.config import WorldConfig
@@ -415,10 +415,7 @@ def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
     click.echo(f"world: {built.root}\n  {info['parameters']:,} parameters, built in {info['build_seconds']}s")
     names = built.concepts().names()[:n_forget]
     click.echo(f"forgetting: {', '.join(names)}")
-    if tiny:  # a 2-layer model trained in seconds: the library's defaults, shortened
-        raw = {"model": "world:tiny", "align": {"epochs": 5, "realign_epochs": 2}, "unlearn": {"steps_per_stage": 10}}
-    else:  # configs/world.yaml (one person) or configs/world_three.yaml (more)
-        raw = {"model": "world", **world_settings(n_forget)}
+    raw = demo_settings(n_forget, tiny)  # configs/world.yaml (one person) or configs/world_three.yaml (more)
     raw.update(data={"forget": names}, out=str(out))
     summary = run(RunConfig.from_dict(raw, "demo config"), replace_stale=True)
     _print_before_after(summary)

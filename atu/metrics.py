@@ -61,3 +61,38 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
     ranks[order] = np.repeat(avg, counts)
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
     return float(u / (len(pos) * len(neg)))
+
+
+# The pipeline's figures (issue 3), as ratios of after to before: forget recall falls to at most 25% of before on each
+# kind, retain recall stays at 90% or more on each kind, held-out perplexity rises at most 10%; and (issue 4) the
+# share of fluent retained answers falls by at most 5 points.
+KINDS = ("direct", "paraphrase", "adversarial")
+FORGET_RATIO, RETAIN_RATIO, PERPLEXITY_RATIO, FLUENCY_DROP = 0.25, 0.90, 1.10, 0.05
+
+
+def unlearning_criteria(before: dict, after: dict) -> list[dict]:
+    """Each criterion of an unlearning against the model before it, from two `atu eval` results: a list of
+    ``{"name", "value", "target", "met"}``. A kind whose recall was 0 before has no ratio and is left out."""
+    out = []
+
+    def ratio(group: str, kind: str) -> float | None:
+        b, a = before[group].get(kind), after[group].get(kind)
+        return None if not b or a is None else a / b
+
+    for group, bound, sign in (("forget", FORGET_RATIO, "<="), ("retain", RETAIN_RATIO, ">=")):
+        for kind in KINDS:
+            r = ratio(group, kind)
+            if r is not None:
+                met = r <= bound if sign == "<=" else r >= bound
+                out.append({"name": f"{group} {kind} / before", "value": r, "target": f"{sign} {bound}", "met": met})
+    ppl = after["retain_perplexity"] / before["retain_perplexity"]
+    out.append(
+        {"name": "retain perplexity / before", "value": ppl, "target": f"<= {PERPLEXITY_RATIO}",
+         "met": ppl <= PERPLEXITY_RATIO}
+    )  # fmt: skip
+    drop = before["fluency"]["retain"] - after["fluency"]["retain"]
+    out.append(
+        {"name": "fluency of retained answers, drop", "value": drop, "target": f"<= {FLUENCY_DROP}",
+         "met": drop <= FLUENCY_DROP + 1e-12}
+    )  # fmt: skip
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +147,19 @@ def _device(name: str) -> str:
     return name
 
 
-def run(cfg: RunConfig, *, progress: bool = True, export: bool = True, replace_stale: bool = False) -> dict:
+def run(
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    export: bool = True,
+    replace_stale: bool = False,
+    on_stage: Callable[..., None] | None = None,
+) -> dict:
     """The whole job. Writes ``cfg.out``: metrics.jsonl, checkpoint/, export/, eval.json. Returns the summary.
+
+    ``on_stage(record, model=, predictor=, concept_vectors=, hook_layer=)`` is called after every kept stage (after
+    its re-alignment), with the model in eval mode: the model at that point is the result of the schedule cut after
+    that stage. It must not change the model or the predictor.
 
     A checkpoint in ``cfg.out`` from another config is an error, unless ``replace_stale`` (the demo's own directory,
     after an upgrade changed its settings): then the run starts over and the next checkpoint replaces it."""
@@ -193,7 +205,7 @@ def run(cfg: RunConfig, *, progress: bool = True, export: bool = True, replace_s
 
     result = run_schedule(
         model, tokenizer, encoder, inputs, cfg.align, cfg.unlearn, run_dir=out, progress=progress,
-        replace_stale=replace_stale,
+        replace_stale=replace_stale, on_stage=on_stage,
     )  # fmt: skip
     final = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
     final.eval()

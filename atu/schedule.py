@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +144,7 @@ def run_schedule(
     run_dir: Path | None = None,
     progress: bool = True,
     replace_stale: bool = False,
+    on_stage: Callable[..., None] | None = None,
 ) -> ScheduleResult:
     if not inputs.forget_texts:
         raise ConfigError("no forget texts: the corpus has no text about the concepts to forget")
@@ -291,6 +293,8 @@ def run_schedule(
             log({"event": "stage_done", **stages[-1]})
             if run_dir is not None:
                 _save_checkpoint(run_dir, key, params, predictor, driving, stages)
+            if on_stage is not None:  # e.g. a benchmark scoring each strength of the schedule from one run
+                on_stage(stages[-1], model=model, predictor=predictor, concept_vectors=vectors, hook_layer=layer)
         logger.info("%s", stop_reason)
         log({"event": "stopped", "reason": stop_reason})
     finally:

@@ -271,9 +271,13 @@ def unlearn_stage(
                 kept = retain_term(model, retain, step_offset + i, layer, cfg)
                 total = total + cfg.retain_weight * kept
         opt.zero_grad(set_to_none=True)
-        # Plain SGD on a zero hinge changes nothing: skip the backward pass (most late steps of a stage are such).
-        # Adam keeps moving on its momentum, and the retain term has gradients, so neither is skipped.
-        skip = cfg.optimizer == "sgd" and not use_retain and loss.item() == 0.0
+        # A zero hinge (no window above its threshold; most late steps of a stage) has a zero gradient: plain SGD
+        # then changes nothing, so the backward pass is skipped; with the retain term only its own graph is
+        # backpropagated. Adam keeps moving on its momentum, so it still steps (on the retain term or zero grads).
+        idle = loss.item() == 0.0
+        if idle and kept is not None:
+            total = cfg.retain_weight * kept
+        skip = cfg.optimizer == "sgd" and not use_retain and idle
         if skip:
             grad_norm = torch.zeros(())
         else:

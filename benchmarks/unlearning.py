@@ -1,14 +1,22 @@
 """Unlearning quality: ATU against gradient ascent (ga), gradient difference (gd) and NPO on the embedded world.
 
-Every method gets the same data (forget texts: the corpus records of the forgotten people; retain texts: all other
-records), the same parameter budget (decoder layers 0..L-1 fully trained, L = ATU's hook layer) and, for the
-baselines, as many optimizer steps as ATU's default schedule (6 stages x 40 = 240 on the world). Each method runs at
-a few strengths: for ATU where the tau schedule stops, for the baselines the learning rate (Adam). Every model is
-scored by `atu.evaluate.evaluate_model` on the inputs `atu run` uses. Leakage AUROC needs ATU's predictor, so the
-baselines report none.
+ATU runs at its chosen setting: exactly what `atu demo` and configs/world.yaml / configs/world_three.yaml run
+(`atu.pipeline.demo_settings`). Every method gets the same data (forget texts: the forgotten people's corpus records
+and the texts naming them, as ATU's `data.mentions`; gd's retain texts: all the others), the same parameter budget
+(decoder layers 0..L-1 fully trained, L = ATU's hook layer) and the same number of optimizer steps.
+
+Strengths come from one training run per method, scored part way:
+- ATU: the schedule cut after the stage at each tau of `Plan.atu_taus`. A schedule that stops after that stage is
+  the same computation (the stages run in order, each from the model the previous one left), so one run gives every
+  cut; the last is the chosen setting.
+- Baselines: the model after the same number of optimizer steps as ATU at each cut (stage k ends after
+  (k + 1) x steps_per_stage steps), at the Adam learning rate(s) of `Plan.baseline_lrs`.
+Every model is scored by `atu.evaluate.evaluate_model` on the inputs `atu run` uses. Leakage AUROC needs ATU's
+predictor, so the baselines report none. Seconds: the wall time to reach that strength (loading, training and, for
+ATU, the evaluation before and the alignment), scoring excluded.
 
     python benchmarks/unlearning.py                  # the world: 1 then 3 people forgotten (about 25 min, 2 CPU cores)
-    python benchmarks/unlearning.py --quick          # the tiny world, one strength per method (about 1 min)
+    python benchmarks/unlearning.py --quick          # the tiny world (about 1 min)
     python benchmarks/unlearning.py --out-dir DIR    # default: results
 
 Writes DIR/unlearning.json, DIR/unlearning.md (a markdown table) and DIR/unlearning.png (forget recall against
@@ -33,10 +41,10 @@ from atu import __version__
 from atu.baselines import BaselineConfig, run_baseline
 from atu.evaluate import evaluate_model
 from atu.loading import load_lm
-from atu.pipeline import RunConfig
+from atu.metrics import unlearning_criteria
+from atu.pipeline import RunConfig, demo_settings
 from atu.run import RunData, load_run_data
 from atu.run import run as run_atu
-from atu.unlearn import UnlearnConfig
 from atu.world.build import BuiltWorld, build_world
 from atu.world.config import WorldConfig
 
@@ -48,53 +56,53 @@ WORLD_FILES = {
     "probes": "probes.jsonl",
     "unseen": "unseen.jsonl",
 }
+RETAIN_TOLERANCE = 0.02  # "an equal retain score": a baseline point whose retain recall is at most this much lower
 
 
 @dataclass(frozen=True)
 class Plan:
     """What one invocation measures."""
 
-    model: str  # "world" or "world:tiny": the embedded world ATU loads
+    tiny: bool  # the tiny world (--quick) or the default one
     people: tuple[int, ...]  # forget the first n people of concepts.yaml, for each n
-    atu_taus: tuple[tuple[float, ...], ...]  # ATU strengths: one tau schedule each
-    align: dict  # ATU's align config (as in the YAML)
-    steps_per_stage: int  # ATU optimizer steps per tau; baselines get len(default taus) * this many steps
-    baseline_lrs: dict[str, tuple[float, ...]]  # baseline strengths: Adam learning rates per method
+    atu_taus: tuple[float, ...]  # ATU strengths: its schedule cut after the stage at each of these taus
+    baseline_lrs: dict[str, tuple[float, ...]]  # per baseline, its Adam learning rates (one run each)
 
     def world(self) -> WorldConfig:
-        return WorldConfig.tiny() if self.model == "world:tiny" else WorldConfig()
+        return WorldConfig.tiny() if self.tiny else WorldConfig()
 
-    def baseline_steps(self) -> int:
-        return len(UnlearnConfig().taus) * self.steps_per_stage
+    def atu_config(self, forget: list[str], out: str, device: str) -> RunConfig:
+        raw = {**demo_settings(len(forget), self.tiny), "data": {"forget": forget}, "out": out, "device": device}
+        cfg = RunConfig.from_dict(raw, "benchmark config")
+        missing = [t for t in self.atu_taus if t not in cfg.unlearn.taus]
+        if missing:
+            raise ValueError(f"atu_taus {missing} are not stages of ATU's schedule {cfg.unlearn.taus}")
+        return cfg
+
+    def cut_steps(self, cfg: RunConfig) -> dict[float, int]:
+        """Optimizer steps ATU has taken at the end of each cut stage: what the baselines get at that strength."""
+        return {t: (cfg.unlearn.taus.index(t) + 1) * cfg.unlearn.steps_per_stage for t in self.atu_taus}
 
 
-def _taus(last: float) -> tuple[float, ...]:
-    return tuple(round(0.9 - 0.1 * i, 1) for i in range(round((0.9 - last) * 10) + 1))
-
-
-# Learning rates, measured on the first person with 240 steps before settling (forget recall direct/paraphrase/
-# adversarial; retain recall direct; fluency on retain probes): ga 1e-5: .26/.17/.21, retain 1.0; ga 3e-5: .12/.08/.04,
-# retain .95; ga 1e-4 and 1e-3: collapse (fluency 0.00); gd 1e-4: .06/.03/.11, retain 1.0; gd 3e-4: .00/.00/.11,
-# retain 1.0; npo 1e-4: .20/.17/.21, retain .98; npo 3e-4: .15/.15/.07, retain .59; npo 1e-3: collapse (fluency .25).
-# Two per method, the ends of each range, to stay within 30 minutes on 2 CPU cores; for the same reason ATU's taus
-# 0.9..0.3 is left out (the README's variant table: the same forget recall as the default 0.9..0.4).
+# Learning rates, measured with this script's scoring at hook layer 3 (forget recall direct/paraphrase/adversarial,
+# retain recall mean of kinds; before: 1.0/.89/.57 and .75 for one person, 1.0/.82/.57 and .74 for three):
+# - ga 3e-5: one person, 160 steps: .12/.08/.04, retain .68; three people: collapsed from 320 steps (retain 0).
+# - ga 1e-5: one person, 200 steps: .20/.11/.14, retain .745; three people, 320 steps: .68/.59/.28, retain .744,
+#   400 steps: retain .58.
+# - npo 1e-4 and 3e-5: retain .59 from 120 steps on, with one person (three: .47 and .67).
+# - npo 1e-5: one person, 160 steps: nothing forgotten, retain .73; 240 steps: .20/.06/.14, retain .68.
+# - gd 1e-4: everything forgotten by 160 steps, retain kept (.75 / .76).
+# Each baseline runs at the smallest of those, the one that kept retain recall longest; its strengths are ATU's step
+# counts. More learning rates would not fit in 30 minutes on 2 CPU cores: three people take 480 steps a run.
 FULL = Plan(
-    model="world",
+    tiny=False,
     people=(1, 3),
-    atu_taus=(_taus(0.5), _taus(0.4)),
-    align={"hook_layer": 2, "window": 8, "epochs": 20, "realign_epochs": 5},
-    steps_per_stage=40,
-    baseline_lrs={"ga": (1e-5, 1e-4), "gd": (3e-5, 3e-4), "npo": (1e-4, 1e-3)},
+    atu_taus=(0.6, 0.5, 0.4),
+    baseline_lrs={"ga": (1e-5,), "gd": (1e-4,), "npo": (1e-5,)},
 )
-# One strength per method, 10 steps a stage as `atu demo --tiny`; two people of the tiny world's four, not three,
-# so that held-out texts of a retained person remain for the perplexity.
+# --quick: two people of the tiny world's four, not three, so that held-out texts of a retained person remain.
 QUICK = Plan(
-    model="world:tiny",
-    people=(1, 2),
-    atu_taus=(_taus(0.4),),
-    align={"epochs": 5, "realign_epochs": 2},
-    steps_per_stage=10,
-    baseline_lrs={"ga": (3e-5,), "gd": (1e-4,), "npo": (3e-4,)},
+    tiny=True, people=(1, 2), atu_taus=(0.5, 0.4), baseline_lrs={"ga": (3e-5,), "gd": (1e-4,), "npo": (3e-4,)}
 )
 
 
@@ -102,77 +110,113 @@ QUICK = Plan(
 
 
 def _world_data(plan: Plan, built: BuiltWorld, forget: list[str]) -> RunData:
-    cfg = RunConfig.from_dict({"model": plan.model, "data": {"forget": forget}})
+    cfg = RunConfig.from_dict({"model": "world:tiny" if plan.tiny else "world", "data": {"forget": forget}})
     return load_run_data(cfg, {k: str(built.path(v)) for k, v in WORLD_FILES.items()})
 
 
-def _evaluate(model, tokenizer, data: RunData) -> dict:
-    """`evaluate_model` on exactly the inputs `atu.run.run` gives it (no guard: no leakage AUROC)."""
+def _evaluate(model, tokenizer, data: RunData, guard: tuple | None = None) -> dict:
+    """`evaluate_model` on exactly the inputs `atu.run.run` gives it."""
     ev = evaluate_model(
-        model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **data.evaluation_texts()
-    )
+        model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **data.evaluation_texts(),
+        guard=guard,
+    )  # fmt: skip
     return {k: v for k, v in ev.items() if k != "answers"}
 
 
-def atu_row(plan: Plan, forget: list[str], taus: tuple[float, ...], device: str) -> dict:
-    raw = {
-        "model": plan.model,
-        "data": {"forget": forget},
-        "align": plan.align,
-        "unlearn": {"taus": list(taus), "steps_per_stage": plan.steps_per_stage},
-        "device": device,
-    }
-    # A fresh run directory each time: `run` resumes from a checkpoint it finds there.
+class _Clock:
+    """Wall time since start, less the time spent scoring models."""
+
+    def __init__(self) -> None:
+        self.start, self.scoring = time.perf_counter(), 0.0
+
+    def training(self) -> float:
+        return time.perf_counter() - self.start - self.scoring
+
+    def score(self, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.scoring += time.perf_counter() - t
+
+
+def atu_rows(plan: Plan, data: RunData, tokenizer, device: str) -> tuple[list[dict], dict]:
+    """One ATU run at its chosen setting, scored after each cut stage: (rows, the run's summary)."""
+    forget = list(data.forget)
+    rows: list[dict] = []
+    clock = _Clock()
+
+    def on_stage(record, *, model, predictor, concept_vectors, hook_layer) -> None:
+        if record["tau"] not in plan.atu_taus:
+            return
+        seconds = clock.training()
+        ev = clock.score(_evaluate, model, tokenizer, data, guard=(predictor, hook_layer, concept_vectors))
+        rows.append({"tau": record["tau"], "seconds": round(seconds, 1), "eval": ev})
+
+    # A fresh run directory: `run` resumes from a checkpoint it finds there.
     with tempfile.TemporaryDirectory(prefix="atu_bench_") as out:
-        cfg = RunConfig.from_dict({**raw, "out": out}, "benchmark config")
-        t0 = time.perf_counter()
-        summary = run_atu(cfg, progress=False, export=False)
-        seconds = time.perf_counter() - t0
-    align = summary["align"]
-    return {
+        cfg = plan.atu_config(forget, out, device)
+        summary = run_atu(cfg, progress=False, export=False, on_stage=on_stage)
+    steps = plan.cut_steps(cfg)
+    taus = cfg.unlearn.taus
+    out_rows = [
+        {
+            "method": "atu",
+            "strength": f"taus {taus[0]}..{r['tau']}",
+            "people": len(forget),
+            "steps": steps[r["tau"]],
+            "seconds": r["seconds"],
+            "chosen": r["tau"] == taus[-1],
+            "eval": r["eval"],
+        }
+        for r in rows
+    ]
+    run_info = {
         "method": "atu",
-        "strength": f"taus {taus[0]}..{taus[-1]}",
         "people": len(forget),
-        "steps": len(taus) * plan.steps_per_stage,  # planned; a stage that breaks the retain budget is undone
-        "stages_kept": len(summary["stages"]),
-        "seconds": round(seconds, 1),
-        "align_seconds": round(align["prepare_seconds"] + align["align_seconds"], 1),
-        "stage_seconds": [s["stage_seconds"] for s in summary["stages"]],
+        "config": cfg.to_dict(),
+        "seconds": round(time.perf_counter() - clock.start, 1),
         "stop_reason": summary["stop_reason"],
         "hook_layer": summary["hook_layer"],
-        "config": raw,
+        "align": summary["align"],
+        "stage_seconds": [s["stage_seconds"] for s in summary["stages"]],
         "before_leakage_auroc": summary["before"]["leakage_auroc"],
-        "eval": {k: v for k, v in summary["after"].items() if k != "answers"},
     }
+    return out_rows, run_info
 
 
-def baseline_row(
-    plan: Plan, built: BuiltWorld, data: RunData, method: str, lr: float, hook_layer: int, device: str
-) -> dict:
-    cfg = BaselineConfig(method=method, hook_layer=hook_layer, steps=plan.baseline_steps(), lr=lr)
-    forget = set(data.forget)
-    t0 = time.perf_counter()
+def baseline_rows(
+    built: BuiltWorld, data: RunData, method: str, lr: float, hook_layer: int, steps: dict[float, int], device: str
+) -> tuple[list[dict], dict]:
+    """One baseline run for max(steps) steps, scored after each step count in ``steps``: (rows, run info)."""
+    cfg = BaselineConfig(method=method, hook_layer=hook_layer, steps=max(steps.values()), lr=lr)
+    at = set(steps.values())
+    rows: list[dict] = []
+    clock = _Clock()
     model, tokenizer = load_lm(built.model_dir, device=device)
-    t_train = time.perf_counter()
-    # ga and npo never train on retain texts; given some, they only log a retain NLL, at one more forward a step
-    # (a third of their training time here), so only gd gets them.
-    retain = [r.text for r in data.corpus if r.concept not in forget] if method == "gd" else []
-    model, records = run_baseline(
-        model, tokenizer, [r.text for r in data.corpus if r.concept in forget], retain, cfg, progress=False
-    )
-    train_seconds = time.perf_counter() - t_train
-    ev = _evaluate(model, tokenizer, data)
-    return {
+
+    def on_step(done: int, m) -> None:
+        if done in at:
+            seconds = clock.training()
+            ev = clock.score(_evaluate, m, tokenizer, data)
+            rows.append(
+                {"method": method, "strength": f"lr {lr:g}, {done} steps", "people": len(data.forget),
+                 "steps": done, "lr": lr, "seconds": round(seconds, 1), "eval": ev}
+            )  # fmt: skip
+
+    # ga and npo never train on retain texts; given some, they only log a retain NLL, at one more forward a step,
+    # so only gd gets them.
+    retain = data.retain_texts if method == "gd" else []
+    _, records = run_baseline(model, tokenizer, data.forget_texts, retain, cfg, progress=False, on_step=on_step)
+    info = {
         "method": method,
-        "strength": f"lr {lr:g}",
+        "lr": lr,
         "people": len(data.forget),
-        "steps": cfg.steps,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "train_seconds": round(train_seconds, 1),
         "config": cfg.to_dict(),
+        "seconds": round(time.perf_counter() - clock.start, 1),
         "last_step": records[-1],
-        "eval": ev,
     }
+    return rows, info
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -228,43 +272,105 @@ def markdown_table(result: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * (len(COLUMNS) - 2)]
     for people, before in result["before"].items():
         rows = [table_cells("before", "-", int(people), before, None)]
-        rows += [
-            table_cells(r["method"], r["strength"], r["people"], r["eval"], r["seconds"])
-            for r in result["rows"]
-            if r["people"] == int(people)
-        ]
+        for r in result["rows"]:
+            if r["people"] == int(people):
+                strength = r["strength"] + (" (chosen)" if r.get("chosen") else "")
+                rows.append(table_cells(r["method"], strength, r["people"], r["eval"], r["seconds"]))
         lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
+
+
+def claim_check(rows: list[dict], people: int, tolerance: float = RETAIN_TOLERANCE) -> dict:
+    """The paper's central claim on one group of rows: on paraphrase and adversarial probes, ATU at its chosen
+    setting forgets at least as much as (its forget recall is at most that of) every ga and npo point whose retain
+    recall (mean of kinds) is no more than ``tolerance`` below ATU's. ``holds`` is None when no such point exists."""
+    group = [r for r in rows if r["people"] == people]
+    chosen = [r for r in group if r["method"] == "atu" and r.get("chosen")]
+    if not chosen:
+        return {"people": people, "holds": None, "why": "ATU's schedule did not reach its chosen setting"}
+    atu = chosen[0]
+    retain = mean_of_kinds(atu["eval"]["retain"])
+    compared = []
+    for r in group:
+        if r["method"] not in ("ga", "npo") or mean_of_kinds(r["eval"]["retain"]) < retain - tolerance:
+            continue
+        worse = [k for k in ("paraphrase", "adversarial") if atu["eval"]["forget"][k] > r["eval"]["forget"][k]]
+        compared.append({"method": r["method"], "strength": r["strength"], "atu_forgets_less_on": worse})
+    if not compared:
+        why = f"no ga or npo point keeps retain recall within {tolerance} of ATU's ({retain:.3f})"
+        return {"people": people, "holds": None, "why": why, "compared": []}
+    losses = [c for c in compared if c["atu_forgets_less_on"]]
+    why = (
+        f"ATU forgets at least as much as all {len(compared)} ga/npo points at an equal or better retain score"
+        if not losses
+        else "ATU forgets less than "
+        + "; ".join(f"{c['method']} {c['strength']} on {' and '.join(c['atu_forgets_less_on'])}" for c in losses)
+    )
+    return {"people": people, "holds": not losses, "why": why, "compared": compared}
+
+
+def criteria_lines(result: dict) -> list[str]:
+    """ATU's chosen setting against the pipeline's figures, one line per group."""
+    lines = []
+    for people, before in result["before"].items():
+        chosen = [r for r in result["rows"] if r["method"] == "atu" and r.get("chosen") and r["people"] == int(people)]
+        if not chosen:
+            lines.append(f"- {people} forgotten: ATU's schedule stopped before its chosen setting.")
+            continue
+        crit = unlearning_criteria(before, chosen[0]["eval"])
+        missed = [c for c in crit if not c["met"]]
+        shown = "; ".join(f"{c['name']} {c['value']:.2f} ({c['target']})" for c in crit)
+        verdict = "every criterion met" if not missed else "missed: " + ", ".join(c["name"] for c in missed)
+        lines.append(f"- {people} forgotten: **{verdict}**. {shown}.")
+    return lines
 
 
 def before_paragraph(result: dict) -> str:
     parts = []
     for people, ev in result["before"].items():
         forget = ", ".join(f"{k} {ev['forget'][k]:.3f}" for k in KINDS)
-        leak = _fmt(ev["leakage_auroc"])
         parts.append(
             f"with {people} {'person' if people == '1' else 'people'} to forget "
             f"({', '.join(result['forget'][people])}), the model before unlearning recalls their facts at {forget} "
             f"(ROUGE-L recall), its neighbours at {mean_of_kinds(ev['neighbour']):.3f} and everyone else at "
             f"{mean_of_kinds(ev['retain']):.3f} (means of the three kinds); held-out retain perplexity "
             f"{ev['retain_perplexity']:,.1f}, fluency {ev['fluency']['retain']:.2f}, "
-            f"MIA AUROC {_fmt(ev['mia_auroc'])} and leakage AUROC {leak} (ATU's predictor aligned to the model)"
+            f"MIA AUROC {_fmt(ev['mia_auroc'])} and leakage AUROC {_fmt(ev['leakage_auroc'])} (ATU's predictor "
+            f"aligned to the model)"
         )
     return "Before unlearning: " + "; ".join(parts) + "."
 
 
+def runs_paragraph(result: dict) -> str:
+    parts = [
+        f"{r['method']}{'' if r['method'] == 'atu' else ' lr ' + format(r['lr'], 'g')} ({r['people']}): "
+        f"{r['seconds']:.0f} s"
+        for r in result["runs"]
+    ]
+    return "Wall time of each run, scoring included: " + ", ".join(parts) + "."
+
+
 def write_markdown(result: dict, path: Path) -> None:
-    plan = result["plan"]
+    claims = "\n".join(
+        f"- {c['people']} forgotten: **{ {True: 'holds', False: 'does not hold', None: 'not tested'}[c['holds']] }**"
+        f": {c['why']}."
+        for c in result["claims"]
+    )
     text = (
-        f"# Unlearning quality on the embedded world (`{plan['model']}`)\n\n"
+        f"# Unlearning quality on the embedded world (`{'world:tiny' if result['plan']['tiny'] else 'world'}`)\n\n"
         f"{before_paragraph(result)}\n\n"
-        f"Baselines train the same layers (0..{result['hook_layer'] - 1}) for {result['baseline_steps']} Adam steps "
-        f"(ATU's default schedule: {len(UnlearnConfig().taus)} stages x {plan['steps_per_stage']}); ATU's steps vary "
-        f"with where its schedule stops. Recall is ROUGE-L recall of greedy answers; neighbour and retain are means "
-        f"of the three probe kinds. Leakage AUROC needs ATU's predictor, so baselines have none. Seconds are the "
-        f"wall time of the whole run (load, train, evaluate; ATU also aligns its predictor and evaluates the model "
-        f"before) on {result['machine']}, measured on {result['date']}.\n\n"
-        f"{markdown_table(result)}\n"
+        f"Every method trains the same layers (0..{result['hook_layer'] - 1}) on the same forget texts for the same "
+        f"number of optimizer steps: ATU's schedule cut after a stage, and each baseline (Adam) after as many steps. "
+        f"One run per method and learning rate, scored at each cut. Recall is ROUGE-L recall of greedy answers; "
+        f"neighbour and retain are means of the three probe kinds. Leakage AUROC needs ATU's predictor, so "
+        f"baselines have none. Seconds: wall time to reach that strength (scoring excluded) on {result['machine']}, "
+        f"measured on {result['date']}.\n\n"
+        f"{markdown_table(result)}\n\n"
+        f"ATU at its chosen setting (`atu demo`, configs/world*.yaml) against the pipeline's figures:\n\n"
+        + "\n".join(criteria_lines(result))
+        + f"\n\nThe paper's claim (on paraphrase and adversarial probes ATU forgets at least as much as ga and npo at "
+        f"an equal retain score, within {RETAIN_TOLERANCE}):\n\n{claims}\n\n"
+        f"{runs_paragraph(result)} Total {result['total_seconds']:.0f} s.\n"
     )
     path.write_text(text)
 
@@ -277,27 +383,28 @@ def write_plot(result: dict, path: Path) -> None:
 
     groups = list(result["before"])
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 5.5), squeeze=False)
-    # Colour and marker per method, so that points on the same spot stay visible.
-    style = {"atu": ("tab:blue", "o"), "ga": ("tab:red", "s"), "gd": ("tab:orange", "^"), "npo": ("tab:green", "D")}
+    colors = {"atu": "tab:blue", "ga": "tab:red", "gd": "tab:orange", "npo": "tab:green"}
     for ax, people in zip(axes[0], groups):
         before = result["before"][people]
-        ax.scatter(mean_of_kinds(before["retain"]), mean_of_kinds(before["forget"]), marker="*", s=160, c="black")
-        ax.annotate("before", (mean_of_kinds(before["retain"]), mean_of_kinds(before["forget"])), fontsize=8)
-        placed = [(mean_of_kinds(before["retain"]), mean_of_kinds(before["forget"]))]
-        for r in (r for r in result["rows"] if str(r["people"]) == people):
-            x, y = mean_of_kinds(r["eval"]["retain"]), mean_of_kinds(r["eval"]["forget"])
-            color, marker = style.get(r["method"], ("gray", "o"))
-            ax.scatter(x, y, c=color, marker=marker, s=40, alpha=0.75, label=r["method"])
-            # Collapsed models all land near (0, 0): stack the labels of nearby points instead of overprinting.
-            crowd = sum(abs(x - px) < 0.15 and abs(y - py) < 0.03 for px, py in placed)
-            placed.append((x, y))
-            label = f"{r['method']} {r['strength']}"
-            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4 - 9 * crowd), textcoords="offset points")
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), loc="upper left", fontsize=8)
+        bx, by = mean_of_kinds(before["retain"]), mean_of_kinds(before["forget"])
+        ax.scatter(bx, by, marker="*", s=160, c="black", label="before")
+        # One line per run (method and learning rate), through its strengths in step order.
+        runs: dict[tuple, list[dict]] = {}
+        for r in result["rows"]:
+            if str(r["people"]) == people:
+                runs.setdefault((r["method"], r.get("lr")), []).append(r)
+        for (method, lr), rs in runs.items():
+            rs.sort(key=lambda r: r["steps"])
+            xs = [mean_of_kinds(r["eval"]["retain"]) for r in rs]
+            ys = [mean_of_kinds(r["eval"]["forget"]) for r in rs]
+            label = method if lr is None else f"{method} lr {lr:g}"
+            style = "-" if method == "atu" else ("--" if lr == min(x for m, x in runs if m == method) else ":")
+            ax.plot(xs, ys, style, marker="o", c=colors.get(method, "gray"), alpha=0.8, label=label)
+            ax.annotate(f"{rs[-1]['steps']} steps", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
+        ax.legend(loc="upper left", fontsize=8)
         ax.set(
-            title=f"{people} {'person' if people == '1' else 'people'} forgotten",
+            title=f"{people} {'person' if people == '1' else 'people'} forgotten (points: strengths, in step order)",
             xlabel="retain recall (mean of kinds; higher is better)",
             ylabel="forget recall (mean of kinds; lower is better)",
             xlim=(-0.03, 1.03),
@@ -314,7 +421,7 @@ def write_plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the tiny world, one strength per method, few steps")
+    ap.add_argument("--quick", action="store_true", help="the tiny world, few steps")
     ap.add_argument("--out-dir", type=Path, default=Path("results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -325,23 +432,19 @@ def main(argv=None) -> dict:
     plan = QUICK if args.quick else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t_start = time.perf_counter()
-    print(f"building or loading the world {plan.model!r} (cached after the first build)...", flush=True)
+    print(f"building or loading the world {'world:tiny' if plan.tiny else 'world'} (cached after the first build)...",
+          flush=True)  # fmt: skip
     threads = torch.get_num_threads()
     built = build_world(plan.world())
     torch.set_num_threads(threads)  # building the tiny world sets 1 thread for the whole process (atu/world/lm.py)
     names = built.concepts().names()
     model, tokenizer = load_lm(built.model_dir, device=device)
-    # The layers ATU trains: the same resolution `atu run` makes from the align config.
-    hook_layer = RunConfig.from_dict({"model": plan.model, "align": plan.align}).align.resolve_layer(
-        model.config.num_hidden_layers
-    )
     result: dict = {
         "plan": asdict(plan),
-        "hook_layer": hook_layer,
-        "baseline_steps": plan.baseline_steps(),
         "forget": {},
         "before": {},
         "rows": [],
+        "runs": [],
         "machine": f"{device}, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}",
         "date": time.strftime("%Y-%m-%d"),
         "versions": {"atu": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -351,30 +454,31 @@ def main(argv=None) -> dict:
         data = _world_data(plan, built, forget)
         before = _evaluate(model, tokenizer, data)
         result["forget"][str(n)], result["before"][str(n)] = forget, before
-        print(f"\nforgetting {', '.join(forget)}", flush=True)
-        for taus in plan.atu_taus:
-            row = atu_row(plan, forget, taus, device)
-            if row["hook_layer"] != hook_layer:
-                raise RuntimeError(f"ATU trained up to layer {row['hook_layer']}, the baselines to {hook_layer}")
-            before["leakage_auroc"] = row.pop("before_leakage_auroc")
-            result["rows"].append(row)
-            print(f"  atu {row['strength']:<14} {row['seconds']:6.1f} s  {row['stop_reason']}", flush=True)
+        print(f"\nforgetting {', '.join(forget)} ({len(data.forget_texts)} forget texts)", flush=True)
+        rows, info = atu_rows(plan, data, tokenizer, device)
+        hook_layer = info["hook_layer"]
+        result["hook_layer"] = hook_layer
+        before["leakage_auroc"] = info.pop("before_leakage_auroc")
+        result["rows"] += rows
+        result["runs"].append(info)
+        print(f"  atu  {info['seconds']:6.1f} s  {info['stop_reason']}", flush=True)
+        steps = plan.cut_steps(RunConfig.from_dict(info["config"]))
+        # A cut ATU never reached (its retain budget stopped the schedule) still gets its baseline points.
         for method, lrs in plan.baseline_lrs.items():
             for lr in lrs:
-                row = baseline_row(plan, built, data, method, lr, hook_layer, device)
-                result["rows"].append(row)
-                nll = row["last_step"]["forget_nll"]
-                print(
-                    f"  {method:<4}{row['strength']:<14} {row['seconds']:6.1f} s  last forget NLL {nll:.2f}",
-                    flush=True,
-                )
+                rows, info = baseline_rows(built, data, method, lr, hook_layer, steps, device)
+                result["rows"] += rows
+                result["runs"].append(info)
+                print(f"  {method:<4} lr {lr:<8g} {info['seconds']:6.1f} s  "
+                      f"last forget NLL {info['last_step']['forget_nll']:.2f}", flush=True)  # fmt: skip
+    result["claims"] = [claim_check(result["rows"], n) for n in plan.people]
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "unlearning.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     write_markdown(result, args.out_dir / "unlearning.md")
     write_plot(result, args.out_dir / "unlearning.png")
-    print(f"\n{before_paragraph(result)}\n\n{markdown_table(result)}\n")
+    print(f"\n{(args.out_dir / 'unlearning.md').read_text()}")
     written = ", ".join(str(args.out_dir / f"unlearning.{ext}") for ext in ("json", "md", "png"))
     print(f"total {result['total_seconds']:.0f} s; wrote {written}")
     return result

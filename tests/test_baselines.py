@@ -94,3 +94,30 @@ def test_config_errors(tiny_lm, texts):
         run_baseline(model, tok, forget, [], BaselineConfig(method="gd", hook_layer=1), progress=False)
     with pytest.raises(ConfigError, match=r"hook layer must be an integer in \[1, 2\]"):
         run_baseline(model, tok, forget, retain, BaselineConfig(method="ga", hook_layer=3), progress=False)
+
+
+def test_on_step_sees_each_step_in_eval_mode_and_a_prefix_equals_a_shorter_run(tiny_lm, texts):
+    """A benchmark scores several strengths from one run: the model handed over after k steps is the model a run of
+    k steps returns, and the call (here: a forward pass in eval mode) does not change what follows."""
+    model, tok = tiny_lm
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    modes = []
+
+    def on_step(done, m):
+        modes.append(m.training)
+        with torch.no_grad():
+            m(**tok(["A sentence the callback reads."], return_tensors="pt"))
+        if done == 2:
+            seen[done] = {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    cfg = BaselineConfig(method="npo", hook_layer=1, steps=4, lr=1e-2, batch_size=4, max_length=64)
+    long_model, _ = run_baseline(copy.deepcopy(model), tok, *texts, cfg, progress=False, on_step=on_step)
+    assert modes == [False] * 4
+    short_cfg = BaselineConfig(**{**cfg.to_dict(), "steps": 2})
+    short_model, _ = run_baseline(copy.deepcopy(model), tok, *texts, short_cfg, progress=False)
+    for n, p in short_model.named_parameters():
+        torch.testing.assert_close(seen[2][n], p.detach(), msg=n)
+    plain, _ = run_baseline(copy.deepcopy(model), tok, *texts, cfg, progress=False)
+    for (n, p), q in zip(long_model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    assert any(not torch.equal(seen[2][n], p) for n, p in long_model.named_parameters())

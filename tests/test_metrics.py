@@ -83,3 +83,33 @@ def test_fpr_thresholds_rejects_bad_input():
         fpr_thresholds(np.zeros((3, 1)), 1.0)
     with pytest.raises(ValueError, match=r"shape \(N, C\)"):
         fpr_thresholds(np.zeros(3), 0.1)
+
+
+def _ev(forget, retain, ppl, fluency):
+    kinds = ("direct", "paraphrase", "adversarial")
+    return {
+        "forget": dict(zip(kinds, forget)),
+        "retain": dict(zip(kinds, retain)),
+        "retain_perplexity": ppl,
+        "fluency": {"retain": fluency},
+    }
+
+
+def test_unlearning_criteria_ratios_and_verdicts():
+    from atu.metrics import unlearning_criteria
+
+    before = _ev((1.0, 0.8, 0.0), (1.0, 0.5, 0.4), 10.0, 1.0)
+    after = _ev((0.25, 0.3, 0.1), (0.9, 0.5, 0.3), 11.5, 0.94)
+    got = {c["name"]: (round(c["value"], 4), c["met"]) for c in unlearning_criteria(before, after)}
+    assert got == {
+        "forget direct / before": (0.25, True),  # at the bound counts as met
+        "forget paraphrase / before": (0.375, False),
+        # forget adversarial was 0 before: no ratio, left out
+        "retain direct / before": (0.9, True),
+        "retain paraphrase / before": (1.0, True),
+        "retain adversarial / before": (0.75, False),
+        "retain perplexity / before": (1.15, False),
+        "fluency of retained answers, drop": (0.06, False),
+    }
+    ok = unlearning_criteria(before, _ev((0.0, 0.0, 0.0), (1.0, 0.5, 0.4), 10.5, 0.95))
+    assert all(c["met"] for c in ok)

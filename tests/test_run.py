@@ -233,3 +233,30 @@ def test_checkpoint_of_another_config_is_an_error_unless_replaced(tiny_run, tmp_
     assert [s["tau"] for s in summary["stages"]] == [0.5]
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert [s["tau"] for s in state["stages"]] == [0.5]
+
+
+def test_on_stage_hands_over_each_kept_stage_and_the_last_is_the_exported_model(tmp_path, tiny_world):
+    """`run(on_stage=...)` (how benchmarks/unlearning.py scores the schedule cut after each stage): called once per
+    stage in order, with the model in eval mode; what it sees after the last stage is the model that is exported,
+    and generating with it there (as the benchmark's scoring does) does not change it."""
+    from atu.loading import load_lm
+    from atu.probes_eval import answer_probes
+
+    cfg = tiny_run_config(tmp_path / "run")
+    cfg.data.forget = tiny_world.concepts().names()[:1]
+    probes = tiny_world.probes()[:4]
+    _, tokenizer = load_lm(tiny_world.model_dir)
+    seen = []
+
+    def on_stage(record, *, model, predictor, concept_vectors, hook_layer):
+        assert not model.training
+        answer_probes(model, tokenizer, probes)
+        seen.append((record["tau"], {n: p.detach().clone() for n, p in model.state_dict().items()}, hook_layer))
+        assert concept_vectors.shape[0] == 1 and predictor is not None
+
+    summary = run(cfg, progress=False, on_stage=on_stage)
+    assert [tau for tau, _, _ in seen] == [s["tau"] for s in summary["stages"]] == [0.6, 0.3]
+    exported, _ = load_lm(load_export(summary["export"]).model_dir)
+    for n, p in exported.state_dict().items():
+        torch.testing.assert_close(p, seen[-1][1][n], msg=n)
+    assert any(not torch.equal(seen[0][1][n], seen[-1][1][n]) for n in seen[0][1])
