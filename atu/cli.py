@@ -135,6 +135,13 @@ def _print_before_after(summary: dict) -> None:
             if f is not None and b:
                 cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
         click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
+    from atu.metrics import unlearning_criteria
+
+    missed = [c for c in unlearning_criteria(before, after) if not c["met"]]
+    click.echo(
+        "criteria (forget <= 0.25 of before, retain >= 0.90, perplexity <= 1.10x, fluency drop <= 0.05): "
+        + ("all met" if not missed else "missed " + "; ".join(f"{c['name']} {c['value']:.2f}" for c in missed))
+    )
     click.echo(f"schedule: {summary['stop_reason']}")
 
 

@@ -68,6 +68,7 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
 # share of fluent retained answers falls by at most 5 points.
 KINDS = ("direct", "paraphrase", "adversarial")
 FORGET_RATIO, RETAIN_RATIO, PERPLEXITY_RATIO, FLUENCY_DROP = 0.25, 0.90, 1.10, 0.05
+_EPS = 1e-9  # a ratio of recalls that equals a bound (1/7 over 4/7) must not miss it by a rounding error
 
 
 def unlearning_criteria(before: dict, after: dict) -> list[dict]:
@@ -83,16 +84,16 @@ def unlearning_criteria(before: dict, after: dict) -> list[dict]:
         for kind in KINDS:
             r = ratio(group, kind)
             if r is not None:
-                met = r <= bound if sign == "<=" else r >= bound
+                met = r <= bound + _EPS if sign == "<=" else r >= bound - _EPS
                 out.append({"name": f"{group} {kind} / before", "value": r, "target": f"{sign} {bound}", "met": met})
     ppl = after["retain_perplexity"] / before["retain_perplexity"]
     out.append(
         {"name": "retain perplexity / before", "value": ppl, "target": f"<= {PERPLEXITY_RATIO}",
-         "met": ppl <= PERPLEXITY_RATIO}
+         "met": ppl <= PERPLEXITY_RATIO + _EPS}
     )  # fmt: skip
     drop = before["fluency"]["retain"] - after["fluency"]["retain"]
     out.append(
         {"name": "fluency of retained answers, drop", "value": drop, "target": f"<= {FLUENCY_DROP}",
-         "met": drop <= FLUENCY_DROP + 1e-12}
+         "met": drop <= FLUENCY_DROP + _EPS}
     )  # fmt: skip
     return out

@@ -301,7 +301,7 @@ def claim_check(rows: list[dict], people: int, tolerance: float = RETAIN_TOLERAN
         return {"people": people, "holds": None, "why": why, "compared": []}
     losses = [c for c in compared if c["atu_forgets_less_on"]]
     why = (
-        f"ATU forgets at least as much as all {len(compared)} ga/npo points at an equal or better retain score"
+        f"ATU forgets at least as much as every ga/npo point at an equal or better retain score ({len(compared)})"
         if not losses
         else "ATU forgets less than "
         + "; ".join(f"{c['method']} {c['strength']} on {' and '.join(c['atu_forgets_less_on'])}" for c in losses)
@@ -400,11 +400,12 @@ def write_plot(result: dict, path: Path) -> None:
             label = method if lr is None else f"{method} lr {lr:g}"
             style = "-" if method == "atu" else ("--" if lr == min(x for m, x in runs if m == method) else ":")
             ax.plot(xs, ys, style, marker="o", c=colors.get(method, "gray"), alpha=0.8, label=label)
-            ax.annotate(f"{rs[-1]['steps']} steps", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")  # fmt: skip
+            for r, x, y in zip(rs, xs, ys):  # each point's optimizer steps
+                ax.annotate(str(r["steps"]), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points",
+                            color=colors.get(method, "gray"))  # fmt: skip
         ax.legend(loc="upper left", fontsize=8)
         ax.set(
-            title=f"{people} {'person' if people == '1' else 'people'} forgotten (points: strengths, in step order)",
+            title=f"{people} {'person' if people == '1' else 'people'} forgotten (labels: optimizer steps)",
             xlabel="retain recall (mean of kinds; higher is better)",
             ylabel="forget recall (mean of kinds; lower is better)",
             xlim=(-0.03, 1.03),

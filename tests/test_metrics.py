@@ -113,3 +113,6 @@ def test_unlearning_criteria_ratios_and_verdicts():
     }
     ok = unlearning_criteria(before, _ev((0.0, 0.0, 0.0), (1.0, 0.5, 0.4), 10.5, 0.95))
     assert all(c["met"] for c in ok)
+    # 1/7 of a recall of 4/7 is exactly the bound, whatever the floating-point rounding says
+    at_bound = unlearning_criteria(_ev((1.0, 1.0, 4 / 7), (1, 1, 1), 1, 1), _ev((0.2, 0.2, 1 / 7), (1, 1, 1), 1, 1))
+    assert at_bound[2]["name"] == "forget adversarial / before" and at_bound[2]["met"]

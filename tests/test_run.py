@@ -124,6 +124,13 @@ def test_cli_run_and_verify(tmp_path, tiny_world):
     result = CliRunner().invoke(main, ["run", str(cfg)])
     assert result.exit_code == 0, result.output
     assert "forget" in result.output and "after/before" in result.output
+    # The criteria line agrees with the evaluation the run wrote.
+    from atu.metrics import unlearning_criteria
+
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    missed = [c["name"] for c in unlearning_criteria(summary["before"], summary["after"]) if not c["met"]]
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("criteria ("))
+    assert line.endswith("all met") if not missed else all(name in line for name in missed)
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "out" / "export")])
     assert result.exit_code == 0 and result.output.startswith("ok:")
     weights = tmp_path / "out" / "export" / "guard" / "predictor.safetensors"
