@@ -15,8 +15,8 @@ Every model is scored by `atu.evaluate.evaluate_model` on the inputs `atu run` u
 predictor, so the baselines report none. Seconds: the wall time to reach that strength (loading, training and, for
 ATU, the evaluation before and the alignment), scoring excluded.
 
-    python benchmarks/unlearning.py                  # the world: 1 then 3 people forgotten (about 25 min, 2 CPU cores)
-    python benchmarks/unlearning.py --quick          # the tiny world (about 1 min)
+    python benchmarks/unlearning.py                  # the world: 1 then 3 people forgotten (about 23 min, 2 CPU cores)
+    python benchmarks/unlearning.py --quick          # the tiny world (under a minute)
     python benchmarks/unlearning.py --out-dir DIR    # default: results
 
 Writes DIR/unlearning.json, DIR/unlearning.md (a markdown table) and DIR/unlearning.png (forget recall against
