@@ -13,6 +13,7 @@ import click
 import yaml
 
 from atu.errors import AtuError, ConfigError
+from atu.formats import PROBE_KINDS
 
 
 def _friendly(fn):
@@ -118,7 +119,7 @@ def _print_before_after(summary: dict) -> None:
         return
     click.echo(f"\n{'group':<10}{'kind':<13}{'before':>8}{'after':>8}{'after/before':>14}")
     for group in ("forget", "neighbour", "retain"):
-        for kind in ("direct", "paraphrase", "adversarial"):
+        for kind in PROBE_KINDS:
             b, a = before[group].get(kind), after[group].get(kind)
             if b is None or a is None:
                 continue
@@ -130,16 +131,17 @@ def _print_before_after(summary: dict) -> None:
     floor = before.get("forget_floor")
     if floor:
         cells = []
-        for kind in ("direct", "paraphrase", "adversarial"):
+        for kind in PROBE_KINDS:
             f, b = floor.get(kind), before["forget"].get(kind)
             if f is not None and b:
                 cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
         click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
-    from atu.metrics import unlearning_criteria
+    from atu.metrics import FLUENCY_DROP, FORGET_RATIO, PERPLEXITY_RATIO, RETAIN_RATIO, unlearning_criteria
 
     missed = [c for c in unlearning_criteria(before, after) if not c["met"]]
     click.echo(
-        "criteria (forget <= 0.25 of before, retain >= 0.90, perplexity <= 1.10x, fluency drop <= 0.05): "
+        f"criteria (forget <= {FORGET_RATIO:.2f} of before, retain >= {RETAIN_RATIO:.2f}, perplexity <= "
+        f"{PERPLEXITY_RATIO:.2f}x, fluency drop <= {FLUENCY_DROP:.2f}): "
         + ("all met" if not missed else "missed " + "; ".join(f"{c['name']} {c['value']:.2f}" for c in missed))
     )
     click.echo(f"schedule: {summary['stop_reason']}")
@@ -166,7 +168,7 @@ def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
 def _print_eval(ev: dict) -> None:
     click.echo(f"{'group':<10}{'direct':>10}{'paraphrase':>12}{'adversarial':>13}{'probes':>8}")
     for group in ("forget", "neighbour", "retain"):
-        vals = [ev[group].get(k) for k in ("direct", "paraphrase", "adversarial")]
+        vals = [ev[group].get(k) for k in PROBE_KINDS]
         cells = "".join(f"{'-' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(vals, (10, 12, 13)))
         click.echo(f"{group:<10}{cells}{ev['n_probes'][group]:>8}")
 

@@ -9,6 +9,8 @@ from functools import lru_cache
 import numpy as np
 from rouge_score import rouge_scorer
 
+from atu.formats import PROBE_KINDS
+
 
 @lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
@@ -66,7 +68,6 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
 # The pipeline's figures (issue 3), as ratios of after to before: forget recall falls to at most 25% of before on each
 # kind, retain recall stays at 90% or more on each kind, held-out perplexity rises at most 10%; and (issue 4) the
 # share of fluent retained answers falls by at most 5 points.
-KINDS = ("direct", "paraphrase", "adversarial")
 FORGET_RATIO, RETAIN_RATIO, PERPLEXITY_RATIO, FLUENCY_DROP = 0.25, 0.90, 1.10, 0.05
 _EPS = 1e-9  # a ratio of recalls that equals a bound (1/7 over 4/7) must not miss it by a rounding error
 
@@ -81,7 +82,7 @@ def unlearning_criteria(before: dict, after: dict) -> list[dict]:
         return None if not b or a is None else a / b
 
     for group, bound, sign in (("forget", FORGET_RATIO, "<="), ("retain", RETAIN_RATIO, ">=")):
-        for kind in KINDS:
+        for kind in PROBE_KINDS:
             r = ratio(group, kind)
             if r is not None:
                 met = r <= bound + _EPS if sign == "<=" else r >= bound - _EPS

@@ -117,22 +117,22 @@ def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
     forgotten = concepts.subset(forget)
     if cfg.data.mentions:  # a held-out text that names a forgotten concept is partly about it: not a retain text
         held = [r for r in held if not forgotten.mentioned_in(r.text)]
+    forget_records, forget_rows, retain_texts = split_corpus(corpus, forgotten, cfg.data.mentions)
+    retain_set = set(retain_texts)
+    # Retained people's corpus texts that name no forgotten concept (with mentions; else all of them).
+    known = [r.text for r in corpus if r.concept in val_names and r.text in retain_set]
     if held:
         validation = [r.text for r in held if r.concept in val_names]
         evaluation = [r.text for r in held if r.concept not in val_names and r.concept not in forget]
     else:
         logger.warning("no held-out texts (data.validation): using retained corpus texts as the stopping signal")
-        usable = [r for r in corpus if not (cfg.data.mentions and forgotten.mentioned_in(r.text))]
-        validation = [r.text for r in usable if r.concept in val_names]
-        evaluation = [r.text for r in usable if r.concept in set(retained) - val_names]
+        validation = list(known)
+        evaluation = [r.text for r in corpus if r.concept in set(retained) - val_names and r.text in retain_set]
     probes = formats.read_probes(path("probes")) if path("probes") else []
     unseen_path = path("unseen")
     unseen_records = formats.read_corpus(unseen_path) if unseen_path and Path(unseen_path).is_file() else []
     unseen = [r.text for r in unseen_records]
     unseen_names = sorted({r.concept for r in unseen_records if r.concept} - set(concepts.names()))
-    forget_records, forget_rows, retain_texts = split_corpus(corpus, forgotten, cfg.data.mentions)
-    retain_set = set(retain_texts)
-    known = [r.text for r in corpus if r.concept in val_names and r.text in retain_set]
     return RunData(
         corpus, concepts, list(forget), validation, evaluation, probes, unseen, known,
         [r.text for r in forget_records], forget_rows, [r.concept for r in forget_records], retain_texts, unseen_names,

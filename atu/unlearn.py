@@ -275,7 +275,7 @@ def unlearn_stage(
         # then changes nothing, so the backward pass is skipped; with the retain term only its own graph is
         # backpropagated. Adam keeps moving on its momentum, so it still steps (on the retain term or zero grads).
         idle = loss.item() == 0.0
-        if idle and kept is not None:
+        if idle and use_retain:
             total = cfg.retain_weight * kept
         skip = cfg.optimizer == "sgd" and not use_retain and idle
         if skip:

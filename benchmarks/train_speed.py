@@ -189,19 +189,18 @@ def main(argv=None) -> dict:
         setup()
         step()
     unlearn_ours, unlearn_ref = [], []
-    peak_ours = peak_ref = None
+    peaks: dict[str, float | None] = {"ours": None, "reference": None}  # GiB, the largest over the steps
     for _ in range(args.unlearn_steps):
-        for setup, step, times in ((as_ours, ours_step, unlearn_ours), (as_reference, reference_step, unlearn_ref)):
+        for name, setup, step, times in (
+            ("ours", as_ours, ours_step, unlearn_ours),
+            ("reference", as_reference, reference_step, unlearn_ref),
+        ):
             setup()
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             times.extend(_timeit(step, 1, args.device))
             if args.device == "cuda":
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                if step is ours_step:
-                    peak_ours = max(peak_ours or 0.0, peak)
-                else:
-                    peak_ref = max(peak_ref or 0.0, peak)
+                peaks[name] = max(peaks[name] or 0.0, torch.cuda.max_memory_allocated() / 2**30)
 
     med = statistics.median
     result = {
@@ -222,7 +221,7 @@ def main(argv=None) -> dict:
         "align_speedup_including_cache_over_1_epoch": med(align_ref) / (med(align_ours) + cache_seconds),
         "unlearn_step_seconds": {"ours": med(unlearn_ours), "reference": med(unlearn_ref)},
         "unlearn_step_speedup": med(unlearn_ref) / med(unlearn_ours),
-        "peak_gpu_memory_gib": {"ours": peak_ours, "reference": peak_ref},
+        "peak_gpu_memory_gib": peaks,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -238,8 +237,8 @@ def main(argv=None) -> dict:
         f"unlearning step   ours {med(unlearn_ours):8.4f}s  reference {med(unlearn_ref):8.4f}s  "
         f"speedup {result['unlearn_step_speedup']:.2f}x"
     )
-    if peak_ours is not None:
-        print(f"peak GPU memory   ours {peak_ours:.2f} GiB  reference {peak_ref:.2f} GiB")
+    if peaks["ours"] is not None:
+        print(f"peak GPU memory   ours {peaks['ours']:.2f} GiB  reference {peaks['reference']:.2f} GiB")
     print(f"wrote {args.out}")
     return result
 

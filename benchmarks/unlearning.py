@@ -40,6 +40,7 @@ import torch
 from atu import __version__
 from atu.baselines import BaselineConfig, run_baseline
 from atu.evaluate import evaluate_model
+from atu.formats import PROBE_KINDS
 from atu.loading import load_lm
 from atu.metrics import unlearning_criteria
 from atu.pipeline import RunConfig, demo_settings
@@ -48,7 +49,6 @@ from atu.run import run as run_atu
 from atu.world.build import BuiltWorld, build_world
 from atu.world.config import WorldConfig
 
-KINDS = ("direct", "paraphrase", "adversarial")
 WORLD_FILES = {
     "corpus": "corpus.jsonl",
     "concepts": "concepts.yaml",
@@ -223,7 +223,7 @@ def baseline_rows(
 
 
 def mean_of_kinds(recall: dict) -> float | None:
-    values = [recall[k] for k in KINDS if recall.get(k) is not None]
+    values = [recall[k] for k in PROBE_KINDS if recall.get(k) is not None]
     return sum(values) / len(values) if values else None
 
 
@@ -257,7 +257,7 @@ def table_cells(method: str, strength: str, people: int, ev: dict, seconds: floa
         method,
         strength,
         str(people),
-        *(_fmt(ev["forget"][k]) for k in KINDS),
+        *(_fmt(ev["forget"][k]) for k in PROBE_KINDS),
         _fmt(mean_of_kinds(ev["neighbour"])),
         _fmt(mean_of_kinds(ev["retain"])),
         _fmt(ev["retain_perplexity"], 1),
@@ -328,7 +328,7 @@ def criteria_lines(result: dict) -> list[str]:
 def before_paragraph(result: dict) -> str:
     parts = []
     for people, ev in result["before"].items():
-        forget = ", ".join(f"{k} {ev['forget'][k]:.3f}" for k in KINDS)
+        forget = ", ".join(f"{k} {ev['forget'][k]:.3f}" for k in PROBE_KINDS)
         parts.append(
             f"with {people} {'person' if people == '1' else 'people'} to forget "
             f"({', '.join(result['forget'][people])}), the model before unlearning recalls their facts at {forget} "
