@@ -94,6 +94,15 @@ def freeze_above(model: nn.Module, layer: int, *, train_embeddings: bool = False
     return trainable
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on gradient checkpointing (recompute each decoder layer's activations in the backward pass).
+
+    Non-reentrant, always: ``hidden_at`` stops the forward by raising inside the hook layer, and a reentrant
+    checkpoint runs the layer under no_grad, so the state it hands back has no graph and nothing would train
+    (transformers 4.x defaults to reentrant)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def attach_lora(model: nn.Module, layer: int, rank: int, alpha: int) -> nn.Module:
     """Freeze ``model`` and wrap it with LoRA adapters on every linear module of decoder layers ``0..layer-1``.
 

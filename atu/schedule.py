@@ -29,7 +29,7 @@ from atu import cache
 from atu.align import AlignConfig, compute_hidden, new_predictor, prepare_alignment, train_predictor
 from atu.errors import AtuError, ConfigError
 from atu.formats import ConceptSet
-from atu.hidden import attach_lora, decoder_layers, freeze_above
+from atu.hidden import attach_lora, decoder_layers, enable_checkpointing, freeze_above
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
 from atu.unlearn import (
     UnlearnConfig,
@@ -129,7 +129,7 @@ def _trainable(model, layer: int, cfg: UnlearnConfig):
     else:
         freeze_above(model, layer, train_embeddings=cfg.train_embeddings)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
