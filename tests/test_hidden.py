@@ -61,7 +61,7 @@ def test_unsupported_architecture():
 
 
 def _saved_bytes_and_grads(model, ids, attn, layer):
-    """Bytes the forward keeps for the backward (outside any checkpoint), and the gradients of a loss on layer ``layer``."""
+    """Bytes the forward keeps for the backward (outside any checkpoint), and the gradients of a loss on ``layer``."""
     saved = []
 
     def pack(t):
