@@ -161,6 +161,8 @@ def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
     if out is not None:
         cfg.out = str(out)
     summary = run(cfg, export=not no_export)
+    if summary is None:  # not the first process of a data-parallel run: that one reports
+        return
     _print_before_after(summary)
     click.echo(f"wrote {Path(cfg.out) / 'eval.json'}" + (f" and {summary['export']}" if "export" in summary else ""))
 

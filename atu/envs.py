@@ -25,6 +25,13 @@ ATU_CAPTURE_SOCKET = "ATU_CAPTURE_SOCKET"
 # Memory the plugin may hold for recorded states not yet read by the guard, in MiB (oldest requests dropped
 # beyond it). Default 256: 262,144 token rows of a 256-wide model, 16,384 of a 4,096-wide one.
 ATU_CAPTURE_MAX_MIB = "ATU_CAPTURE_MAX_MIB"
+# Set by torchrun and `accelerate launch`: the number of processes of a data-parallel run (atu/distributed.py).
+WORLD_SIZE = "WORLD_SIZE"
+
+
+def world_size() -> int:
+    """Processes in this data-parallel run (1 when not launched by torchrun or accelerate)."""
+    return int(os.environ.get(WORLD_SIZE) or 1)
 
 
 def cache_root() -> Path:

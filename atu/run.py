@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from atu import formats
+from atu.distributed import Dist, from_environment
 from atu.errors import ConfigError
 from atu.evaluate import evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
 from atu.export import GuardConfig, write_export
@@ -154,7 +155,7 @@ def run(
     export: bool = True,
     replace_stale: bool = False,
     on_stage: Callable[..., None] | None = None,
-) -> dict:
+) -> dict | None:
     """The whole job. Writes ``cfg.out``: metrics.jsonl, checkpoint/, export/, eval.json. Returns the summary.
 
     ``on_stage(record, model=, predictor=, concept_vectors=, hook_layer=)`` is called after every kept stage (after
@@ -162,12 +163,25 @@ def run(
     that stage. It must not change the model or the predictor.
 
     A checkpoint in ``cfg.out`` from another config is an error, unless ``replace_stale`` (the demo's own directory,
-    after an upgrade changed its settings): then the run starts over and the next checkpoint replaces it."""
+    after an upgrade changed its settings): then the run starts over and the next checkpoint replaces it.
+
+    Launched by torchrun or ``accelerate launch``, the processes share the unlearning steps (atu/distributed.py); the
+    first one evaluates, exports and returns the summary, the others return None."""
+    dist = from_environment(cfg.device)
+    try:
+        return _run(cfg, dist, progress=progress and dist.main, export=export, replace_stale=replace_stale,
+                    on_stage=on_stage)  # fmt: skip
+    finally:
+        dist.close()
+
+
+def _run(cfg: RunConfig, dist: Dist, *, progress, export, replace_stale, on_stage) -> dict | None:
     out = Path(cfg.out)
     t0 = time.time()
-    model_ref, defaults = _resolve_world(cfg, progress)
+    with dist.main_first():  # the first process builds the world (if not cached) before the others read it
+        model_ref, defaults = _resolve_world(cfg, progress)
     data = load_run_data(cfg, defaults)
-    device = _device(cfg.device)
+    device = dist.device if dist.active else _device(cfg.device)
     model, tokenizer = load_lm(model_ref, device=device)
     encoder = load_encoder(cfg.encoder, device=device)
     concepts = data.concepts.subset(data.forget)
@@ -199,14 +213,16 @@ def run(
             **texts,
             stand_ins=data.unseen_names,
         )
-        if data.probes
+        if data.probes and dist.main
         else None
     )
 
     result = run_schedule(
         model, tokenizer, encoder, inputs, cfg.align, cfg.unlearn, run_dir=out, progress=progress,
-        replace_stale=replace_stale, on_stage=on_stage,
+        replace_stale=replace_stale, on_stage=on_stage, dist=dist,
     )  # fmt: skip
+    if not dist.main:
+        return None
     final = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
     final.eval()
 

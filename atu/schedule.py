@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from atu import cache
 from atu.align import AlignConfig, compute_hidden, new_predictor, prepare_alignment, train_predictor
+from atu.distributed import SINGLE, Dist
 from atu.errors import AtuError, ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import attach_lora, decoder_layers, enable_checkpointing, freeze_above
@@ -145,6 +146,7 @@ def run_schedule(
     progress: bool = True,
     replace_stale: bool = False,
     on_stage: Callable[..., None] | None = None,
+    dist: Dist = SINGLE,
 ) -> ScheduleResult:
     if not inputs.forget_texts:
         raise ConfigError("no forget texts: the corpus has no text about the concepts to forget")
@@ -154,8 +156,10 @@ def run_schedule(
     hidden_size = model.config.hidden_size
     embedding_dim = encoder.get_embedding_dimension()
     key = _checkpoint_key(inputs, align_cfg, unlearn_cfg)
+    device = next(model.parameters()).device
+    progress = progress and dist.main
     metrics_file = None
-    if run_dir is not None:
+    if run_dir is not None and dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
 
@@ -168,12 +172,13 @@ def run_schedule(
         t0 = time.time()
         data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
         t_prepare = time.time() - t0
-        predictor = new_predictor(align_cfg, hidden_size, embedding_dim)
+        predictor = new_predictor(align_cfg, hidden_size, embedding_dim).to(device)
         train_h = compute_hidden(model, data.train, layer)
         val_h = compute_hidden(model, data.val, layer)
         align_metrics = train_predictor(
             predictor, data, train_h, align_cfg.epochs, align_cfg, val_hidden=val_h, progress=progress, desc="aligning"
         )
+        dist.broadcast_(predictor.state_dict().values())
         align_metrics.update(
             prepare_seconds=round(t_prepare, 1),
             align_seconds=round(time.time() - t0 - t_prepare, 1),
@@ -195,6 +200,7 @@ def run_schedule(
         # Before anything is trained: the retain term's reference states are those of the original model.
         retain = build_retain_set(inputs.retain_texts, tokenizer, align_cfg.max_length, unlearn_cfg, model, layer)
         model, params = _trainable(model, layer, unlearn_cfg)
+        dist.broadcast_(params.values())  # LoRA's adapters start random
         batches = forget_batches(
             inputs.forget_texts,
             inputs.forget_concepts,
@@ -208,13 +214,16 @@ def run_schedule(
             tokenize_texts(inputs.validation_texts[i : i + 32], tokenizer, align_cfg.max_length)
             for i in range(0, len(inputs.validation_texts), 32)
         ]
-        baseline = perplexity(model, val_batches)
+        baseline = dist.from_main(perplexity(model, val_batches) if dist.main else 0.0)  # the first one decides
 
         stages: list[dict] = []
         driving: EmbeddingPredictor | None = None
-        resumed = _load_checkpoint(run_dir, key, replace_stale) if run_dir is not None else None
+        with dist.main_first():
+            resumed = _load_checkpoint(run_dir, key, replace_stale) if run_dir is not None else None
         if resumed is not None:
             saved, predictor, driving, stages = resumed
+            predictor = predictor.to(device)
+            driving = driving.to(device) if driving is not None else None
             with torch.no_grad():
                 for n, t in saved.items():
                     params[n].copy_(t)
@@ -241,9 +250,10 @@ def run_schedule(
                 retain=retain,
                 on_log=log,
                 progress=progress,
+                dist=dist,
             )
             t_unlearn = time.time() - t_stage
-            val_ppl = perplexity(model, val_batches)
+            val_ppl = dist.from_main(perplexity(model, val_batches) if dist.main else 0.0)
             rise = val_ppl / baseline - 1
             log(
                 {
@@ -277,6 +287,7 @@ def run_schedule(
                 progress=progress,
                 desc=f"re-aligning after stage {stage}",
             )
+            dist.broadcast_(predictor.state_dict().values())
             driving = frozen
             stages.append(
                 {
@@ -291,9 +302,10 @@ def run_schedule(
                 }
             )
             log({"event": "stage_done", **stages[-1]})
-            if run_dir is not None:
+            if run_dir is not None and dist.main:
                 _save_checkpoint(run_dir, key, params, predictor, driving, stages)
-            if on_stage is not None:  # e.g. a benchmark scoring each strength of the schedule from one run
+            # e.g. a benchmark scoring each strength of the schedule from one run
+            if on_stage is not None and dist.main:
                 on_stage(stages[-1], model=model, predictor=predictor, concept_vectors=vectors, hook_layer=layer)
         logger.info("%s", stop_reason)
         log({"event": "stopped", "reason": stop_reason})

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from atu.configs import dataclass_from_dict
+from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import hidden_at
@@ -234,15 +235,20 @@ def unlearn_stage(
     retain: RetainSet | None = None,
     on_log=None,
     progress: bool = True,
+    dist: Dist = SINGLE,
 ) -> list[dict]:
     """``cfg.steps_per_stage`` optimizer steps of the unlearning loss; the predictor stays frozen.
 
     ``retain`` holds the retain texts: the optional retain term takes one of its batches a step, and its first batch
     is where similarity to the concepts on retain texts is logged. Returns the logged records.
+
+    Across ``dist.world`` processes each step takes ``dist.world`` forget batches (the next ones of the same shuffled
+    order, one per process) and averages the gradients; one process behaves exactly as without ``dist``.
     """
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     opt = make_optimizer(params, cfg)
+    predictor = predictor.to(device)  # a predictor trained or loaded on the CPU follows the model
     vectors = concept_vectors.to(device)
     taus = thresholds.to(device)
     records: list[dict] = []
@@ -257,10 +263,13 @@ def unlearn_stage(
         unit="step",
     )
     for i in bar:
-        if not order:
-            order = list(range(len(batches)))
-            rng.shuffle(order)
-        b = batches[order.pop()]
+        picks = []
+        for _ in range(dist.world):
+            if not order:
+                order = list(range(len(batches)))
+                rng.shuffle(order)
+            picks.append(order.pop())
+        b = batches[picks[dist.rank]]
         ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
         with autocast:
             pred = predictor(hidden_at(model, ids, attn, layer), attn)  # (B, T, D)
@@ -268,13 +277,14 @@ def unlearn_stage(
             total = loss
             kept = None
             if use_retain:
-                kept = retain_term(model, retain, step_offset + i, layer, cfg)
+                kept = retain_term(model, retain, (step_offset + i) * dist.world + dist.rank, layer, cfg)
                 total = total + cfg.retain_weight * kept
         opt.zero_grad(set_to_none=True)
         # A zero hinge (no window above its threshold; most late steps of a stage) has a zero gradient: plain SGD
         # then changes nothing, so the backward pass is skipped; with the retain term only its own graph is
         # backpropagated. Adam keeps moving on its momentum, so it still steps (on the retain term or zero grads).
-        idle = loss.item() == 0.0
+        mean_loss = dist.sum(loss.item()) / dist.world  # over the processes: the same decision on every one
+        idle = mean_loss == 0.0
         if idle and use_retain:
             total = cfg.retain_weight * kept
         skip = cfg.optimizer == "sgd" and not use_retain and idle
@@ -282,11 +292,12 @@ def unlearn_stage(
             grad_norm = torch.zeros(())
         else:
             total.backward()
+            dist.mean_grads_(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
         step = step_offset + i
         if i % cfg.log_every == 0 or i == cfg.steps_per_stage - 1:
-            rec = {"step": step, "stage": stage, "loss": loss.item(), "grad_norm": grad_norm.item()}
+            rec = {"step": step, "stage": stage, "loss": mean_loss, "grad_norm": grad_norm.item()}
             if kept is not None:
                 rec["retain_loss"] = kept.item()
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))

@@ -1,0 +1,108 @@
+"""Data-parallel unlearning: one process per device, launched by ``torchrun`` or ``accelerate launch``.
+
+Every process holds the whole model. Each unlearning step, every process takes a different forget batch (and retain
+batch), and the gradients are averaged before the clip and the optimizer step, so the processes stay identical
+and N processes take N batches a step. Alignment runs on every process on the whole alignment set and the first
+process's predictor is broadcast to the others; stopping decisions are the first process's; only the first process
+writes files (metrics, checkpoints, the export) and evaluates.
+
+A single process (no launcher) gets ``SINGLE``, whose collectives do nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from atu import envs
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str | None = None  # the device of this process; None: a single process, the run's device setting
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def mean_grads_(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over the processes, in place (a missing gradient counts as zero)."""
+        if not self.active:
+            return
+        params = list(params)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum(self, value: float) -> float:
+        """The sum of ``value`` over the processes."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def from_main(self, value: float) -> float:
+        """The first process's ``value``, on every process (so that a decision is the same everywhere)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return float(t.item())
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` (parameters, buffers) on every process with the first process's values."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for t in tensors:
+                torch.distributed.broadcast(t.data, src=0)
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The first process runs the block (e.g. builds a cache entry) before the others do."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
+    def close(self) -> None:
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+SINGLE = Dist()
+
+
+def from_environment(device: str = "auto") -> Dist:
+    """The process's place in a run started by torchrun or ``accelerate launch``; ``SINGLE`` without a launcher.
+
+    Uses accelerate to join the process group (NCCL on GPUs, one per process; gloo on CPUs)."""
+    if envs.world_size() <= 1:
+        return SINGLE
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return Dist(rank=state.process_index, world=state.num_processes, device=str(state.device))

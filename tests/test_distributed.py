@@ -1,0 +1,101 @@
+"""Data-parallel unlearning across processes: real torchrun, gloo on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from atu import distributed
+from atu.hidden import hidden_at
+from atu.losses import unlearning_loss
+from atu.unlearn import retain_term
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+HERE = Path(__file__).parent
+
+
+def _torchrun(args, tmp_path, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    return subprocess.run(
+        [*TORCHRUN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_single_process_collectives_do_nothing(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    single = distributed.from_environment()
+    assert single is distributed.SINGLE and single.main and not single.active
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    single.mean_grads_([p])
+    single.broadcast_([p])
+    assert single.sum(1.5) == 1.5 and single.from_main(2.5) == 2.5
+    torch.testing.assert_close(p.grad, torch.full((3,), 2.0))
+    with single.main_first():
+        single.barrier()
+
+
+def test_two_processes_take_two_batches_and_average_their_gradients(tiny_world, tmp_path):
+    import dist_worker as w
+
+    proc = _torchrun([str(HERE / "dist_worker.py"), str(tiny_world.model_dir), str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+
+    # Reference, one process: the mean over the two forget batches (each with its own retain batch) of the step's
+    # loss gradient, clipped, one SGD step. Which process took which forget batch does not change the mean.
+    model, _tok, predictor, batches, vectors, taus, retain, params = w.setup(tiny_world.model_dir)
+    assert len(batches) == 2 and len(retain.batches) == 2
+    model.train()
+    losses = []
+    for rank, b in enumerate(batches):
+        pred = predictor(hidden_at(model, b.input_ids, b.attention_mask, w.LAYER), b.attention_mask)
+        loss = unlearning_loss(pred, vectors, taus, b.position_mask, b.concept_mask)
+        total = loss + w.CONFIG.retain_weight * retain_term(model, retain, rank, w.LAYER, w.CONFIG)
+        (total / 2).backward()
+        losses.append(loss.item())
+    torch.nn.utils.clip_grad_norm_(params, w.CONFIG.grad_clip)
+    torch.optim.SGD(params, lr=w.CONFIG.lr).step()
+    expected = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert rank0.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)  # the processes stay identical
+        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6)
+    assert any(
+        (rank0[n] - load_file(str(tiny_world.model_dir / "model.safetensors"))[n]).abs().max() > 0 for n in rank0
+    )
+    # The logged loss is the mean over the processes.
+    for r in (0, 1):
+        assert float((tmp_path / f"rank{r}.loss").read_text()) == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+def test_atu_run_under_torchrun(tiny_world, tmp_path):
+    """The whole job on two processes: one export, one eval.json, each step logged once, one report printed."""
+    from conftest import tiny_run_config
+
+    from atu.export import load_export
+
+    cfg = tiny_run_config(tmp_path / "run")
+    cfg.data.forget = tiny_world.concepts().names()[:1]
+    cfg.device = "cpu"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = _torchrun(["-m", "atu.cli", "run", str(config)], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and proc.stdout.count("forget    direct") == 1
+    summary = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert len(summary["stages"]) == len(cfg.unlearn.taus)
+    assert summary["after"]["forget"]["direct"] is not None
+    load_export(tmp_path / "run" / "export")  # verifies hashes and dimensions
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "step" in r]
+    assert steps and len(steps) == len(set(steps))
