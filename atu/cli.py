@@ -154,17 +154,76 @@ def _print_before_after(summary: dict) -> None:
 @_friendly
 def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
     """Align, unlearn, export and evaluate, as CONFIG (YAML) says. A killed run resumes from its last stage."""
-    from atu.pipeline import RunConfig
     from atu.run import run
 
-    cfg = RunConfig.load(config)
-    if out is not None:
-        cfg.out = str(out)
+    cfg = _load_config(config, out)
     summary = run(cfg, export=not no_export)
     if summary is None:  # not the first process of a data-parallel run: that one reports
         return
     _print_before_after(summary)
     click.echo(f"wrote {Path(cfg.out) / 'eval.json'}" + (f" and {summary['export']}" if "export" in summary else ""))
+
+
+def _load_config(config: Path, out: Path | None):
+    from atu.pipeline import RunConfig
+
+    cfg = RunConfig.load(config)
+    if out is not None:
+        cfg.out = str(out)
+    return cfg
+
+
+@main.command("align")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config).")
+@_friendly
+def align_cmd(config: Path, out: Path | None) -> None:
+    """Align the embedding predictor to the model (LM frozen); `atu unlearn` and `atu run` of CONFIG reuse it."""
+    from atu.run import align
+
+    cfg = _load_config(config, out)
+    metrics = align(cfg)
+    if metrics is None:  # not the first process of a data-parallel run
+        return
+    click.echo(
+        f"aligned: train cos {metrics['train_cos']:.3f}, validation cos {metrics['val_cos']:.3f}"
+        + (" (reused)" if metrics.get("reused") else f", {metrics['windows']} windows")
+    )
+    click.echo(f"wrote {Path(cfg.out) / 'aligned'}")
+
+
+@main.command("unlearn")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config).")
+@_friendly
+def unlearn_cmd(config: Path, out: Path | None) -> None:
+    """Run the unlearning schedule of CONFIG (aligning first unless `atu align` did); no evaluation, no export."""
+    from atu.run import unlearn
+
+    cfg = _load_config(config, out)
+    summary = unlearn(cfg)
+    if summary is None:
+        return
+    click.echo(f"schedule: {summary['stop_reason']}")
+    click.echo(f"wrote {summary['unlearned']}; `atu export {config}` packages it for vLLM")
+
+
+@main.command("export")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config)."
+)
+@click.option(
+    "--to", "dest", type=click.Path(file_okay=False, path_type=Path), help="Export here (default: RUN/export)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing export at --to.")
+@_friendly
+def export_cmd(config: Path, run_dir: Path | None, dest: Path | None, overwrite: bool) -> None:
+    """Export what `atu unlearn CONFIG` left: the model for `vllm serve`, the predictor and the concept index."""
+    from atu.run import export_unlearned
+
+    cfg = _load_config(config, run_dir)
+    click.echo(f"wrote {export_unlearned(cfg, dest, overwrite=overwrite)}")
 
 
 def _print_eval(ev: dict) -> None:

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from atu import formats
-from atu.distributed import Dist, from_environment
-from atu.errors import ConfigError
+from atu.distributed import SINGLE, Dist, from_environment
+from atu.errors import AtuError, ConfigError
 from atu.evaluate import evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
 from atu.export import GuardConfig, write_export
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
 from atu.metrics import auroc
 from atu.pipeline import RunConfig
-from atu.schedule import ScheduleInputs, run_schedule
+from atu.predictor import load_predictor, save_predictor
+from atu.schedule import ScheduleInputs, ScheduleResult, initial_alignment, run_schedule
 from atu.unlearn import concept_window_texts, target_vectors
 
 logger = logging.getLogger(__name__)
@@ -156,7 +161,8 @@ def run(
     replace_stale: bool = False,
     on_stage: Callable[..., None] | None = None,
 ) -> dict | None:
-    """The whole job. Writes ``cfg.out``: metrics.jsonl, checkpoint/, export/, eval.json. Returns the summary.
+    """The whole job. Writes ``cfg.out``: metrics.jsonl, aligned/, checkpoint/, export/, eval.json. Returns the
+    summary.
 
     ``on_stage(record, model=, predictor=, concept_vectors=, hook_layer=)`` is called after every kept stage (after
     its re-alignment), with the model in eval mode: the model at that point is the result of the schedule cut after
@@ -167,22 +173,62 @@ def run(
 
     Launched by torchrun or ``accelerate launch``, the processes share the unlearning steps (atu/distributed.py); the
     first one evaluates, exports and returns the summary, the others return None."""
+    return _distributed(
+        cfg, _run, progress=progress, export=export, evaluate=True, keep=False, replace_stale=replace_stale,
+        on_stage=on_stage,
+    )  # fmt: skip
+
+
+def align(cfg: RunConfig, *, progress: bool = True) -> dict | None:
+    """`atu align`: align the predictor to the model (LM frozen) and keep it in ``cfg.out/aligned``, where
+    `atu unlearn` and `atu run` of a config with the same model, texts and ``align`` section reuse it.
+    Returns the alignment metrics (None on processes other than the first)."""
+
+    def job(cfg, dist, *, progress):
+        j = _setup(cfg, dist, progress)
+        _, _, metrics = initial_alignment(
+            j.model, j.tokenizer, j.encoder, j.inputs, cfg.align, run_dir=Path(cfg.out), progress=progress, dist=dist
+        )
+        return metrics if dist.main else None
+
+    return _distributed(cfg, job, progress=progress)
+
+
+def unlearn(cfg: RunConfig, *, progress: bool = True) -> dict | None:
+    """`atu unlearn`: align (or reuse ``cfg.out/aligned``) and run the unlearning schedule, without evaluating; keep
+    the unlearned model and its predictors in ``cfg.out/unlearned`` for `atu export`. Returns the summary."""
+    return _distributed(
+        cfg, _run, progress=progress, export=False, evaluate=False, keep=True, replace_stale=False, on_stage=None
+    )
+
+
+def _distributed(cfg: RunConfig, job: Callable[..., dict | None], *, progress: bool, **kwargs) -> dict | None:
     dist = from_environment(cfg.device)
     try:
-        return _run(cfg, dist, progress=progress and dist.main, export=export, replace_stale=replace_stale,
-                    on_stage=on_stage)  # fmt: skip
+        return job(cfg, dist, progress=progress and dist.main, **kwargs)
     finally:
         dist.close()
 
 
-def _run(cfg: RunConfig, dist: Dist, *, progress, export, replace_stale, on_stage) -> dict | None:
-    out = Path(cfg.out)
-    t0 = time.time()
+@dataclass
+class _Job:
+    model_ref: str
+    data: RunData
+    device: str
+    model: Any
+    tokenizer: Any
+    encoder: Any
+    inputs: ScheduleInputs
+
+
+def _setup(cfg: RunConfig, dist: Dist, progress: bool, model_path: Path | None = None) -> _Job:
+    """Load the data, the model (``model_path`` instead of the config's, if given) and the encoder, and split the
+    texts the way the schedule uses them."""
     with dist.main_first():  # the first process builds the world (if not cached) before the others read it
         model_ref, defaults = _resolve_world(cfg, progress)
     data = load_run_data(cfg, defaults)
     device = dist.device if dist.active else _device(cfg.device)
-    model, tokenizer = load_lm(model_ref, device=device)
+    model, tokenizer = load_lm(model_path or model_ref, device=device)
     encoder = load_encoder(cfg.encoder, device=device)
     concepts = data.concepts.subset(data.forget)
     if cfg.guard_target == "description" and any(not c.description for c in concepts.concepts):
@@ -201,6 +247,16 @@ def _run(cfg: RunConfig, dist: Dist, *, progress, export, replace_stale, on_stag
         # The retain term never trains on the texts the stopping signal reads: the signal stays a held-out check.
         retain_texts=[t for t in data.retain_texts if t not in signal],
     )
+    return _Job(model_ref, data, device, model, tokenizer, encoder, inputs)
+
+
+def _run(
+    cfg: RunConfig, dist: Dist, *, progress, export, evaluate, keep, replace_stale, on_stage
+) -> dict | None:  # fmt: skip
+    out = Path(cfg.out)
+    t0 = time.time()
+    j = _setup(cfg, dist, progress)
+    data, model, tokenizer = j.data, j.model, j.tokenizer
     texts = data.evaluation_texts()
     before = (
         evaluate_model(
@@ -213,75 +269,51 @@ def _run(cfg: RunConfig, dist: Dist, *, progress, export, replace_stale, on_stag
             **texts,
             stand_ins=data.unseen_names,
         )
-        if data.probes and dist.main
+        if data.probes and dist.main and evaluate
         else None
     )
 
     result = run_schedule(
-        model, tokenizer, encoder, inputs, cfg.align, cfg.unlearn, run_dir=out, progress=progress,
+        model, tokenizer, j.encoder, j.inputs, cfg.align, cfg.unlearn, run_dir=out, progress=progress,
         replace_stale=replace_stale, on_stage=on_stage, dist=dist,
     )  # fmt: skip
     if not dist.main:
         return None
     final = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
     final.eval()
-
-    layer = result.hook_layer
-    after_guard = (result.predictor, layer, result.concept_vectors)
-    after = (
-        evaluate_model(
-            final, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts, guard=after_guard
-        )
-        if data.probes
-        else None
-    )
-    similarity = _similarity_report(
-        model_ref, device, final, tokenizer, result, texts["forget_texts"], texts["retain_texts"]
-    )
-    if before is not None:
-        before["leakage_auroc"] = similarity.pop("before_leakage_auroc")
     summary = {
         "forget": data.forget,
-        "hook_layer": layer,
+        "hook_layer": result.hook_layer,
         "stop_reason": result.stop_reason,
         "stages": [{k: s[k] for k in ("stage", "tau", "rise", "val_ppl", "stage_seconds")} for s in result.stages],
         "align": result.align_metrics,
-        "final_thresholds": cfg.unlearn.final_thresholds(concepts).tolist(),
-        "similarity": similarity,
-        "before": before,
-        "after": after,
-        "seconds": round(time.time() - t0, 1),
+        "final_thresholds": cfg.unlearn.final_thresholds(j.inputs.concepts).tolist(),
     }
-    guard_target = cfg.guard_target or cfg.unlearn.target
-    guard_vectors = result.concept_vectors
-    if guard_target != cfg.unlearn.target:
-        windows = concept_window_texts(
-            len(concepts.concepts), inputs.forget_texts, inputs.centroid_rows(), tokenizer, encoder,
-            cfg.align.window, cfg.align.max_length,
-        ) if guard_target == "centroid" else None  # fmt: skip
-        guard_vectors = target_vectors(concepts, encoder, guard_target, windows).cpu()
-    summary["guard_target"] = guard_target
-    thresholds = cfg.unlearn.final_thresholds(concepts).numpy()
-    if cfg.guard_fpr is not None and data.validation:
-        held = text_concept_scores(final, result.predictor, tokenizer, data.validation, guard_vectors, layer)
-        thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
-        logger.info(
-            "guard thresholds at %.0f%% false positives on held-out texts: %s", 100 * cfg.guard_fpr, thresholds
+    if keep:
+        save_unlearned(out / UNLEARNED_DIR, final, tokenizer, result, summary, cfg.to_dict())
+        summary["unlearned"] = str(out / UNLEARNED_DIR)
+    if evaluate:
+        after_guard = (result.predictor, result.hook_layer, result.concept_vectors)
+        after = (
+            evaluate_model(
+                final, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts, guard=after_guard
+            )
+            if data.probes
+            else None
         )
-    summary["guard_thresholds"] = [round(float(t), 4) for t in thresholds]
+        similarity = _similarity_report(
+            j.model_ref, j.device, final, tokenizer, result, texts["forget_texts"], texts["retain_texts"]
+        )
+        if before is not None:
+            before["leakage_auroc"] = similarity.pop("before_leakage_auroc")
+        summary.update(similarity=similarity, before=before, after=after)
+    summary["seconds"] = round(time.time() - t0, 1)
+    if export or evaluate:
+        guard, index = guard_index(cfg, j, final, result.predictor, result.hook_layer, result.concept_vectors)
+        summary["guard_target"] = guard.concept_target
+        summary["guard_thresholds"] = [round(float(t), 4) for t in index.thresholds]
     if export:
-        guard = GuardConfig(
-            hook_layer=layer,
-            window=cfg.align.window,
-            encoder=cfg.encoder,
-            hidden_size=final.config.hidden_size,
-            embedding_dim=guard_vectors.shape[1],
-            num_layers=final.config.num_hidden_layers,
-            concept_target=guard_target,
-            threshold_fpr=cfg.guard_fpr if cfg.guard_fpr is not None and data.validation else None,
-        )
-        index = ConceptIndex.build(guard_vectors.numpy(), data.forget, thresholds)
-        brief = {"before": _brief(before), "after": _brief(after), "stop_reason": result.stop_reason}
+        brief = {"before": _brief(before), "after": _brief(summary.get("after")), "stop_reason": result.stop_reason}
         write_export(
             out / "export",
             model=final,
@@ -294,8 +326,104 @@ def _run(cfg: RunConfig, dist: Dist, *, progress, export, replace_stale, on_stag
             overwrite=True,
         )
         summary["export"] = str(out / "export")
-    (out / "eval.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    if evaluate:
+        (out / "eval.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
+
+
+def guard_index(
+    cfg: RunConfig, j: _Job, final, predictor, layer: int, concept_vectors
+) -> tuple[GuardConfig, ConceptIndex]:
+    """The guard config and the FAISS index of the forgotten concepts for an export of ``final``.
+
+    The index's vectors embed ``cfg.guard_target`` (default: the unlearning target, whose vectors are
+    ``concept_vectors``); with ``cfg.guard_fpr`` the thresholds are set to that false-positive rate on the held-out
+    retain texts, else they are the schedule's final thresholds."""
+    concepts = j.inputs.concepts
+    guard_target = cfg.guard_target or cfg.unlearn.target
+    vectors = concept_vectors.cpu()
+    if guard_target != cfg.unlearn.target:
+        windows = concept_window_texts(
+            len(concepts.concepts), j.inputs.forget_texts, j.inputs.centroid_rows(), j.tokenizer, j.encoder,
+            cfg.align.window, cfg.align.max_length,
+        ) if guard_target == "centroid" else None  # fmt: skip
+        vectors = target_vectors(concepts, j.encoder, guard_target, windows).cpu()
+    thresholds = cfg.unlearn.final_thresholds(concepts).numpy()
+    if cfg.guard_fpr is not None and j.data.validation:
+        held = text_concept_scores(final, predictor, j.tokenizer, j.data.validation, vectors, layer)
+        thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
+        logger.info(
+            "guard thresholds at %.0f%% false positives on held-out texts: %s", 100 * cfg.guard_fpr, thresholds
+        )
+    guard = GuardConfig(
+        hook_layer=layer,
+        window=cfg.align.window,
+        encoder=cfg.encoder,
+        hidden_size=final.config.hidden_size,
+        embedding_dim=vectors.shape[1],
+        num_layers=final.config.num_hidden_layers,
+        concept_target=guard_target,
+        threshold_fpr=cfg.guard_fpr if cfg.guard_fpr is not None and j.data.validation else None,
+    )
+    return guard, ConceptIndex.build(vectors.numpy(), j.data.forget, thresholds)
+
+
+UNLEARNED_DIR = "unlearned"  # in a run directory: what `atu unlearn` leaves for `atu export`
+# The config sections that decide the unlearned model; the guard's (guard_target, guard_fpr) may change at export.
+_UNLEARN_KEYS = ("model", "encoder", "data", "align", "unlearn", "stop_signal")
+
+
+def save_unlearned(directory: Path, model, tokenizer, result: ScheduleResult, summary: dict, config: dict) -> None:
+    """Atomically write ``directory``: model/ (transformers, adapters merged), predictor/ (re-aligned to the model:
+    the one to export), driving_predictor/, concept_vectors.safetensors and unlearned.json (summary and config)."""
+    tmp, old = directory.parent / f".{directory.name}.partial", directory.parent / f".{directory.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    save_predictor(result.predictor, tmp / "predictor")
+    if result.driving_predictor is not None:
+        save_predictor(result.driving_predictor, tmp / "driving_predictor")
+    save_file({"concept_vectors": result.concept_vectors.cpu().contiguous()}, str(tmp / "concept_vectors.safetensors"))
+    state = {"summary": summary, "config": config}
+    (tmp / "unlearned.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_unlearned(cfg: RunConfig, out_dir: Path | None = None, *, overwrite: bool = False, progress: bool = True):
+    """`atu export`: write the export of what `atu unlearn` left in ``cfg.out/unlearned`` (to ``cfg.out/export``
+    unless ``out_dir``), with the guard that ``cfg`` asks for. Returns the export's path."""
+    src = Path(cfg.out) / UNLEARNED_DIR
+    if not (src / "unlearned.json").is_file():
+        raise ConfigError(f"{src}: no unlearned model; run `atu unlearn` with this config first")
+    try:
+        state = json.loads((src / "unlearned.json").read_text())
+        summary, saved = state["summary"], state["config"]
+        vectors = load_file(str(src / "concept_vectors.safetensors"))["concept_vectors"]
+        predictor = load_predictor(src / "predictor")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise AtuError(f"{src}: unreadable ({e}); run `atu unlearn` again") from None
+    now = cfg.to_dict()
+    changed = [k for k in _UNLEARN_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"{src} was unlearned with another config (it differs in: {', '.join(changed)})")
+    j = _setup(cfg, SINGLE, progress, model_path=src / "model")
+    guard, index = guard_index(cfg, j, j.model, predictor.to(j.device), summary["hook_layer"], vectors)
+    dest = Path(out_dir) if out_dir is not None else Path(cfg.out) / "export"
+    return write_export(
+        dest,
+        model=j.model,
+        tokenizer=j.tokenizer,
+        predictor=predictor,
+        guard=guard,
+        index=index,
+        training_config=now,
+        eval_summary={"stop_reason": summary["stop_reason"]},
+        overwrite=overwrite or out_dir is None,
+    )
 
 
 def _brief(ev: dict | None) -> dict | None:

@@ -87,6 +87,84 @@ def _checkpoint_key(inputs: ScheduleInputs, align: AlignConfig, unlearn: Unlearn
     )
 
 
+ALIGNED_DIR = "aligned"  # in a run directory: the predictor aligned to the model before unlearning (atu align)
+
+
+def _aligned_key(model, inputs: ScheduleInputs, align: AlignConfig, layer: int, embedding_dim: int) -> str:
+    return cache.config_key(
+        {
+            "align": align.to_dict(),
+            "layer": layer,
+            "model": [getattr(model.config, "_name_or_path", ""), model.config.hidden_size, embedding_dim],
+            "texts": inputs.align_texts,
+        }
+    )
+
+
+def _save_aligned(run_dir: Path, key: str, predictor, metrics: dict) -> None:
+    tmp, final = run_dir / f".{ALIGNED_DIR}.partial", run_dir / ALIGNED_DIR
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_predictor(predictor, tmp / "predictor")
+    (tmp / "aligned.json").write_text(json.dumps({"key": key, "metrics": metrics}, indent=1, sort_keys=True) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _load_aligned(run_dir: Path, key: str):
+    """(predictor, metrics) saved by an earlier alignment of this model on these texts, else None."""
+    state_file = run_dir / ALIGNED_DIR / "aligned.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        if state.get("key") != key:
+            logger.warning(
+                "%s: aligned for another model, texts or alignment config; aligning again", state_file.parent
+            )
+            return None
+        return load_predictor(run_dir / ALIGNED_DIR / "predictor"), state["metrics"]
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise AtuError(f"{state_file.parent}: corrupt aligned predictor ({e}); delete it to align again") from None
+
+
+def initial_alignment(
+    model, tokenizer, encoder, inputs: ScheduleInputs, align_cfg: AlignConfig, *, run_dir: Path | None = None,
+    progress: bool = True, dist: Dist = SINGLE,
+):  # fmt: skip
+    """Align a new predictor to ``model`` (LM frozen), or reuse the one ``run_dir/aligned`` holds for the same model,
+    texts and config; save it there. Returns (alignment data, predictor on the model's device, metrics)."""
+    layer = align_cfg.resolve_layer(len(decoder_layers(model)))
+    embedding_dim = encoder.get_embedding_dimension()
+    device = next(model.parameters()).device
+    t0 = time.time()
+    data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
+    t_prepare = time.time() - t0
+    key = _aligned_key(model, inputs, align_cfg, layer, embedding_dim)
+    reused = _load_aligned(run_dir, key) if run_dir is not None else None
+    # Every process reads before the first one can write (it writes after the collective below): one decision.
+    if dist.from_main(float(reused is not None)):
+        if reused is None:
+            raise AtuError(f"{run_dir / ALIGNED_DIR}: not seen by every process; the run directory must be shared")
+        predictor, metrics = reused
+        logger.info("reusing the aligned predictor in %s", run_dir / ALIGNED_DIR)
+        return data, predictor.to(device), {**metrics, "reused": True}
+    predictor = new_predictor(align_cfg, model.config.hidden_size, embedding_dim).to(device)
+    train_h = compute_hidden(model, data.train, layer)
+    val_h = compute_hidden(model, data.val, layer)
+    metrics = train_predictor(
+        predictor, data, train_h, align_cfg.epochs, align_cfg, val_hidden=val_h, progress=progress, desc="aligning"
+    )
+    dist.broadcast_(predictor.state_dict().values())
+    metrics.update(
+        prepare_seconds=round(t_prepare, 1),
+        align_seconds=round(time.time() - t0 - t_prepare, 1),
+        windows=data.n_windows,
+    )
+    if run_dir is not None and dist.main:
+        _save_aligned(run_dir, key, predictor, metrics)
+    return data, predictor, metrics
+
+
 def _save_checkpoint(run_dir: Path, key: str, params: dict[str, torch.Tensor], predictor, driving, stages) -> None:
     tmp = run_dir / ".checkpoint.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,8 +231,6 @@ def run_schedule(
     if not inputs.validation_texts:
         raise ConfigError("no held-out retain texts: the schedule needs them to decide where to stop")
     layer = align_cfg.resolve_layer(len(decoder_layers(model)))
-    hidden_size = model.config.hidden_size
-    embedding_dim = encoder.get_embedding_dimension()
     key = _checkpoint_key(inputs, align_cfg, unlearn_cfg)
     device = next(model.parameters()).device
     progress = progress and dist.main
@@ -169,20 +245,8 @@ def run_schedule(
             metrics_file.flush()
 
     try:
-        t0 = time.time()
-        data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
-        t_prepare = time.time() - t0
-        predictor = new_predictor(align_cfg, hidden_size, embedding_dim).to(device)
-        train_h = compute_hidden(model, data.train, layer)
-        val_h = compute_hidden(model, data.val, layer)
-        align_metrics = train_predictor(
-            predictor, data, train_h, align_cfg.epochs, align_cfg, val_hidden=val_h, progress=progress, desc="aligning"
-        )
-        dist.broadcast_(predictor.state_dict().values())
-        align_metrics.update(
-            prepare_seconds=round(t_prepare, 1),
-            align_seconds=round(time.time() - t0 - t_prepare, 1),
-            windows=data.n_windows,
+        data, predictor, align_metrics = initial_alignment(
+            model, tokenizer, encoder, inputs, align_cfg, run_dir=run_dir, progress=progress, dist=dist
         )
         log({"event": "aligned", **align_metrics})
         initial = copy.deepcopy(predictor)
