@@ -90,12 +90,15 @@ def _checkpoint_key(inputs: ScheduleInputs, align: AlignConfig, unlearn: Unlearn
 ALIGNED_DIR = "aligned"  # in a run directory: the predictor aligned to the model before unlearning (atu align)
 
 
-def _aligned_key(model, inputs: ScheduleInputs, align: AlignConfig, layer: int, embedding_dim: int) -> str:
+def _aligned_key(model, encoder, inputs: ScheduleInputs, align: AlignConfig, layer: int) -> str:
+    """What an alignment depends on: the model and the encoder (where they were loaded from, and their sizes), the
+    alignment config and hook layer, and the texts."""
     return cache.config_key(
         {
             "align": align.to_dict(),
             "layer": layer,
-            "model": [getattr(model.config, "_name_or_path", ""), model.config.hidden_size, embedding_dim],
+            "model": [getattr(model.config, "_name_or_path", ""), model.config.hidden_size],
+            "encoder": [getattr(encoder.tokenizer, "name_or_path", ""), encoder.get_embedding_dimension()],
             "texts": inputs.align_texts,
         }
     )
@@ -139,7 +142,7 @@ def initial_alignment(
     t0 = time.time()
     data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
     t_prepare = time.time() - t0
-    key = _aligned_key(model, inputs, align_cfg, layer, embedding_dim)
+    key = _aligned_key(model, encoder, inputs, align_cfg, layer)
     reused = _load_aligned(run_dir, key) if run_dir is not None else None
     # Every process reads before the first one can write (it writes after the collective below): one decision.
     if dist.from_main(float(reused is not None)):
