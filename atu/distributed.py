@@ -19,6 +19,8 @@ import torch
 
 from atu import envs
 
+BUCKET_ELEMENTS = 1 << 25  # gradients are averaged in buckets of about this many elements
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -42,14 +44,24 @@ class Dist:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        bucket, size = [], 0
+        for p in params:
+            bucket.append(p.grad)
+            size += p.numel()
+            if size >= BUCKET_ELEMENTS:
+                self._mean_(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._mean_(bucket)
+
+    def _mean_(self, tensors: list[torch.Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective for the bucket, not one per tensor
         torch.distributed.all_reduce(flat)
         flat /= self.world
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     def sum(self, value: float) -> float:
         """The sum of ``value`` over the processes."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from atu import distributed
 from atu.align import AlignConfig, new_predictor
 from atu.distributed import from_environment
 from atu.hidden import freeze_above
@@ -51,6 +52,7 @@ def setup(model_dir):
 
 def main(model_dir: str, out_dir: str) -> None:
     dist = from_environment("cpu")
+    distributed.BUCKET_ELEMENTS = 4096  # many buckets of gradients, some holding one tensor larger than this
     model, _tok, predictor, batches, vectors, taus, retain, params = setup(model_dir)
     records = unlearn_stage(
         model, predictor, batches, vectors, taus, LAYER, CONFIG, params, stage=0, retain=retain, progress=False,
