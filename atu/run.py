@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from atu import formats
+from atu import envs, formats
 from atu.distributed import SINGLE, Dist, from_environment
 from atu.errors import AtuError, ConfigError
 from atu.evaluate import evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
@@ -396,6 +396,8 @@ def save_unlearned(directory: Path, model, tokenizer, result: ScheduleResult, su
 def export_unlearned(cfg: RunConfig, out_dir: Path | None = None, *, overwrite: bool = False, progress: bool = True):
     """`atu export`: write the export of what `atu unlearn` left in ``cfg.out/unlearned`` (to ``cfg.out/export``
     unless ``out_dir``), with the guard that ``cfg`` asks for. Returns the export's path."""
+    if envs.world_size() > 1:
+        raise ConfigError("atu export runs in one process; start it without torchrun or accelerate launch")
     src = Path(cfg.out) / UNLEARNED_DIR
     if not (src / "unlearned.json").is_file():
         raise ConfigError(f"{src}: no unlearned model; run `atu unlearn` with this config first")

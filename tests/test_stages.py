@@ -80,3 +80,14 @@ def test_an_alignment_for_another_config_is_not_reused(tiny_world, tmp_path):
     summary = unlearn(cfg, progress=False)
     assert "reused" not in summary["align"]
     assert (tmp_path / "run" / "unlearned" / "model" / "model.safetensors").is_file()
+
+
+def test_export_runs_in_one_process_only(monkeypatch, tmp_path):
+    from conftest import tiny_run_config
+
+    from atu.errors import ConfigError
+    from atu.run import export_unlearned
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="atu export runs in one process"):
+        export_unlearned(tiny_run_config(tmp_path))
