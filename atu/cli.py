@@ -136,7 +136,15 @@ def _print_before_after(summary: dict) -> None:
             if f is not None and b:
                 cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
         click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
-    from atu.metrics import FLUENCY_DROP, FORGET_RATIO, PERPLEXITY_RATIO, RETAIN_RATIO, unlearning_criteria
+    from atu.metrics import (
+        FLUENCY_DROP,
+        FORGET_RATIO,
+        PERPLEXITY_RATIO,
+        RETAIN_RATIO,
+        SIMILARITY_SHIFT,
+        similarity_criteria,
+        unlearning_criteria,
+    )  # fmt: skip
 
     missed = [c for c in unlearning_criteria(before, after) if not c["met"]]
     click.echo(
@@ -144,6 +152,14 @@ def _print_before_after(summary: dict) -> None:
         f"{PERPLEXITY_RATIO:.2f}x, fluency drop <= {FLUENCY_DROP:.2f}): "
         + ("all met" if not missed else "missed " + "; ".join(f"{c['name']} {c['value']:.2f}" for c in missed))
     )
+    similarity = similarity_criteria(summary.get("similarity", {}), summary["final_thresholds"], summary["forget"])
+    if similarity:
+        missed = [c for c in similarity if not c["met"]]
+        click.echo(
+            "driving predictor (mean cosine on forget texts < final threshold, on retain texts within "
+            f"{SIMILARITY_SHIFT:.2f} of before): "
+            + ("all met" if not missed else "missed " + "; ".join(f"{c['name']} {c['value']:+.3f}" for c in missed))
+        )
     click.echo(f"schedule: {summary['stop_reason']}")
 
 

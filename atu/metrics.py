@@ -98,3 +98,26 @@ def unlearning_criteria(before: dict, after: dict) -> list[dict]:
          "met": drop <= FLUENCY_DROP + _EPS}
     )  # fmt: skip
     return out
+
+
+# The pipeline's figure on the predictor that drove the unlearning (issue 3): the mean cosine to each concept on its
+# forget texts falls below the final threshold, and on retain texts stays within this of its value before.
+SIMILARITY_SHIFT = 0.10
+
+
+def similarity_criteria(similarity: dict, final_thresholds: list[float], names: list[str]) -> list[dict]:
+    """The driving predictor's criteria from `atu run`'s ``similarity`` report (mean cosines per concept, before and
+    after), as `unlearning_criteria` gives its own. None when no stage was kept (there is no driving predictor)."""
+    driving = similarity.get("after_driving_predictor")
+    if driving is None:
+        return []
+    out = []
+    for i, name in enumerate(names):
+        cos, tau = driving["forget"][i], final_thresholds[i]
+        out.append({"name": f"forget cosine ({name})", "value": cos, "target": f"< {tau:.2f}", "met": cos < tau})
+        shift = driving["retain"][i] - similarity["before"]["retain"][i]
+        out.append(
+            {"name": f"retain cosine change ({name})", "value": shift, "target": f"within {SIMILARITY_SHIFT}",
+             "met": abs(shift) <= SIMILARITY_SHIFT + _EPS}
+        )  # fmt: skip
+    return out

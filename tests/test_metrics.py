@@ -116,3 +116,20 @@ def test_unlearning_criteria_ratios_and_verdicts():
     # 1/7 of a recall of 4/7 is exactly the bound, whatever the floating-point rounding says
     at_bound = unlearning_criteria(_ev((1.0, 1.0, 4 / 7), (1, 1, 1), 1, 1), _ev((0.2, 0.2, 1 / 7), (1, 1, 1), 1, 1))
     assert at_bound[2]["name"] == "forget adversarial / before" and at_bound[2]["met"]
+
+
+def test_similarity_criteria_per_concept():
+    from atu.metrics import similarity_criteria
+
+    report = {
+        "before": {"forget": [0.5, 0.6], "retain": [0.32, 0.40]},
+        "after_driving_predictor": {"forget": [0.24, 0.41], "retain": [0.218, 0.30]},
+    }
+    got = {c["name"]: (round(c["value"], 4), c["met"]) for c in similarity_criteria(report, [0.4, 0.4], ["A", "B"])}
+    assert got == {
+        "forget cosine (A)": (0.24, True),
+        "retain cosine change (A)": (-0.102, False),
+        "forget cosine (B)": (0.41, False),  # not below the final threshold
+        "retain cosine change (B)": (-0.1, True),  # a change of exactly 0.1 is within it
+    }
+    assert similarity_criteria({"before": report["before"]}, [0.4, 0.4], ["A", "B"]) == []  # no stage kept

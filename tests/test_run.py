@@ -131,6 +131,12 @@ def test_cli_run_and_verify(tmp_path, tiny_world):
     missed = [c["name"] for c in unlearning_criteria(summary["before"], summary["after"]) if not c["met"]]
     line = next(ln for ln in result.output.splitlines() if ln.startswith("criteria ("))
     assert line.endswith("all met") if not missed else all(name in line for name in missed)
+    from atu.metrics import similarity_criteria
+
+    crit = similarity_criteria(summary["similarity"], summary["final_thresholds"], summary["forget"])
+    missed = [c["name"] for c in crit if not c["met"]]
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("driving predictor ("))
+    assert line.endswith("all met") if not missed else all(name in line for name in missed)
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "out" / "export")])
     assert result.exit_code == 0 and result.output.startswith("ok:")
     weights = tmp_path / "out" / "export" / "guard" / "predictor.safetensors"
