@@ -113,6 +113,14 @@ def _print_probe_table(built) -> dict:
     return scores
 
 
+def _verdict(criteria: list[dict], value_format: str) -> str:
+    """ "all met", or "missed" and each missed criterion with its value."""
+    missed = [c for c in criteria if not c["met"]]
+    if not missed:
+        return "all met"
+    return "missed " + "; ".join(f"{c['name']} {c['value']:{value_format}}" for c in missed)
+
+
 def _print_before_after(summary: dict) -> None:
     before, after = summary.get("before"), summary.get("after")
     if not before or not after:
@@ -146,26 +154,30 @@ def _print_before_after(summary: dict) -> None:
         unlearning_criteria,
     )  # fmt: skip
 
-    missed = [c for c in unlearning_criteria(before, after) if not c["met"]]
     click.echo(
         f"criteria (forget <= {FORGET_RATIO:.2f} of before, retain >= {RETAIN_RATIO:.2f}, perplexity <= "
         f"{PERPLEXITY_RATIO:.2f}x, fluency drop <= {FLUENCY_DROP:.2f}): "
-        + ("all met" if not missed else "missed " + "; ".join(f"{c['name']} {c['value']:.2f}" for c in missed))
+        + _verdict(unlearning_criteria(before, after), ".2f")
     )
     similarity = similarity_criteria(summary.get("similarity", {}), summary["final_thresholds"], summary["forget"])
     if similarity:
-        missed = [c for c in similarity if not c["met"]]
         click.echo(
             "driving predictor (mean cosine on forget texts < final threshold, on retain texts within "
-            f"{SIMILARITY_SHIFT:.2f} of before): "
-            + ("all met" if not missed else "missed " + "; ".join(f"{c['name']} {c['value']:+.3f}" for c in missed))
+            f"{SIMILARITY_SHIFT:.2f} of before): " + _verdict(similarity, "+.3f")
         )
     click.echo(f"schedule: {summary['stop_reason']}")
 
 
+def _config_and_run_dir(fn):
+    """The CONFIG argument and the --out option of the commands that run (part of) the job."""
+    fn = click.option(
+        "--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config)."
+    )(fn)
+    return click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))(fn)
+
+
 @main.command("run")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config).")
+@_config_and_run_dir
 @click.option("--no-export", is_flag=True, help="Align and unlearn, evaluate, but write no export.")
 @_friendly
 def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
@@ -190,8 +202,7 @@ def _load_config(config: Path, out: Path | None):
 
 
 @main.command("align")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config).")
+@_config_and_run_dir
 @_friendly
 def align_cmd(config: Path, out: Path | None) -> None:
     """Align the embedding predictor to the model (LM frozen); `atu unlearn` and `atu run` of CONFIG reuse it."""
@@ -209,8 +220,7 @@ def align_cmd(config: Path, out: Path | None) -> None:
 
 
 @main.command("unlearn")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config).")
+@_config_and_run_dir
 @_friendly
 def unlearn_cmd(config: Path, out: Path | None) -> None:
     """Run the unlearning schedule of CONFIG (aligning first unless `atu align` did); no evaluation, no export."""
@@ -225,20 +235,17 @@ def unlearn_cmd(config: Path, out: Path | None) -> None:
 
 
 @main.command("export")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config)."
-)
+@_config_and_run_dir
 @click.option(
     "--to", "dest", type=click.Path(file_okay=False, path_type=Path), help="Export here (default: RUN/export)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing export at --to.")
 @_friendly
-def export_cmd(config: Path, run_dir: Path | None, dest: Path | None, overwrite: bool) -> None:
+def export_cmd(config: Path, out: Path | None, dest: Path | None, overwrite: bool) -> None:
     """Export what `atu unlearn CONFIG` left: the model for `vllm serve`, the predictor and the concept index."""
     from atu.run import export_unlearned
 
-    cfg = _load_config(config, run_dir)
+    cfg = _load_config(config, out)
     click.echo(f"wrote {export_unlearned(cfg, dest, overwrite=overwrite)}")
 
 

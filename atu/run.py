@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from atu.loading import load_encoder, load_lm
 from atu.metrics import auroc
 from atu.pipeline import RunConfig
 from atu.predictor import load_predictor, save_predictor
-from atu.schedule import ScheduleInputs, ScheduleResult, initial_alignment, run_schedule
+from atu.schedule import ScheduleInputs, ScheduleResult, initial_alignment, replaced_dir, run_schedule
 from atu.unlearn import concept_window_texts, target_vectors
 
 logger = logging.getLogger(__name__)
@@ -376,21 +374,16 @@ _UNLEARN_KEYS = ("model", "encoder", "data", "align", "unlearn", "stop_signal")
 def save_unlearned(directory: Path, model, tokenizer, result: ScheduleResult, summary: dict, config: dict) -> None:
     """Atomically write ``directory``: model/ (transformers, adapters merged), predictor/ (re-aligned to the model:
     the one to export), driving_predictor/, concept_vectors.safetensors and unlearned.json (summary and config)."""
-    tmp, old = directory.parent / f".{directory.name}.partial", directory.parent / f".{directory.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    save_predictor(result.predictor, tmp / "predictor")
-    if result.driving_predictor is not None:
-        save_predictor(result.driving_predictor, tmp / "driving_predictor")
-    save_file({"concept_vectors": result.concept_vectors.cpu().contiguous()}, str(tmp / "concept_vectors.safetensors"))
-    state = {"summary": summary, "config": config}
-    (tmp / "unlearned.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with replaced_dir(directory) as tmp:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        save_predictor(result.predictor, tmp / "predictor")
+        if result.driving_predictor is not None:
+            save_predictor(result.driving_predictor, tmp / "driving_predictor")
+        vectors = {"concept_vectors": result.concept_vectors.cpu().contiguous()}
+        save_file(vectors, str(tmp / "concept_vectors.safetensors"))
+        state = {"summary": summary, "config": config}
+        (tmp / "unlearned.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 def export_unlearned(cfg: RunConfig, out_dir: Path | None = None, *, overwrite: bool = False, progress: bool = True):

@@ -18,7 +18,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,13 +105,26 @@ def _aligned_key(model, encoder, inputs: ScheduleInputs, align: AlignConfig, lay
     )
 
 
-def _save_aligned(run_dir: Path, key: str, predictor, metrics: dict) -> None:
-    tmp, final = run_dir / f".{ALIGNED_DIR}.partial", run_dir / ALIGNED_DIR
+@contextmanager
+def replaced_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty directory beside ``final`` to fill; when the block ends without error it takes ``final``'s
+    place, so a crash leaves the old directory or the new one, never a half-written one."""
+    tmp, old = final.parent / f".{final.name}.partial", final.parent / f".{final.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_predictor(predictor, tmp / "predictor")
-    (tmp / "aligned.json").write_text(json.dumps({"key": key, "metrics": metrics}, indent=1, sort_keys=True) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_aligned(run_dir: Path, key: str, predictor, metrics: dict) -> None:
+    with replaced_dir(run_dir / ALIGNED_DIR) as tmp:
+        save_predictor(predictor, tmp / "predictor")
+        state = {"key": key, "metrics": metrics}
+        (tmp / "aligned.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 def _load_aligned(run_dir: Path, key: str):
@@ -169,20 +183,12 @@ def initial_alignment(
 
 
 def _save_checkpoint(run_dir: Path, key: str, params: dict[str, torch.Tensor], predictor, driving, stages) -> None:
-    tmp = run_dir / ".checkpoint.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: t.detach().cpu().contiguous() for n, t in params.items()}, str(tmp / "trainable.safetensors"))
-    save_predictor(predictor, tmp / "predictor")
-    if driving is not None:
-        save_predictor(driving, tmp / "driving_predictor")
-    (tmp / "state.json").write_text(json.dumps({"key": key, "stages": stages}, indent=1, sort_keys=True) + "\n")
-    final = run_dir / "checkpoint"
-    old = run_dir / ".checkpoint.old"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with replaced_dir(run_dir / "checkpoint") as tmp:
+        save_file({n: t.detach().cpu().contiguous() for n, t in params.items()}, str(tmp / "trainable.safetensors"))
+        save_predictor(predictor, tmp / "predictor")
+        if driving is not None:
+            save_predictor(driving, tmp / "driving_predictor")
+        (tmp / "state.json").write_text(json.dumps({"key": key, "stages": stages}, indent=1, sort_keys=True) + "\n")
 
 
 def _load_checkpoint(run_dir: Path, key: str, replace_stale: bool = False):

@@ -43,6 +43,17 @@ def encoder():
     return load_encoder()
 
 
+def eval_result(forget, retain=(1.0, 0.7, 0.5), ppl=10.0, fluency=1.0) -> dict:
+    """The parts of an `atu eval` result that the criteria read: recall per probe kind, perplexity, fluency."""
+    kinds = ("direct", "paraphrase", "adversarial")
+    return {
+        "forget": dict(zip(kinds, forget)),
+        "retain": dict(zip(kinds, retain)),
+        "retain_perplexity": ppl,
+        "fluency": {"retain": fluency},
+    }
+
+
 def tiny_run_config(out, **unlearn):
     """A run on the tiny world that takes seconds: few epochs, two short stages."""
     from atu.pipeline import RunConfig

@@ -4,27 +4,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import eval_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import seeds as bench  # noqa: E402
-
-
-def _ev(forget, retain=(1.0, 0.7, 0.5), ppl=10.0, fluent=1.0):
-    kinds = ("direct", "paraphrase", "adversarial")
-    return {
-        "forget": dict(zip(kinds, forget)),
-        "retain": dict(zip(kinds, retain)),
-        "retain_perplexity": ppl,
-        "fluency": {"retain": fluent},
-    }
 
 
 def _summary(paraphrase_after, retain_cos_after):
     return {
         "forget": ["A"],
         "final_thresholds": [0.4],
-        "before": _ev((1.0, 0.8, 0.6)),
-        "after": _ev((0.2, paraphrase_after, 0.1)),
+        "before": eval_result((1.0, 0.8, 0.6)),
+        "after": eval_result((0.2, paraphrase_after, 0.1)),
         "similarity": {
             "before": {"forget": [0.5], "retain": [0.3]},
             "after_driving_predictor": {"forget": [0.25], "retain": [retain_cos_after]},

@@ -2,6 +2,7 @@ import itertools
 import random
 
 import pytest
+from conftest import eval_result
 
 from atu.metrics import auroc, is_degenerate, rouge_l_recall
 
@@ -85,21 +86,11 @@ def test_fpr_thresholds_rejects_bad_input():
         fpr_thresholds(np.zeros(3), 0.1)
 
 
-def _ev(forget, retain, ppl, fluency):
-    kinds = ("direct", "paraphrase", "adversarial")
-    return {
-        "forget": dict(zip(kinds, forget)),
-        "retain": dict(zip(kinds, retain)),
-        "retain_perplexity": ppl,
-        "fluency": {"retain": fluency},
-    }
-
-
 def test_unlearning_criteria_ratios_and_verdicts():
     from atu.metrics import unlearning_criteria
 
-    before = _ev((1.0, 0.8, 0.0), (1.0, 0.5, 0.4), 10.0, 1.0)
-    after = _ev((0.25, 0.3, 0.1), (0.9, 0.5, 0.3), 11.5, 0.94)
+    before = eval_result((1.0, 0.8, 0.0), (1.0, 0.5, 0.4), 10.0, 1.0)
+    after = eval_result((0.25, 0.3, 0.1), (0.9, 0.5, 0.3), 11.5, 0.94)
     got = {c["name"]: (round(c["value"], 4), c["met"]) for c in unlearning_criteria(before, after)}
     assert got == {
         "forget direct / before": (0.25, True),  # at the bound counts as met
@@ -111,10 +102,12 @@ def test_unlearning_criteria_ratios_and_verdicts():
         "retain perplexity / before": (1.15, False),
         "fluency of retained answers, drop": (0.06, False),
     }
-    ok = unlearning_criteria(before, _ev((0.0, 0.0, 0.0), (1.0, 0.5, 0.4), 10.5, 0.95))
+    ok = unlearning_criteria(before, eval_result((0.0, 0.0, 0.0), (1.0, 0.5, 0.4), 10.5, 0.95))
     assert all(c["met"] for c in ok)
     # 1/7 of a recall of 4/7 is exactly the bound, whatever the floating-point rounding says
-    at_bound = unlearning_criteria(_ev((1.0, 1.0, 4 / 7), (1, 1, 1), 1, 1), _ev((0.2, 0.2, 1 / 7), (1, 1, 1), 1, 1))
+    at_bound = unlearning_criteria(
+        eval_result((1.0, 1.0, 4 / 7), (1, 1, 1), 1, 1), eval_result((0.2, 0.2, 1 / 7), (1, 1, 1), 1, 1)
+    )
     assert at_bound[2]["name"] == "forget adversarial / before" and at_bound[2]["met"]
 
 
