@@ -128,3 +128,29 @@ def state_drift_loss(hidden: torch.Tensor, reference: torch.Tensor, mask: torch.
     drift = (hidden - reference).pow(2).sum(-1)  # (B, T)
     scale = _masked_mean(reference.pow(2).sum(-1), mask).clamp(min=_EPS)
     return _masked_mean(drift, mask) / scale
+
+
+def similarity_drift_loss(
+    sim: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, margin: float = 0.0
+) -> torch.Tensor:
+    """How far the concept similarities of retain texts moved from where they were before unlearning, beyond a
+    margin.
+
+    ``mean over masked (b, t) and concepts c of relu(|sim_btc - ref_btc| - margin)^2``: 0 when no similarity moved
+    by more than ``margin``. ``sim`` and ``reference`` are (B, T, C) cosines (from `concept_similarity`); the
+    reference carries no gradient. Squared so that a drift just past the margin costs little and the term pulls
+    back hardest where a retain position moved most.
+    """
+    for name, x in (("sim", sim), ("reference", reference)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or not x.is_floating_point():
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape (B, T, C), got {got}.")
+    if reference.shape != sim.shape:
+        raise ValueError(f"reference must have the shape of sim {tuple(sim.shape)}, got {tuple(reference.shape)}.")
+    _check_mask(mask, tuple(sim.shape[:2]), "mask")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}.")
+    sim = _upcast(sim)
+    reference = _upcast(reference).detach().to(device=sim.device, dtype=sim.dtype)
+    excess = F.relu((sim - reference).abs() - margin)  # (B, T, C)
+    return _masked_mean(excess.pow(2).mean(-1), mask)

@@ -233,7 +233,9 @@ def _setup(cfg: RunConfig, dist: Dist, progress: bool, model_path: Path | None =
         raise ConfigError("guard_target is 'description' but a forgotten concept has no description in data.concepts")
     row = {n: i for i, n in enumerate(data.forget)}
     validation = data.retain_known if cfg.stop_signal == "retain_corpus" else data.validation
-    signal = set(validation)
+    # The retain terms never train on the texts the stopping signal reads, nor on the retain texts the evaluation
+    # reads (perplexity and the driving predictor's cosines): both stay held-out checks.
+    held_out = set(validation) | set(data.evaluation_texts()["retain_texts"])
     inputs = ScheduleInputs(
         concepts=concepts,
         forget_texts=data.forget_texts,
@@ -242,8 +244,7 @@ def _setup(cfg: RunConfig, dist: Dist, progress: bool, model_path: Path | None =
         align_texts=[r.text for r in data.corpus],
         validation_texts=validation,
         validation_name="retained-people corpus" if cfg.stop_signal == "retain_corpus" else "held-out retain",
-        # The retain term never trains on the texts the stopping signal reads: the signal stays a held-out check.
-        retain_texts=[t for t in data.retain_texts if t not in signal],
+        retain_texts=[t for t in data.retain_texts if t not in held_out],
     )
     return _Job(model_ref, data, device, model, tokenizer, encoder, inputs)
 

@@ -84,6 +84,7 @@ def _checkpoint_key(inputs: ScheduleInputs, align: AlignConfig, unlearn: Unlearn
             "unlearn": unlearn.to_dict(),
             "concepts": inputs.concepts.names(),
             "forget": inputs.forget_texts,
+            "retain": inputs.retain_texts,
         }
     )
 
@@ -270,8 +271,11 @@ def run_schedule(
             inputs.concepts, encoder, unlearn_cfg.target, window_texts, background=data.targets.mean(0)
         )
 
-        # Before anything is trained: the retain term's reference states are those of the original model.
-        retain = build_retain_set(inputs.retain_texts, tokenizer, align_cfg.max_length, unlearn_cfg, model, layer)
+        # Before anything is trained: the retain terms' references are the original model's states and the aligned
+        # predictor's cosines on them.
+        retain = build_retain_set(
+            inputs.retain_texts, tokenizer, align_cfg.max_length, unlearn_cfg, model, layer, predictor, vectors
+        )
         model, params = _trainable(model, layer, unlearn_cfg)
         dist.broadcast_(params.values())  # LoRA's adapters start random
         batches = forget_batches(

@@ -7,6 +7,7 @@ with re-alignment and decides where to stop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -22,7 +23,7 @@ from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import hidden_at
-from atu.losses import concept_similarity, state_drift_loss, unlearning_loss
+from atu.losses import concept_similarity, similarity_drift_loss, state_drift_loss, unlearning_loss
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ class UnlearnConfig:
     target: str = "name"  # concept target embedding: name | description | centroid of the forget windows
     retain_weight: float = 0.0  # weight of a retain term added to each step (0: off, the paper)
     retain_loss: str = "hidden"  # hidden: keep layer-L states of retain texts where they were; lm: their LM loss
+    # Weight of a second retain term (0: off): keep the stage's predictor's similarity to each concept on retain
+    # texts where the aligned predictor put it on the original model, so that the push away from the concept stays
+    # specific to the texts about it instead of lowering every text's similarity.
+    retain_similarity_weight: float = 0.0
+    retain_similarity_margin: float = 0.0  # a retain position's cosine may move this far before the term counts it
     retain_pool: int = 512  # retain texts the retain term cycles through (their reference states are kept in memory)
     retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
     log_every: int = 10
@@ -77,8 +83,19 @@ class UnlearnConfig:
             )
         if not self.lr > 0 or not self.grad_clip > 0:
             raise ConfigError(f"unlearn.lr and unlearn.grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
-        if self.retain_weight < 0 or self.retain_budget <= 0:
-            raise ConfigError("unlearn.retain_weight must be >= 0 and unlearn.retain_budget > 0")
+        if min(self.retain_weight, self.retain_similarity_weight, self.retain_similarity_margin) < 0:
+            raise ConfigError(
+                "unlearn.retain_weight, unlearn.retain_similarity_weight and unlearn.retain_similarity_margin must be "
+                f"a number >= 0, got {self.retain_weight}, {self.retain_similarity_weight}, "
+                f"{self.retain_similarity_margin}"
+            )
+        if self.retain_budget <= 0:
+            raise ConfigError(f"unlearn.retain_budget must be > 0, got {self.retain_budget}")
+
+    @property
+    def uses_retain(self) -> bool:
+        """Whether a step adds a retain term."""
+        return self.retain_weight > 0 or self.retain_similarity_weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,22 +176,31 @@ def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
 
 @dataclass
 class RetainSet:
-    """Retain texts in fixed, shuffled batches: the optional retain term cycles through them (one batch a step) and
+    """Retain texts in fixed, shuffled batches: the optional retain terms cycle through them (one batch a step) and
     the first batch is where similarity to the concepts on retain texts is logged."""
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask)
     masks: list[torch.Tensor]  # (B, T) bool: real tokens except BOS
     reference: list[torch.Tensor] | None = None  # layer-L states before unlearning, per batch (retain_loss hidden)
+    similarity: list[torch.Tensor] | None = None  # (B, T, C) concept cosines before unlearning, per batch
 
     def pick(self, step: int) -> int:
         return step % len(self.batches)
 
 
 def build_retain_set(
-    texts: list[str], tokenizer, max_length: int, cfg: UnlearnConfig, model=None, layer: int | None = None
+    texts: list[str],
+    tokenizer,
+    max_length: int,
+    cfg: UnlearnConfig,
+    model=None,
+    layer: int | None = None,
+    predictor=None,
+    concept_vectors: torch.Tensor | None = None,
 ) -> RetainSet | None:
-    """Batches of up to ``cfg.retain_pool`` retain texts; with ``retain_loss: hidden`` and a retain weight, also
-    ``model``'s layer-``layer`` states on them, taken now (before unlearning) and kept on the CPU."""
+    """Batches of up to ``cfg.retain_pool`` retain texts, and what the retain terms compare against, taken now
+    (before unlearning) and kept on the CPU: with ``retain_loss: hidden`` and a retain weight, ``model``'s
+    layer-``layer`` states; with a similarity weight, ``predictor``'s cosines to ``concept_vectors`` on them."""
     if not texts:
         return None
     order = list(range(len(texts)))
@@ -185,30 +211,67 @@ def build_retain_set(
         for i in range(0, len(pool), cfg.batch_size)
     ]
     masks = [content_mask(ids, attn, tokenizer.bos_token_id) for ids, attn in batches]
-    reference = None
-    if cfg.retain_weight > 0 and cfg.retain_loss == "hidden":
-        if model is None or layer is None:
-            raise ValueError("retain_loss 'hidden' needs the model and the hook layer to take reference states")
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            reference = [hidden_at(model, ids.to(device), attn.to(device), layer).cpu() for ids, attn in batches]
-        model.train(was_training)
-    return RetainSet(batches, masks, reference)
+    keep_states = cfg.retain_weight > 0 and cfg.retain_loss == "hidden"
+    keep_similarity = cfg.retain_similarity_weight > 0
+    if not (keep_states or keep_similarity):
+        return RetainSet(batches, masks)
+    if model is None or layer is None:
+        raise ValueError("the retain terms need the model and the hook layer to take their references")
+    if keep_similarity and (predictor is None or concept_vectors is None):
+        raise ValueError("retain_similarity_weight needs the predictor and the concept vectors to take references")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    reference, similarity = [], []
+    if keep_similarity:  # a copy: the caller's predictor stays where it is, in the mode it is in
+        predictor = copy.deepcopy(predictor).to(device).eval()
+        concept_vectors = concept_vectors.to(device)
+    with torch.no_grad():
+        for ids, attn in batches:
+            ids, attn = ids.to(device), attn.to(device)
+            h = hidden_at(model, ids, attn, layer)  # (B, T, H)
+            if keep_states:
+                reference.append(h.cpu())
+            if keep_similarity:
+                sim = concept_similarity(predictor(h, attn), concept_vectors)  # (B, T, C)
+                similarity.append(sim.cpu())
+    model.train(was_training)
+    return RetainSet(batches, masks, reference if keep_states else None, similarity if keep_similarity else None)
 
 
-def retain_term(model, retain: RetainSet, step: int, layer: int, cfg: UnlearnConfig) -> torch.Tensor:
-    """The retain loss of one step, on the step's retain batch."""
+def retain_terms(
+    model, predictor, concept_vectors: torch.Tensor, retain: RetainSet, step: int, layer: int, cfg: UnlearnConfig
+) -> dict[str, torch.Tensor]:
+    """The unweighted retain losses of one step, on the step's retain batch: ``retain_loss`` (when
+    ``cfg.retain_weight`` > 0) and ``retain_similarity_loss`` (when ``cfg.retain_similarity_weight`` > 0)."""
     device = next(model.parameters()).device
     i = retain.pick(step)
     ids, attn = (t.to(device) for t in retain.batches[i])
-    if cfg.retain_loss == "lm":
-        return lm_loss(model, ids, attn)
-    if retain.reference is None:
-        raise ValueError("retain_loss 'hidden' needs reference states: build the RetainSet with the model")
-    reference, mask = retain.reference[i].to(device), retain.masks[i].to(device)
-    return state_drift_loss(hidden_at(model, ids, attn, layer), reference, mask)
+    mask = retain.masks[i].to(device)
+    out: dict[str, torch.Tensor] = {}
+    hidden = None
+    if cfg.retain_weight > 0 and cfg.retain_loss == "lm":
+        out["retain_loss"] = lm_loss(model, ids, attn)
+    elif cfg.retain_weight > 0:
+        if retain.reference is None:
+            raise ValueError("retain_loss 'hidden' needs reference states: build the RetainSet with the model")
+        hidden = hidden_at(model, ids, attn, layer)  # (B, T, H)
+        out["retain_loss"] = state_drift_loss(hidden, retain.reference[i].to(device), mask)
+    if cfg.retain_similarity_weight > 0:
+        if retain.similarity is None:
+            raise ValueError("retain_similarity_weight needs reference cosines: build the RetainSet with the predictor")
+        hidden = hidden if hidden is not None else hidden_at(model, ids, attn, layer)
+        sim = concept_similarity(predictor(hidden, attn), concept_vectors)  # (B, T, C)
+        out["retain_similarity_loss"] = similarity_drift_loss(
+            sim, retain.similarity[i].to(device), mask, cfg.retain_similarity_margin
+        )
+    return out
+
+
+def weighted_retain(terms: dict[str, torch.Tensor], cfg: UnlearnConfig) -> torch.Tensor:
+    """The retain terms of `retain_terms`, each times its weight, summed."""
+    weights = {"retain_loss": cfg.retain_weight, "retain_similarity_loss": cfg.retain_similarity_weight}
+    return sum(weights[k] * v for k, v in terms.items())
 
 
 # ------------------------------------------------------------------------------------------- one stage
@@ -252,7 +315,7 @@ def unlearn_stage(
     vectors = concept_vectors.to(device)
     taus = thresholds.to(device)
     records: list[dict] = []
-    use_retain = retain is not None and cfg.retain_weight > 0
+    use_retain = retain is not None and cfg.uses_retain
     model.train()
     rng = random.Random(cfg.seed + stage)
     order: list[int] = []
@@ -275,10 +338,11 @@ def unlearn_stage(
             pred = predictor(hidden_at(model, ids, attn, layer), attn)  # (B, T, D)
             loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
             total = loss
-            kept = None
+            kept: dict[str, torch.Tensor] = {}
             if use_retain:
-                kept = retain_term(model, retain, (step_offset + i) * dist.world + dist.rank, layer, cfg)
-                total = total + cfg.retain_weight * kept
+                pick = (step_offset + i) * dist.world + dist.rank
+                kept = retain_terms(model, predictor, vectors, retain, pick, layer, cfg)
+                total = total + weighted_retain(kept, cfg)
         opt.zero_grad(set_to_none=True)
         # A zero hinge (no window above its threshold; most late steps of a stage) has a zero gradient: plain SGD
         # then changes nothing, so the backward pass is skipped; with the retain term only its own graph is
@@ -286,7 +350,7 @@ def unlearn_stage(
         mean_loss = dist.sum(loss.item()) / dist.world  # over the processes: the same decision on every one
         idle = mean_loss == 0.0
         if idle and use_retain:
-            total = cfg.retain_weight * kept
+            total = weighted_retain(kept, cfg)
         skip = cfg.optimizer == "sgd" and not use_retain and idle
         if skip:
             grad_norm = torch.zeros(())
@@ -298,8 +362,7 @@ def unlearn_stage(
         step = step_offset + i
         if i % cfg.log_every == 0 or i == cfg.steps_per_stage - 1:
             rec = {"step": step, "stage": stage, "loss": mean_loss, "grad_norm": grad_norm.item()}
-            if kept is not None:
-                rec["retain_loss"] = kept.item()
+            rec.update({k: v.item() for k, v in kept.items()})
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
             if retain is not None:
                 with torch.no_grad(), autocast:

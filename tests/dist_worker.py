@@ -35,7 +35,8 @@ RETAIN = [
 ]
 # One step; every position above its threshold (tau -1), so both batches and both retain batches count.
 CONFIG = UnlearnConfig(
-    taus=[-1.0], steps_per_stage=1, lr=0.5, grad_clip=1.0, batch_size=2, retain_weight=0.5, retain_pool=4
+    taus=[-1.0], steps_per_stage=1, lr=0.5, grad_clip=1.0, batch_size=2, retain_weight=0.5, retain_pool=4,
+    retain_similarity_weight=0.5,
 )
 
 
@@ -45,7 +46,7 @@ def setup(model_dir):
     predictor = new_predictor(AlignConfig(hook_layer=LAYER), model.config.hidden_size, 8).eval().requires_grad_(False)
     vectors = F.normalize(torch.randn(1, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     batches = forget_batches(FORGET, [[0]] * len(FORGET), 1, tok, 64, CONFIG.batch_size, 0)
-    retain = build_retain_set(RETAIN, tok, 64, CONFIG, model, LAYER)
+    retain = build_retain_set(RETAIN, tok, 64, CONFIG, model, LAYER, predictor, vectors)
     params = freeze_above(model, LAYER)
     return model, tok, predictor, batches, vectors, torch.tensor([-1.0]), retain, params
 

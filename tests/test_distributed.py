@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from atu import distributed
 from atu.hidden import hidden_at
 from atu.losses import unlearning_loss
-from atu.unlearn import retain_term
+from atu.unlearn import retain_terms, weighted_retain
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 HERE = Path(__file__).parent
@@ -59,7 +59,8 @@ def test_two_processes_take_two_batches_and_average_their_gradients(tiny_world, 
     for rank, b in enumerate(batches):
         pred = predictor(hidden_at(model, b.input_ids, b.attention_mask, w.LAYER), b.attention_mask)
         loss = unlearning_loss(pred, vectors, taus, b.position_mask, b.concept_mask)
-        total = loss + w.CONFIG.retain_weight * retain_term(model, retain, rank, w.LAYER, w.CONFIG)
+        kept = retain_terms(model, predictor, vectors, retain, rank, w.LAYER, w.CONFIG)
+        total = loss + weighted_retain(kept, w.CONFIG)
         (total / 2).backward()
         losses.append(loss.item())
     torch.nn.utils.clip_grad_norm_(params, w.CONFIG.grad_clip)

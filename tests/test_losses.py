@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from atu.losses import alignment_loss, concept_similarity, cosine_to_targets, state_drift_loss, unlearning_loss
+from atu.losses import (
+    alignment_loss,
+    concept_similarity,
+    cosine_to_targets,
+    similarity_drift_loss,
+    state_drift_loss,
+    unlearning_loss,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # The functions compute in >= float32, and the references below use the same (already rounded) inputs in float64.
@@ -177,3 +184,49 @@ def test_state_drift_loss_gradient_reaches_only_hidden():
         state_drift_loss(hidden, torch.zeros(1, 4, 5), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be a bool"):
         state_drift_loss(hidden, ref, torch.ones(1, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_similarity_drift_loss_matches_naive(dtype):
+    gen = torch.Generator().manual_seed(3)
+    sim = (torch.rand(2, 4, 3, generator=gen) * 2 - 1).to(dtype)
+    ref = (torch.rand(2, 4, 3, generator=gen) * 2 - 1).to(dtype)
+    mask = torch.tensor([[True, True, False, True], [False, True, True, False]])
+    s, r = sim.double().tolist(), ref.double().tolist()
+    terms = [
+        sum((s[b][t][c] - r[b][t][c]) ** 2 for c in range(3)) / 3 for b in range(2) for t in range(4) if mask[b][t]
+    ]
+    got = similarity_drift_loss(sim, ref, mask)
+    assert got.dtype in (torch.float32, torch.float64)
+    assert got.item() == pytest.approx(sum(terms) / len(terms), abs=ATOL[dtype])
+    assert similarity_drift_loss(ref, ref, mask).item() == 0.0
+
+
+def test_similarity_drift_loss_masks_and_gradient():
+    sim = torch.zeros(1, 3, 2, requires_grad=True)
+    ref = torch.full((1, 3, 2), 0.5, requires_grad=True)
+    mask = torch.tensor([[True, False, True]])
+    loss = similarity_drift_loss(sim, ref, mask)
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor(0.25))
+    assert ref.grad is None  # the reference is a constant
+    assert sim.grad[0, 1].abs().sum() == 0 and sim.grad[0, 0].abs().sum() > 0  # a masked position gets no gradient
+    empty = similarity_drift_loss(sim, ref, torch.zeros(1, 3, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="reference must have the shape"):
+        similarity_drift_loss(sim, torch.zeros(1, 3, 1), mask)
+    with pytest.raises(ValueError, match=r"sim must be a floating tensor of shape \(B, T, C\)"):
+        similarity_drift_loss(torch.zeros(3, 2), ref, mask)
+
+
+def test_similarity_drift_loss_margin_is_a_dead_zone():
+    ref = torch.zeros(1, 3, 1)
+    sim = torch.tensor([0.05, -0.25, 0.5]).reshape(1, 3, 1)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    # Each position counts only what it moved beyond 0.1, either way: 0, 0.15, 0.4.
+    expected = (0.0 + 0.15**2 + 0.4**2) / 3
+    assert similarity_drift_loss(sim, ref, mask, margin=0.1).item() == pytest.approx(expected)
+    assert similarity_drift_loss(sim, ref, mask, margin=0.6).item() == 0.0
+    assert similarity_drift_loss(sim, ref, mask).item() == pytest.approx((0.05**2 + 0.25**2 + 0.5**2) / 3)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        similarity_drift_loss(sim, ref, mask, margin=-0.1)

@@ -101,26 +101,78 @@ def test_zero_hinge_changes_nothing(tiny_lm, tiny_world, encoder):
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
-def test_retain_set_reference_is_the_model_before_training(tiny_lm, tiny_world):
+def test_retain_set_reference_is_the_model_before_training(tiny_lm, tiny_world, encoder):
     from atu.hidden import hidden_at
-    from atu.unlearn import build_retain_set, retain_term
+    from atu.losses import concept_similarity
+    from atu.unlearn import build_retain_set, retain_terms, weighted_retain
 
     model, tok = tiny_lm
     texts = [r.text for r in tiny_world.corpus()][:10]
-    cfg = UnlearnConfig(retain_weight=1.0, retain_pool=6, batch_size=4)
-    rs = build_retain_set(texts, tok, 128, cfg, model, 1)
+    vectors = target_vectors(tiny_world.concepts().subset(tiny_world.concepts().names()[:2]), encoder, "name")
+    predictor = new_predictor(AlignConfig(), model.config.hidden_size, vectors.shape[1]).train()
+    cfg = UnlearnConfig(retain_weight=1.0, retain_similarity_weight=2.0, retain_pool=6, batch_size=4)
+    rs = build_retain_set(texts, tok, 128, cfg, model, 1, predictor, vectors)
+    assert predictor.training  # the caller's predictor is left in its mode
     assert [ids.shape[0] for ids, _ in rs.batches] == [4, 2]  # the pool is capped at 6 texts
     ids, attn = rs.batches[1]
     with torch.no_grad():
         torch.testing.assert_close(rs.reference[1], hidden_at(model, ids, attn, 1))
-        assert retain_term(model, rs, step=1, layer=1, cfg=cfg).item() == pytest.approx(0.0, abs=1e-10)
+        sim = concept_similarity(predictor.eval()(hidden_at(model, ids, attn, 1), attn), vectors)
+        torch.testing.assert_close(rs.similarity[1], sim)  # (B, T, C): one cosine per position and concept
+        assert rs.similarity[1].shape[-1] == 2
+        terms = retain_terms(model, predictor, vectors, rs, step=1, layer=1, cfg=cfg)
+        assert set(terms) == {"retain_loss", "retain_similarity_loss"}
+        assert all(v.item() == pytest.approx(0.0, abs=1e-10) for v in terms.values())  # nothing moved yet
         assert rs.pick(3) == 1
-        lm = retain_term(model, rs, step=0, layer=1, cfg=UnlearnConfig(retain_weight=1.0, retain_loss="lm"))
-        torch.testing.assert_close(lm, lm_loss(model, *rs.batches[0]))
+        lm_cfg = UnlearnConfig(retain_weight=1.0, retain_loss="lm")
+        lm = retain_terms(model, predictor, vectors, rs, step=0, layer=1, cfg=lm_cfg)
+        assert set(lm) == {"retain_loss"}
+        torch.testing.assert_close(lm["retain_loss"], lm_loss(model, *rs.batches[0]))
+        fake = {"retain_loss": torch.tensor(0.5), "retain_similarity_loss": torch.tensor(0.25)}
+        assert weighted_retain(fake, cfg).item() == pytest.approx(1.0)
     assert build_retain_set([], tok, 128, cfg, model, 1) is None
-    assert build_retain_set(texts, tok, 128, UnlearnConfig(), model, 1).reference is None  # weight 0: no states
+    bare = build_retain_set(texts, tok, 128, UnlearnConfig(), model, 1)
+    assert bare.reference is None and bare.similarity is None  # weights 0: no references taken
+    with pytest.raises(ValueError, match="predictor and the concept vectors"):
+        build_retain_set(texts, tok, 128, UnlearnConfig(retain_similarity_weight=1.0), model, 1)
     with pytest.raises(ConfigError, match="retain_loss"):
         UnlearnConfig(retain_loss="kl")
+    with pytest.raises(ConfigError, match="must be a number >= 0, got 0.0, -1.0, 0.0"):
+        UnlearnConfig(retain_similarity_weight=-1.0)
+
+
+def test_similarity_retain_term_keeps_retain_similarity_closer(tiny_lm, tiny_world, encoder):
+    """The same stage with and without the similarity term: with it, the predictor's cosine to the concept on the
+    retain texts moves less, while the forget texts' cosine still falls."""
+    from atu.hidden import hidden_at
+    from atu.losses import concept_similarity
+    from atu.unlearn import build_retain_set
+
+    names = tiny_world.concepts().names()
+    retain_texts = [r.text for r in tiny_world.corpus() if r.concept != names[0]]
+    shift, forget_drop = {}, {}
+    for weight in (0.0, 10.0):
+        model, predictor, vectors, params, batches = _stage_inputs(tiny_lm, tiny_world, encoder)
+        cfg = UnlearnConfig(taus=[-1.0], steps_per_stage=10, lr=0.3, retain_similarity_weight=weight, log_every=9)
+        _, tok = tiny_lm
+        rs = build_retain_set(
+            retain_texts, tok, 128, UnlearnConfig(retain_similarity_weight=1.0), model, 1, predictor, vectors
+        )
+        records = unlearn_stage(
+            model, predictor, batches, vectors, torch.tensor([-1.0]), 1, cfg, params, stage=0, retain=rs,
+            progress=False,
+        )  # fmt: skip
+        assert ("retain_similarity_loss" in records[0]) == (weight > 0)
+        assert "retain_loss" not in records[0]
+        forget_drop[weight] = records[0]["forget_sim_mean"][0] - records[-1]["forget_sim_mean"][0]
+        with torch.no_grad():
+            moved = [
+                (concept_similarity(predictor(hidden_at(model, ids, attn, 1), attn), vectors) - ref)[m].abs().mean()
+                for (ids, attn), ref, m in zip(rs.batches, rs.similarity, rs.masks)
+            ]
+        shift[weight] = float(torch.stack(moved).mean())
+    assert shift[10.0] < 0.5 * shift[0.0], shift
+    assert forget_drop[10.0] > 0.02, forget_drop
 
 
 def test_hidden_retain_term_keeps_retain_states_closer(tiny_lm, tiny_world, encoder):
