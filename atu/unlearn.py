@@ -259,7 +259,7 @@ def retain_terms(
         out["retain_loss"] = state_drift_loss(hidden, retain.reference[i].to(device), mask)
     if cfg.retain_similarity_weight > 0:
         if retain.similarity is None:
-            raise ValueError("retain_similarity_weight needs reference cosines: pass the predictor to build_retain_set")
+            raise ValueError("retain_similarity_weight needs cosines: pass build_retain_set the predictor")
         hidden = hidden if hidden is not None else hidden_at(model, ids, attn, layer)
         sim = concept_similarity(predictor(hidden, attn), concept_vectors)  # (B, T, C)
         out["retain_similarity_loss"] = similarity_drift_loss(
