@@ -185,7 +185,8 @@ def align(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     def job(cfg, dist, *, progress):
         j = _setup(cfg, dist, progress)
         _, _, metrics = initial_alignment(
-            j.model, j.tokenizer, j.encoder, j.inputs, cfg.align, run_dir=Path(cfg.out), progress=progress, dist=dist
+            j.model, j.tokenizer, j.encoder, j.inputs, cfg.align, run_dir=Path(cfg.out), progress=progress, dist=dist,
+            need_data=False,
         )
         return metrics if dist.main else None
 

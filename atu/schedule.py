@@ -147,16 +147,14 @@ def _load_aligned(run_dir: Path, key: str):
 
 def initial_alignment(
     model, tokenizer, encoder, inputs: ScheduleInputs, align_cfg: AlignConfig, *, run_dir: Path | None = None,
-    progress: bool = True, dist: Dist = SINGLE,
+    progress: bool = True, dist: Dist = SINGLE, need_data: bool = True,
 ):  # fmt: skip
     """Align a new predictor to ``model`` (LM frozen), or reuse the one ``run_dir/aligned`` holds for the same model,
-    texts and config; save it there. Returns (alignment data, predictor on the model's device, metrics)."""
+    texts and config; save it there. Returns (alignment data, predictor on the model's device, metrics); the data
+    (what re-alignment trains on) is None when a predictor is reused and ``need_data`` is False (`atu align`)."""
     layer = align_cfg.resolve_layer(len(decoder_layers(model)))
     embedding_dim = encoder.get_embedding_dimension()
     device = next(model.parameters()).device
-    t0 = time.time()
-    data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
-    t_prepare = time.time() - t0
     key = _aligned_key(model, encoder, inputs, align_cfg, layer)
     reused = _load_aligned(run_dir, key) if run_dir is not None else None
     # Every process reads before the first one can write (it writes after the collective below): one decision.
@@ -165,7 +163,15 @@ def initial_alignment(
             raise AtuError(f"{run_dir / ALIGNED_DIR}: not seen by every process; the run directory must be shared")
         predictor, metrics = reused
         logger.info("reusing the aligned predictor in %s", run_dir / ALIGNED_DIR)
+        data = (
+            prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
+            if need_data
+            else None
+        )
         return data, predictor.to(device), {**metrics, "reused": True}
+    t0 = time.time()
+    data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
+    t_prepare = time.time() - t0
     predictor = new_predictor(align_cfg, model.config.hidden_size, embedding_dim).to(device)
     train_h = compute_hidden(model, data.train, layer)
     val_h = compute_hidden(model, data.val, layer)
