@@ -187,7 +187,7 @@ def align(cfg: RunConfig, *, progress: bool = True) -> dict | None:
         _, _, metrics = initial_alignment(
             j.model, j.tokenizer, j.encoder, j.inputs, cfg.align, run_dir=Path(cfg.out), progress=progress, dist=dist,
             need_data=False,
-        )
+        )  # fmt: skip
         return metrics if dist.main else None
 
     return _distributed(cfg, job, progress=progress)

@@ -37,7 +37,7 @@ RETAIN = [
 CONFIG = UnlearnConfig(
     taus=[-1.0], steps_per_stage=1, lr=0.5, grad_clip=1.0, batch_size=2, retain_weight=0.5, retain_pool=4,
     retain_similarity_weight=0.5,
-)
+)  # fmt: skip
 
 
 def setup(model_dir):
