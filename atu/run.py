@@ -29,6 +29,9 @@ from atu.unlearn import concept_window_texts, target_vectors
 logger = logging.getLogger(__name__)
 
 
+EVAL_RETAIN_TEXTS = 256  # retain texts `atu run` evaluates perplexity and cosines on
+
+
 @dataclass
 class RunData:
     corpus: list[formats.CorpusRecord]
@@ -47,11 +50,12 @@ class RunData:
 
     def evaluation_texts(self) -> dict[str, list[str]]:
         """The text keyword arguments of `evaluate_model`: the forgotten people's own texts (those filed under them,
-        not the texts that name them), a sample of retain texts, and the unseen texts."""
+        not the texts that name them), a sample of retain texts (at most half of them: the retain terms train on
+        the rest), and the unseen texts."""
         forget = set(self.forget)
         return {
             "forget_texts": [r.text for r in self.corpus if r.concept in forget],
-            "retain_texts": self.retain_texts[:256],
+            "retain_texts": self.retain_texts[: min(EVAL_RETAIN_TEXTS, len(self.retain_texts) // 2)],
             "unseen_texts": self.unseen,
         }
 

@@ -246,6 +246,11 @@ def run_schedule(
         raise ConfigError("no forget texts: the corpus has no text about the concepts to forget")
     if not inputs.validation_texts:
         raise ConfigError("no held-out retain texts: the schedule needs them to decide where to stop")
+    if unlearn_cfg.uses_retain and not inputs.retain_texts:
+        raise ConfigError(
+            "unlearn.retain_weight or unlearn.retain_similarity_weight is set but there are no retain texts to train "
+            "it on (corpus texts about no forgotten concept, besides those the stopping signal and evaluation read)"
+        )
     layer = align_cfg.resolve_layer(len(decoder_layers(model)))
     key = _checkpoint_key(inputs, align_cfg, unlearn_cfg)
     device = next(model.parameters()).device

@@ -229,6 +229,49 @@ def test_retain_texts_and_stop_signal_never_name_a_forgotten_person(tmp_path, ti
     assert all(rows == [0] for rows in data.forget_rows)
 
 
+@pytest.mark.parametrize("stop_signal", ["heldout", "retain_corpus"])
+def test_retain_terms_train_on_neither_the_stop_signal_nor_the_evaluated_texts(tmp_path, tiny_world, stop_signal):
+    """Both retain terms run in a whole job, and their texts leave out what the stopping signal and the evaluation
+    (perplexity, the driving predictor's cosines) read, so those stay held-out checks."""
+    from atu.distributed import SINGLE
+    from atu.run import _setup
+
+    cfg = tiny_run_config(tmp_path, retain_weight=1.0, retain_similarity_weight=1.0, retain_similarity_margin=0.01)
+    cfg.data.forget = tiny_world.concepts().names()[:1]
+    cfg.stop_signal = stop_signal
+    j = _setup(cfg, SINGLE, progress=False)
+    evaluated = j.data.evaluation_texts()["retain_texts"]
+    assert evaluated and len(evaluated) <= len(j.data.retain_texts) // 2
+    trained = set(j.inputs.retain_texts)
+    assert trained and not trained & set(evaluated) and not trained & set(j.inputs.validation_texts)
+    held_out = set(evaluated) | set(j.inputs.validation_texts)
+    assert trained | held_out >= set(j.data.retain_texts)  # nothing else is left out
+    if stop_signal == "heldout":
+        return
+    summary = run(cfg, export=False, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    assert steps and all("retain_loss" in s and "retain_similarity_loss" in s for s in steps)
+    assert summary["similarity"]["after_driving_predictor"]["retain"]
+
+
+def test_retain_weight_without_retain_texts_is_an_error(tiny_lm, tiny_world, encoder, tmp_path):
+    from atu.align import AlignConfig
+    from atu.errors import ConfigError
+    from atu.schedule import ScheduleInputs, run_schedule
+    from atu.unlearn import UnlearnConfig
+
+    model, tok = tiny_lm
+    concepts = tiny_world.concepts().subset(tiny_world.concepts().names()[:1])
+    texts = [r.text for r in tiny_world.corpus()]
+    inputs = ScheduleInputs(
+        concepts=concepts, forget_texts=texts[:3], forget_concepts=[[0]] * 3, own_concepts=[[0]] * 3,
+        align_texts=texts, validation_texts=texts[3:6], retain_texts=[],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="no retain texts to train it on"):
+        run_schedule(model, tok, encoder, inputs, AlignConfig(), UnlearnConfig(retain_similarity_weight=1.0))
+
+
 def test_checkpoint_of_another_config_is_an_error_unless_replaced(tiny_run, tmp_path):
     """`atu run` refuses a run directory holding another config's checkpoint; the demo (replace_stale) starts over
     in its own directory, e.g. after an upgrade changed its settings."""
