@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -34,6 +33,7 @@ import transformers
 from safetensors import SafetensorError
 
 from atu import __version__
+from atu.atomic import fsync, install_dir, sibling
 from atu.configs import is_open_fraction
 from atu.errors import AtuError, ConfigError, FormatError
 from atu.index import ConceptIndex
@@ -204,16 +204,6 @@ def _payload_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in paths)
 
 
-def _fsync(path: Path) -> None:
-    if path.is_dir() and os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tree(tmp: Path, model, tokenizer, predictor, guard: GuardConfig, index, manifest: dict) -> None:
     model_dir, guard_dir = tmp / "model", tmp / "guard"
     model.save_pretrained(model_dir)  # transformers >= 5 writes safetensors only; checked below for older ones
@@ -233,8 +223,8 @@ def _write_tree(tmp: Path, model, tokenizer, predictor, guard: GuardConfig, inde
     manifest["files"] = {rel: _sha256(tmp / rel) for rel in _payload_files(tmp)}
     (tmp / MANIFEST_NAME).write_text(_json_text(manifest, MANIFEST_NAME), encoding="utf-8")
     for path in sorted(tmp.rglob("*"), reverse=True):  # files before the directories holding them
-        _fsync(path)
-    _fsync(tmp)
+        fsync(path)
+    fsync(tmp)
 
 
 def _as_os_error(err: BaseException) -> OSError | None:
@@ -258,30 +248,6 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
     if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         # overwrite=True on a mistyped path must not delete an unrelated directory.
         raise ExportError(f"{out_dir}: exists and is not an atu export (no {MANIFEST_NAME}); refusing to replace it.")
-
-
-def _sibling(out_dir: Path, tag: str) -> Path:
-    """A hidden, unused name next to ``out_dir``, for the temporary export or the one being replaced."""
-    return out_dir.parent / f".{out_dir.name}.{tag}-{secrets.token_hex(6)}"
-
-
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished export into place; an existing one is moved aside first and removed only afterwards."""
-    old = None
-    if out_dir.exists():
-        old = _sibling(out_dir, "old")
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    _fsync(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-        if old.exists():
-            logger.warning("could not remove the replaced export at %s; delete it by hand", old)
 
 
 def write_export(
@@ -331,11 +297,11 @@ def write_export(
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         # Same parent, so the final rename stays on one filesystem and is atomic.
-        candidate = _sibling(out_dir, "tmp")
+        candidate = sibling(out_dir, "tmp")
         candidate.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would make the export unreadable to a server's user
         tmp = candidate  # only now ours to delete
         _write_tree(tmp, plain, tokenizer, predictor, guard, index, manifest)
-        _install(tmp, out_dir)
+        install_dir(tmp, out_dir)
     except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atu import envs, formats
+from atu.atomic import replaced_dir
 from atu.distributed import SINGLE, Dist, from_environment
 from atu.errors import AtuError, ConfigError
 from atu.evaluate import evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
@@ -23,7 +24,7 @@ from atu.loading import load_encoder, load_lm
 from atu.metrics import auroc
 from atu.pipeline import RunConfig
 from atu.predictor import load_predictor, save_predictor
-from atu.schedule import ScheduleInputs, ScheduleResult, initial_alignment, replaced_dir, run_schedule
+from atu.schedule import ScheduleInputs, ScheduleResult, initial_alignment, run_schedule
 from atu.unlearn import concept_window_texts, target_vectors
 
 logger = logging.getLogger(__name__)

@@ -15,11 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from atu import cache
 from atu.align import AlignConfig, compute_hidden, new_predictor, prepare_alignment, train_predictor
+from atu.atomic import replaced_dir
 from atu.distributed import SINGLE, Dist
 from atu.errors import AtuError, ConfigError
 from atu.formats import ConceptSet
@@ -104,21 +102,6 @@ def _aligned_key(model, encoder, inputs: ScheduleInputs, align: AlignConfig, lay
             "texts": inputs.align_texts,
         }
     )
-
-
-@contextmanager
-def replaced_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty directory beside ``final`` to fill; when the block ends without error it takes ``final``'s
-    place, so a crash leaves the old directory or the new one, never a half-written one."""
-    tmp, old = final.parent / f".{final.name}.partial", final.parent / f".{final.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_aligned(run_dir: Path, key: str, predictor, metrics: dict) -> None:
