@@ -121,9 +121,9 @@ def world_settings(n_forget: int) -> dict[str, Any]:
     """The embedded world's run settings (besides model, data.forget and out), as `configs/world.yaml` (one
     concept) and `configs/world_three.yaml` (three) write them; `atu demo` runs these.
 
-    One concept: a retain term keeps the predictor's cosine to the concept on other texts within 0.08 of where it
-    was (over unlearning seeds 0-4 every criterion held in 3 of 5 runs with it, 1 of 5 without: the push on a name
-    lowered every other text's cosine by 0.10-0.12).
+    One concept: a retain term keeps the predictor's cosine to the concept on other texts within 0.1 of where it
+    was (over unlearning seeds 0-4 every criterion held in 4 of 5 runs with it, 3 of 5 at a margin of 0.08, 1 of 5
+    without: the push on a name lowered every other text's cosine by 0.10-0.12).
 
     More than one concept: a retain term keeps the other people's hook-layer states where they were, the retain
     budget is measured on the retained people's own texts (the held-out phrasings stopped three-person runs early),
@@ -151,7 +151,7 @@ def world_settings(n_forget: int) -> dict[str, Any]:
         "device": "auto",
     }
     if n_forget == 1:
-        unlearn.update(retain_similarity_weight=1.0, retain_similarity_margin=0.08)
+        unlearn.update(retain_similarity_weight=1.0, retain_similarity_margin=0.1)
     else:
         unlearn.update(retain_weight=1.0, retain_loss="hidden")
         settings["stop_signal"] = "retain_corpus"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,24 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 HERE = Path(__file__).parent
 
 
-def _torchrun(args, tmp_path, timeout=300):
+def _accelerate() -> list[str]:
+    """`accelerate launch --multi_gpu` for two processes, as README's multi-GPU command (on a machine without a GPU
+    it starts the same two gloo processes through torch.distributed.run), on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+    ]  # fmt: skip
+
+
+def _torchrun(args, tmp_path, timeout=300, launcher=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     return subprocess.run(
-        [*TORCHRUN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+        [*(launcher or TORCHRUN), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )  # fmt: skip
 
 
 def test_single_process_collectives_do_nothing(monkeypatch):
@@ -79,8 +93,10 @@ def test_two_processes_take_two_batches_and_average_their_gradients(tiny_world, 
         assert float((tmp_path / f"rank{r}.loss").read_text()) == pytest.approx(sum(losses) / 2, rel=1e-5)
 
 
-def test_atu_run_under_torchrun(tiny_world, tmp_path):
-    """The whole job on two processes: one export, one eval.json, each step logged once, one report printed."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_atu_run_under_torchrun(tiny_world, tmp_path, launcher):
+    """The whole job on two processes, launched by torchrun or by `accelerate launch --multi_gpu`: one export, one
+    eval.json, each step logged once, one report printed."""
     from conftest import tiny_run_config
 
     from atu.export import load_export
@@ -90,11 +106,12 @@ def test_atu_run_under_torchrun(tiny_world, tmp_path):
     cfg.device = "cpu"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
-    proc = _torchrun(["-m", "atu.cli", "run", str(config)], tmp_path, timeout=600)
+    command = TORCHRUN if launcher == "torchrun" else _accelerate()
+    proc = _torchrun(["-m", "atu.cli", "run", str(config)], tmp_path, timeout=600, launcher=command)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1 and proc.stdout.count("forget    direct") == 1
     summary = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert len(summary["stages"]) == len(cfg.unlearn.taus)
+    assert len(summary["stages"]) == len(cfg.unlearn.taus) and summary["processes"] == 2
     assert summary["after"]["forget"]["direct"] is not None
     load_export(tmp_path / "run" / "export")  # verifies hashes and dimensions
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
