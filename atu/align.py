@@ -4,6 +4,9 @@ next ``k`` encoder tokens, with the LM frozen.
 Both inputs of the loss are fixed while E trains, so they are computed once: the window targets once per
 dataset (each distinct window embedded once), the layer-L states once per model state (again after every
 unlearning stage, since the LM has changed). Training then runs on cached tensors only.
+
+Across processes (torchrun, ``accelerate launch``) the work is sharded: each process embeds every N-th window and
+caches the states of every N-th batch (``Dist.shard``), and the predictor's gradients are averaged at every step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atu.configs import dataclass_from_dict
+from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
 from atu.hidden import hidden_at
 from atu.losses import alignment_loss, cosine_to_targets
@@ -119,9 +123,10 @@ def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: boo
 
 
 def prepare_alignment(
-    texts: list[str], tokenizer, encoder, cfg: AlignConfig, *, progress: bool = True
+    texts: list[str], tokenizer, encoder, cfg: AlignConfig, *, progress: bool = True, dist: Dist = SINGLE
 ) -> AlignmentData:
-    """Tokenise ``texts``, find every position's future window and embed each distinct window once."""
+    """Tokenise ``texts``, find every position's future window and embed each distinct window once (across
+    processes: each embeds its share of the windows, and every process gets all the targets)."""
     if not texts:
         raise ConfigError("no alignment texts: alignment needs a corpus")
     rng = random.Random(cfg.seed)
@@ -136,8 +141,12 @@ def prepare_alignment(
     val = _batches(val_texts, tokenizer, enc_tok, cfg, window_ids) if val_texts else []
     windows = sorted(window_ids, key=window_ids.get)
     logger.info("embedding %d distinct windows of %d texts", len(windows), len(texts))
-    targets = encode_texts(encoder, windows, cfg.encode_batch_size, progress)
-    return AlignmentData(train, val, targets)
+    mine = dist.shard(windows)
+    if mine:
+        local = encode_texts(encoder, mine, cfg.encode_batch_size, progress)
+    else:  # more processes than windows
+        local = torch.zeros(0, encoder.get_embedding_dimension())
+    return AlignmentData(train, val, dist.gather_shards(local, len(windows)))
 
 
 @torch.no_grad()
@@ -160,9 +169,14 @@ def new_predictor(cfg: AlignConfig, hidden_size: int, embedding_dim: int) -> Emb
 
 @torch.no_grad()
 def mean_cosine(
-    predictor: EmbeddingPredictor, hidden: list[torch.Tensor], batches: list[TextBatch], targets: torch.Tensor
+    predictor: EmbeddingPredictor,
+    hidden: list[torch.Tensor],
+    batches: list[TextBatch],
+    targets: torch.Tensor,
+    dist: Dist = SINGLE,
 ) -> float:
-    """Mean cosine between predictions and window targets over all target positions."""
+    """Mean cosine between predictions and window targets over all target positions (of every process's
+    ``batches``, each process passing its share and the states it computed for them)."""
     total, count = 0.0, 0
     device = next(predictor.parameters()).device
     for h, b in zip(hidden, batches):
@@ -174,7 +188,7 @@ def mean_cosine(
         cos = cosine_to_targets(pred, tgt)[mask.to(device)]
         total += cos.sum().item()
         count += cos.numel()
-    return total / max(count, 1)
+    return dist.sum(total) / max(dist.sum(count), 1)
 
 
 def train_predictor(
@@ -187,20 +201,35 @@ def train_predictor(
     val_hidden: list[torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "aligning",
+    dist: Dist = SINGLE,
 ) -> dict[str, float]:
-    """Adam on ``1 - cos`` over the cached states; returns train and held-out mean cosine."""
+    """Adam on ``1 - cos`` over the cached states; returns train and held-out mean cosine.
+
+    ``train_hidden`` (and ``val_hidden``) are the states of this process's share of the batches,
+    ``dist.shard(data.train)``. Every step each process takes one of its batches and the gradients are averaged, so
+    an epoch is as many steps as the largest share has batches (a smaller share repeats one batch)."""
     device = next(predictor.parameters()).device
+    if epochs and len(data.train) < dist.world:
+        raise ConfigError(
+            f"{len(data.train)} alignment batches for {dist.world} processes: use fewer processes or a smaller "
+            "align.batch_size"
+        )
+    train, val = dist.shard(data.train), dist.shard(data.val)
+    if len(train_hidden) != len(train):
+        raise ValueError(f"{len(train_hidden)} cached states for this process's {len(train)} training batches")
     opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed + dist.rank)
     predictor.train()
-    total = epochs * len(data.train)
+    per_epoch = -(-len(data.train) // dist.world)  # the same on every process
+    total = epochs * per_epoch if train else 0
     bar = tqdm(total=total, desc=desc, disable=not progress or total == 0, unit="batch")
     step = 0
-    for _ in range(epochs):
-        order = list(range(len(data.train)))
+    for _ in range(epochs if train else 0):
+        order = list(range(len(train)))
         rng.shuffle(order)
+        order += order[: per_epoch - len(order)]
         for i in order:
-            b, h = data.train[i], train_hidden[i]
+            b, h = train[i], train_hidden[i]
             lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))  # cosine decay within a call
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -209,6 +238,7 @@ def train_predictor(
             loss = alignment_loss(pred, target, (b.target_index >= 0).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.mean_grads_(predictor.parameters())
             torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
             opt.step()
             step += 1
@@ -217,8 +247,8 @@ def train_predictor(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     predictor.eval()
-    metrics = {"train_cos": mean_cosine(predictor, train_hidden, data.train, data.targets)}
+    metrics = {"train_cos": mean_cosine(predictor, train_hidden, train, data.targets, dist)}
     if val_hidden is not None and data.val:
-        metrics["val_cos"] = mean_cosine(predictor, val_hidden, data.val, data.targets)
+        metrics["val_cos"] = mean_cosine(predictor, val_hidden, val, data.targets, dist)
     logger.info("%s: %s", desc, metrics)
     return metrics

@@ -2,9 +2,10 @@
 
 Every process holds the whole model. Each unlearning step, every process takes a different forget batch (and retain
 batch), and the gradients are averaged before the clip and the optimizer step, so the processes stay identical
-and N processes take N batches a step. Alignment runs on every process on the whole alignment set and the first
-process's predictor is broadcast to the others; stopping decisions are the first process's; only the first process
-writes files (metrics, checkpoints, the export) and evaluates.
+and N processes take N batches a step. Alignment is sharded the same way: each process embeds every N-th distinct
+window (the targets are gathered, so every process holds all of them), computes and caches the hook-layer states
+of every N-th batch only, and trains on those, the predictor's gradients averaged at each step. Stopping decisions
+are the first process's; only the first process writes files (metrics, checkpoints, the export) and evaluates.
 
 A single process (no launcher) gets ``SINGLE``, whose collectives do nothing.
 """
@@ -62,6 +63,26 @@ class Dist:
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def shard(self, items: list) -> list:
+        """This process's share of ``items``: every ``world``-th one, starting at its rank."""
+        return items[self.rank :: self.world] if self.active else items
+
+    def gather_shards(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """The inverse of ``shard`` for the rows of a tensor: every process passes the rows it computed for its
+        share of ``total`` items and gets all ``total`` rows back, in the items' order (on ``local``'s device)."""
+        if not self.active:
+            return local
+        per = -(-total // self.world)  # the largest share; smaller ones are padded to it for the collective
+        padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=self.device)
+        padded[: local.shape[0]] = local.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, padded)
+        out = torch.empty((total, *local.shape[1:]), dtype=local.dtype, device=self.device)
+        for rank, part in enumerate(parts):
+            n = len(range(rank, total, self.world))
+            out[rank :: self.world] = part[:n]
+        return out.to(local.device)
 
     def sum(self, value: float) -> float:
         """The sum of ``value`` over the processes."""

@@ -147,20 +147,21 @@ def initial_alignment(
         predictor, metrics = reused
         logger.info("reusing the aligned predictor in %s", run_dir / ALIGNED_DIR)
         data = (
-            prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
+            prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress, dist=dist)
             if need_data
             else None
         )
         return data, predictor.to(device), {**metrics, "reused": True}
     t0 = time.time()
-    data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress)
+    data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress, dist=dist)
     t_prepare = time.time() - t0
     predictor = new_predictor(align_cfg, model.config.hidden_size, embedding_dim).to(device)
-    train_h = compute_hidden(model, data.train, layer)
-    val_h = compute_hidden(model, data.val, layer)
+    train_h = compute_hidden(model, dist.shard(data.train), layer)  # this process's share
+    val_h = compute_hidden(model, dist.shard(data.val), layer)
     metrics = train_predictor(
-        predictor, data, train_h, align_cfg.epochs, align_cfg, val_hidden=val_h, progress=progress, desc="aligning"
-    )
+        predictor, data, train_h, align_cfg.epochs, align_cfg, val_hidden=val_h, progress=progress, desc="aligning",
+        dist=dist,
+    )  # fmt: skip
     dist.broadcast_(predictor.state_dict().values())
     metrics.update(
         prepare_seconds=round(t_prepare, 1),
@@ -346,8 +347,8 @@ def run_schedule(
                     f"(budget {unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
                 )
                 break
-            train_h = compute_hidden(model, data.train, layer)
-            val_h = compute_hidden(model, data.val, layer)
+            train_h = compute_hidden(model, dist.shard(data.train), layer)  # this process's share
+            val_h = compute_hidden(model, dist.shard(data.val), layer)
             realign = train_predictor(
                 predictor,
                 data,
@@ -357,6 +358,7 @@ def run_schedule(
                 val_hidden=val_h,
                 progress=progress,
                 desc=f"re-aligning after stage {stage}",
+                dist=dist,
             )
             dist.broadcast_(predictor.state_dict().values())
             driving = frozen

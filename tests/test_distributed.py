@@ -117,3 +117,66 @@ def test_atu_run_under_torchrun(tiny_world, tmp_path, launcher):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "step" in r]
     assert steps and len(steps) == len(set(steps))
+
+
+def test_two_processes_share_the_alignment(tiny_world, tmp_path):
+    """Sharded alignment: each process embeds half the windows and caches the states of half the batches; the
+    gathered targets equal one process's, and training equals one process averaging both processes' gradients."""
+    import math
+    import random
+
+    import align_worker as w
+
+    from atu.align import compute_hidden, mean_cosine
+    from atu.losses import alignment_loss
+
+    proc = _torchrun([str(HERE / "align_worker.py"), str(tiny_world.root), str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    metrics = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    model, data, predictor = w.setup(tiny_world.root)
+    n = len(data.train)
+    assert n == 5 and len(data.val) == 1 and data.n_windows > 2
+    assert [m["cached"] for m in metrics] == [3, 2]  # each process holds the states of its own batches only
+    for r in (0, 1):
+        torch.testing.assert_close(ranks[r]["targets"], data.targets, rtol=1e-5, atol=1e-6)
+
+    # Reference, one process: each step, the mean of the two processes' batch gradients; the smaller share
+    # repeats its first batch of the epoch.
+    cfg, layer = w.CONFIG, w.CONFIG.hook_layer
+    hidden = compute_hidden(model, data.train, layer)
+    shares = [list(range(n))[r::2] for r in (0, 1)]
+    rngs = [random.Random(cfg.seed + r) for r in (0, 1)]
+    per_epoch = math.ceil(n / 2)
+    total = cfg.epochs * per_epoch
+    opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
+    predictor.train()
+    step = 0
+    for _ in range(cfg.epochs):
+        orders = []
+        for share, rng in zip(shares, rngs):
+            order = list(range(len(share)))
+            rng.shuffle(order)
+            orders.append([share[i] for i in order + order[: per_epoch - len(order)]])
+        for s in range(per_epoch):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            opt.zero_grad(set_to_none=True)
+            for order in orders:
+                b = data.train[order[s]]
+                pred = predictor(hidden[order[s]], b.attention_mask)
+                loss = alignment_loss(pred, data.targets[b.target_index.clamp(min=0)], b.target_index >= 0)
+                (loss / 2).backward()
+            torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
+            opt.step()
+            step += 1
+    predictor.eval()
+    for name, value in predictor.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)  # the processes stay identical
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5)
+    # The reported cosines are over every process's batches, the same on each.
+    assert metrics[0]["train_cos"] == metrics[1]["train_cos"]
+    assert metrics[0]["train_cos"] == pytest.approx(mean_cosine(predictor, hidden, data.train, data.targets), abs=1e-4)
+    val = compute_hidden(model, data.val, layer)
+    assert metrics[1]["val_cos"] == pytest.approx(mean_cosine(predictor, val, data.val, data.targets), abs=1e-4)
