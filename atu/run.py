@@ -290,7 +290,7 @@ def _run(
         "forget": data.forget,
         "hook_layer": result.hook_layer,
         "stop_reason": result.stop_reason,
-        "processes": dist.world,  # data-parallel processes that shared the unlearning steps
+        "processes": dist.world,  # data-parallel processes that shared the alignment and unlearning steps
         "stages": [{k: s[k] for k in ("stage", "tau", "rise", "val_ppl", "stage_seconds")} for s in result.stages],
         "align": result.align_metrics,
         "final_thresholds": cfg.unlearn.final_thresholds(j.inputs.concepts).tolist(),

@@ -38,3 +38,18 @@ def test_alignment_targets_are_cached_once_and_training_raises_cosine(tiny_lm, t
 def test_no_texts():
     with pytest.raises(ConfigError, match="no alignment texts"):
         prepare_alignment([], None, None, AlignConfig())
+
+
+def test_shares_across_processes_and_too_few_batches():
+    from atu.distributed import SINGLE, Dist
+
+    items = list(range(7))
+    assert SINGLE.shard(items) is items
+    shares = [Dist(rank=r, world=3).shard(items) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(sum(shares, [])) == items
+    # More processes than alignment batches: a one-line error before any collective, the same on every process.
+    batch = object()
+    data = type("Data", (), {"train": [batch, batch], "val": []})()
+    with pytest.raises(ConfigError, match="2 alignment batches for 3 processes"):
+        train_predictor(torch.nn.Linear(1, 1), data, [], 1, AlignConfig(), progress=False, dist=Dist(0, 3))

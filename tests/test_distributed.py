@@ -94,7 +94,7 @@ def test_two_processes_take_two_batches_and_average_their_gradients(tiny_world, 
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_atu_run_under_torchrun(tiny_world, tmp_path, launcher):
+def test_atu_run_on_two_processes(tiny_world, tmp_path, launcher):
     """The whole job on two processes, launched by torchrun or by `accelerate launch --multi_gpu`: one export, one
     eval.json, each step logged once, one report printed."""
     from conftest import tiny_run_config
