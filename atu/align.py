@@ -160,6 +160,14 @@ def compute_hidden(model, batches: list[TextBatch], layer: int) -> list[torch.Te
     return out
 
 
+def alignment_hidden(
+    model, data: AlignmentData, layer: int, dist: Dist = SINGLE
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The layer-``layer`` states `train_predictor` reads: of this process's share (`Dist.shard`) of the training
+    batches, and of the held-out ones."""
+    return compute_hidden(model, dist.shard(data.train), layer), compute_hidden(model, dist.shard(data.val), layer)
+
+
 def new_predictor(cfg: AlignConfig, hidden_size: int, embedding_dim: int) -> EmbeddingPredictor:
     torch.manual_seed(cfg.seed)
     return EmbeddingPredictor(

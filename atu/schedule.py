@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atu import cache
-from atu.align import AlignConfig, compute_hidden, new_predictor, prepare_alignment, train_predictor
+from atu.align import AlignConfig, alignment_hidden, new_predictor, prepare_alignment, train_predictor
 from atu.atomic import replaced_dir
 from atu.distributed import SINGLE, Dist
 from atu.errors import AtuError, ConfigError
@@ -156,8 +156,7 @@ def initial_alignment(
     data = prepare_alignment(inputs.align_texts, tokenizer, encoder, align_cfg, progress=progress, dist=dist)
     t_prepare = time.time() - t0
     predictor = new_predictor(align_cfg, model.config.hidden_size, embedding_dim).to(device)
-    train_h = compute_hidden(model, dist.shard(data.train), layer)  # this process's share
-    val_h = compute_hidden(model, dist.shard(data.val), layer)
+    train_h, val_h = alignment_hidden(model, data, layer, dist)  # this process's share
     metrics = train_predictor(
         predictor, data, train_h, align_cfg.epochs, align_cfg, val_hidden=val_h, progress=progress, desc="aligning",
         dist=dist,
@@ -347,8 +346,7 @@ def run_schedule(
                     f"(budget {unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
                 )
                 break
-            train_h = compute_hidden(model, dist.shard(data.train), layer)  # this process's share
-            val_h = compute_hidden(model, dist.shard(data.val), layer)
+            train_h, val_h = alignment_hidden(model, data, layer, dist)
             realign = train_predictor(
                 predictor,
                 data,

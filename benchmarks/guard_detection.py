@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from atu import __version__, cache, formats
-from atu.align import compute_hidden, new_predictor, prepare_alignment, train_predictor
+from atu.align import alignment_hidden, new_predictor, prepare_alignment, train_predictor
 from atu.export import load_export, write_export
 from atu.generation import chat_prompt, generate_answers
 from atu.index import ConceptIndex
@@ -91,7 +91,7 @@ def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> t
         data = prepare_alignment(texts, tokenizer, encoder, cfg.align, progress=progress)
         layer = after.guard.hook_layer
         predictor = new_predictor(cfg.align, model.config.hidden_size, encoder.get_embedding_dimension())
-        train_h, val_h = compute_hidden(model, data.train, layer), compute_hidden(model, data.val, layer)
+        train_h, val_h = alignment_hidden(model, data, layer)
         metrics = train_predictor(
             predictor, data, train_h, cfg.align.epochs, cfg.align, val_hidden=val_h, progress=progress
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from atu import formats
-from atu.align import AlignConfig, compute_hidden, new_predictor, prepare_alignment, train_predictor
+from atu.align import AlignConfig, alignment_hidden, new_predictor, prepare_alignment, train_predictor
 from atu.distributed import SINGLE, from_environment
 from atu.loading import load_encoder, load_lm
 
@@ -38,8 +38,7 @@ def setup(world_dir, dist=SINGLE):
 def main(world_dir: str, out_dir: str) -> None:
     dist = from_environment("cpu")
     model, data, predictor = setup(world_dir, dist)
-    train_h = compute_hidden(model, dist.shard(data.train), CONFIG.hook_layer)
-    val_h = compute_hidden(model, dist.shard(data.val), CONFIG.hook_layer)
+    train_h, val_h = alignment_hidden(model, data, CONFIG.hook_layer, dist)
     metrics = train_predictor(
         predictor, data, train_h, CONFIG.epochs, CONFIG, val_hidden=val_h, progress=False, dist=dist
     )
