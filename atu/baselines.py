@@ -189,3 +189,49 @@ def run_baseline(
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
     return model, [{"step": i, **{k: float(v) for k, v in r.items()}} for i, r in enumerate(logged)]
+
+
+def baseline_stage(
+    model,
+    params: list[torch.nn.Parameter],
+    forget: list[tuple[torch.Tensor, torch.Tensor]],
+    retain: list[tuple[torch.Tensor, torch.Tensor]],
+    ref,
+    cfg: BaselineConfig,
+    *,
+    stage: int,
+    progress: bool = True,
+) -> list[dict]:
+    """``cfg.steps`` optimizer steps of a baseline objective on ``params``, for a schedule that checks a retain budget
+    between stages (as ATU's does). ``forget`` and ``retain`` are (input_ids, attention_mask) batches, cycled from
+    where the stage's number puts them; ``ref`` is the frozen model before unlearning (npo). Returns one record per
+    step: ``loss`` and ``forget_nll`` (before the step)."""
+    if cfg.method == "gd" and not retain:
+        raise ConfigError("unlearn.algorithm 'gd' needs retain texts (corpus texts about no forgotten concept)")
+    if cfg.method == "npo" and ref is None:
+        raise ValueError("npo needs the reference model taken before unlearning")
+    device = next(model.parameters()).device
+    opt = make_optimizer(params, cfg)
+    logged = []
+    model.train()
+    for i in tqdm(range(cfg.steps), desc=f"{cfg.method} stage {stage}", disable=not progress, unit="step"):
+        step = stage * cfg.steps + i
+        fb = tuple(t.to(device) for t in forget[step % len(forget)])
+        logp, n_tok = _logprob(model, fb)
+        forget_nll = -logp.sum() / n_tok
+        if cfg.method == "ga":
+            loss = -forget_nll
+        elif cfg.method == "gd":
+            r_logp, r_tok = _logprob(model, tuple(t.to(device) for t in retain[step % len(retain)]))
+            loss = -forget_nll + cfg.retain_weight * (-r_logp.sum() / r_tok)
+        else:
+            with torch.no_grad():
+                ref_logp, _ = _logprob(ref, fb)
+            loss = -(2 / cfg.beta) * F.logsigmoid(-cfg.beta * (logp - ref_logp)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        logged.append({"loss": loss.detach(), "forget_nll": forget_nll.detach()})
+    model.eval()
+    return [{"step": stage * cfg.steps + i, **{k: float(v) for k, v in r.items()}} for i, r in enumerate(logged)]

@@ -148,6 +148,7 @@ def _print_before_after(summary: dict) -> None:
         FLUENCY_DROP,
         FORGET_RATIO,
         PERPLEXITY_RATIO,
+        REFOUND_SHARE,
         RETAIN_RATIO,
         SIMILARITY_SHIFT,
         similarity_criteria,
@@ -162,9 +163,14 @@ def _print_before_after(summary: dict) -> None:
     similarity = similarity_criteria(summary.get("similarity", {}), summary["final_thresholds"], summary["forget"])
     if similarity:
         click.echo(
-            "driving predictor (mean cosine on forget texts < final threshold, on retain texts within "
-            f"{SIMILARITY_SHIFT:.2f} of before): " + _verdict(similarity, "+.3f")
+            "predictors (re-aligned: forget-minus-retain cosine <= "
+            f"{REFOUND_SHARE} of before; driving: mean cosine on forget texts < final threshold, on retain texts "
+            f"within {SIMILARITY_SHIFT:.2f} of before): " + _verdict(similarity, "+.3f")
         )
+    forgetting = summary.get("forgetting") or {}
+    if forgetting:
+        state = "FAILED, " if forgetting["failed"] else ""
+        click.echo(f"forgetting ({forgetting['schedule']} schedule): {state}{forgetting['why']}")
     click.echo(f"schedule: {summary['stop_reason']}")
 
 

@@ -103,16 +103,31 @@ def unlearning_criteria(before: dict, after: dict) -> list[dict]:
 # The pipeline's figure on the predictor that drove the unlearning (issue 3): the mean cosine to each concept on its
 # forget texts falls below the final threshold, and on retain texts stays within this of its value before.
 SIMILARITY_SHIFT = 0.10
+# After the final re-alignment, how far the concept may still stand out on its texts, as a share of how far it stood
+# out before: a predictor trained afresh that finds the concept as clearly as before means the model still holds it.
+REFOUND_SHARE = 0.5
 
 
 def similarity_criteria(similarity: dict, final_thresholds: list[float], names: list[str]) -> list[dict]:
     """The driving predictor's criteria from `atu run`'s ``similarity`` report (mean cosines per concept, before and
-    after), as `unlearning_criteria` gives its own. None when no stage was kept (there is no driving predictor)."""
+    after), as `unlearning_criteria` gives its own. None when no stage was kept (there is no driving predictor).
+
+    The driving predictor's cosine under the threshold says only that the hinge was satisfied, which it is from the
+    start when the concept never stood out; the re-aligned predictor's separation (mean cosine on forget texts minus
+    on retain texts, against the original model's) says whether a predictor trained afresh still finds it."""
     driving = similarity.get("after_driving_predictor")
     if driving is None:
         return []
     out = []
+    before, final = similarity["before"], similarity.get("after_final_predictor")
     for i, name in enumerate(names):
+        if final is not None:
+            gap_before = before["forget"][i] - before["retain"][i]
+            share = (final["forget"][i] - final["retain"][i]) / gap_before if gap_before > 0 else float("inf")
+            out.append(
+                {"name": f"re-aligned predictor still singles out ({name})", "value": share,
+                 "target": f"<= {REFOUND_SHARE} of before", "met": share <= REFOUND_SHARE + _EPS}
+            )  # fmt: skip
         cos, tau = driving["forget"][i], final_thresholds[i]
         out.append({"name": f"forget cosine ({name})", "value": cos, "target": f"< {tau:.2f}", "met": cos < tau})
         shift = driving["retain"][i] - similarity["before"]["retain"][i]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -48,6 +49,8 @@ class RunData:
     forget_owners: list[str | None] = field(default_factory=list)  # for each, the concept it is filed under
     retain_texts: list[str] = field(default_factory=list)  # corpus texts neither about nor naming a forgotten concept
     unseen_names: list[str] = field(default_factory=list)  # the concepts of the unseen texts (forget_floor)
+    # Held-out texts filed under or naming a forgotten concept: never trained on, where the schedule sees forgetting
+    heldout_forget: list[str] = field(default_factory=list)
 
     def evaluation_texts(self) -> dict[str, list[str]]:
         """The text keyword arguments of `evaluate_model`: the forgotten people's own texts (those filed under them,
@@ -124,6 +127,7 @@ def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
     val_names = set(retained[::2])
     held = formats.read_corpus(path("validation")) if path("validation") else []
     forgotten = concepts.subset(forget)
+    heldout_forget = [r.text for r in held if r.concept in forget or forgotten.mentioned_in(r.text)]
     if cfg.data.mentions:  # a held-out text that names a forgotten concept is partly about it: not a retain text
         held = [r for r in held if not forgotten.mentioned_in(r.text)]
     forget_records, forget_rows, retain_texts = split_corpus(corpus, forgotten, cfg.data.mentions)
@@ -145,6 +149,7 @@ def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
     return RunData(
         corpus, concepts, list(forget), validation, evaluation, probes, unseen, known,
         [r.text for r in forget_records], forget_rows, [r.concept for r in forget_records], retain_texts, unseen_names,
+        heldout_forget,
     )  # fmt: skip
 
 
@@ -251,6 +256,7 @@ def _setup(cfg: RunConfig, dist: Dist, progress: bool, model_path: Path | None =
         validation_texts=validation,
         validation_name="retained-people corpus" if cfg.stop_signal == "retain_corpus" else "held-out retain",
         retain_texts=[t for t in data.retain_texts if t not in held_out],
+        heldout_forget=data.heldout_forget,
     )
     return _Job(model_ref, data, device, model, tokenizer, encoder, inputs)
 
@@ -293,7 +299,8 @@ def _run(
         "processes": dist.world,  # data-parallel processes that shared the alignment and unlearning steps
         "stages": [{k: s[k] for k in ("stage", "tau", "rise", "val_ppl", "stage_seconds")} for s in result.stages],
         "align": result.align_metrics,
-        "final_thresholds": cfg.unlearn.final_thresholds(j.inputs.concepts).tolist(),
+        "final_thresholds": result.final_thresholds,
+        "forgetting": result.forgetting,
     }
     if keep:
         save_unlearned(out / UNLEARNED_DIR, final, tokenizer, result, summary, cfg.to_dict())
@@ -315,7 +322,9 @@ def _run(
         summary.update(similarity=similarity, before=before, after=after)
     summary["seconds"] = round(time.time() - t0, 1)
     if export or evaluate:
-        guard, index = guard_index(cfg, j, final, result.predictor, result.hook_layer, result.concept_vectors)
+        guard, index = guard_index(
+            cfg, j, final, result.predictor, result.hook_layer, result.concept_vectors, result.final_thresholds
+        )
         summary["guard_target"] = guard.concept_target
         summary["guard_thresholds"] = [round(float(t), 4) for t in index.thresholds]
     if export:
@@ -338,7 +347,7 @@ def _run(
 
 
 def guard_index(
-    cfg: RunConfig, j: _Job, final, predictor, layer: int, concept_vectors
+    cfg: RunConfig, j: _Job, final, predictor, layer: int, concept_vectors, final_thresholds: list[float]
 ) -> tuple[GuardConfig, ConceptIndex]:
     """The guard config and the FAISS index of the forgotten concepts for an export of ``final``.
 
@@ -346,15 +355,15 @@ def guard_index(
     ``concept_vectors``); with ``cfg.guard_fpr`` the thresholds are set to that false-positive rate on the held-out
     retain texts, else they are the schedule's final thresholds."""
     concepts = j.inputs.concepts
-    guard_target = cfg.guard_target or cfg.unlearn.target
-    vectors = concept_vectors.cpu()
-    if guard_target != cfg.unlearn.target:
+    guard_target = cfg.guard_target or cfg.unlearn.target_kinds[0]
+    vectors = concept_vectors.cpu()  # the unlearning's first target kind
+    if guard_target != cfg.unlearn.target_kinds[0]:
         windows = concept_window_texts(
             len(concepts.concepts), j.inputs.forget_texts, j.inputs.centroid_rows(), j.tokenizer, j.encoder,
             cfg.align.window, cfg.align.max_length,
         ) if guard_target == "centroid" else None  # fmt: skip
         vectors = target_vectors(concepts, j.encoder, guard_target, windows).cpu()
-    thresholds = cfg.unlearn.final_thresholds(concepts).numpy()
+    thresholds = np.asarray(final_thresholds, dtype=np.float32)
     if cfg.guard_fpr is not None and j.data.validation:
         held = text_concept_scores(final, predictor, j.tokenizer, j.data.validation, vectors, layer)
         thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
@@ -414,7 +423,9 @@ def export_unlearned(cfg: RunConfig, out_dir: Path | None = None, *, overwrite: 
     if changed:
         raise ConfigError(f"{src} was unlearned with another config (it differs in: {', '.join(changed)})")
     j = _setup(cfg, SINGLE, progress, model_path=src / "model")
-    guard, index = guard_index(cfg, j, j.model, predictor.to(j.device), summary["hook_layer"], vectors)
+    guard, index = guard_index(
+        cfg, j, j.model, predictor.to(j.device), summary["hook_layer"], vectors, summary["final_thresholds"]
+    )
     dest = Path(out_dir) if out_dir is not None else Path(cfg.out) / "export"
     return write_export(
         dest,

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,19 +26,21 @@ from safetensors.torch import load_file, save_file
 from atu import cache
 from atu.align import AlignConfig, alignment_hidden, new_predictor, prepare_alignment, train_predictor
 from atu.atomic import replaced_dir
+from atu.baselines import BaselineConfig, baseline_stage
 from atu.distributed import SINGLE, Dist
 from atu.errors import AtuError, ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import attach_lora, decoder_layers, enable_checkpointing, freeze_above
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
+from atu.progress import HeldOut, forget_cosines, forgetting_verdict, perplexities, text_cosines
+from atu.thresholds import Placement, place_thresholds
 from atu.unlearn import (
     UnlearnConfig,
     build_retain_set,
     concept_window_texts,
+    expand_rows,
     forget_batches,
-    perplexity,
-    target_vectors,
-    tokenize_texts,
+    target_rows,
     unlearn_stage,
 )
 
@@ -54,6 +56,9 @@ class ScheduleInputs:
     validation_texts: list[str]  # retain texts whose perplexity is the stopping signal
     retain_texts: list[str] = field(default_factory=list)  # retain texts for logging and the optional retain loss
     validation_name: str = "held-out retain"  # what validation_texts are, for the stop reason
+    # Texts about the forgotten concepts that the unlearning never trains on: where forgetting is measured. Empty:
+    # the run cannot tell whether it forgot, and says so.
+    heldout_forget: list[str] = field(default_factory=list)
     # For each forget text, the concepts it is filed under (its own texts): what a centroid target averages, so a
     # text that only names the concept does not pull its centroid. None: forget_concepts.
     own_concepts: list[list[int]] | None = None
@@ -73,6 +78,8 @@ class ScheduleResult:
     stages: list[dict]  # one record per kept stage
     stop_reason: str
     align_metrics: dict
+    forgetting: dict  # whether held-out texts about the concepts were forgotten, and how the schedule was placed
+    final_thresholds: list[float]  # per concept, the first target kind's threshold in the last kept stage
 
 
 def _checkpoint_key(inputs: ScheduleInputs, align: AlignConfig, unlearn: UnlearnConfig) -> str:
@@ -211,6 +218,79 @@ def _trainable(model, layer: int, cfg: UnlearnConfig):
     return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+RETAIN_SAMPLE = 256  # retain texts whose cosines place the floor of a placed schedule
+
+
+@dataclass
+class Plan:
+    """The thresholds of every stage, per target row (kind-major), and how they were chosen."""
+
+    taus: list[torch.Tensor]  # per stage, (R,)
+    kinds: list[str]
+    placement: Placement | None = None  # None: the absolute schedule (unlearn.taus), or a baseline's stages
+    algorithm: str = "atu"
+
+    def headline(self, stage: int) -> float:
+        """One number for a stage: its highest threshold (the absolute schedule's tau)."""
+        return round(float(self.taus[stage].max()), 4)
+
+    def describe(self, stage: int) -> str:
+        if self.placement is None:
+            return f"tau={self.headline(stage)}"
+        return f"thresholds {', '.join(f'{t:.2f}' for t in self.taus[stage].tolist())}"
+
+    def record(self) -> dict:
+        kind = "placed" if self.placement is not None else "absolute" if self.algorithm == "atu" else "baseline"
+        out: dict = {"schedule": kind, "algorithm": self.algorithm, "target_kinds": self.kinds}
+        if self.placement is not None:
+            p = self.placement
+            out.update(start=p.start.tolist(), floor=p.floor.tolist(), idle=p.idle.tolist())
+        return out
+
+
+def _rate(cfg: UnlearnConfig) -> float:
+    """The learning rate a stage runs at: ATU's, or the baseline's."""
+    return cfg.lr if cfg.algorithm == "atu" else cfg.baseline_lr
+
+
+def _baseline_stage(model, params, batches, retain, ref, cfg: UnlearnConfig, layer, steps, stage, progress):
+    """One stage of a baseline objective (unlearn.algorithm ga, gd or npo) on ATU's parameters and batches."""
+    base = BaselineConfig(
+        method=cfg.algorithm, hook_layer=layer, steps=steps, lr=cfg.baseline_lr, optimizer="adam",
+        batch_size=cfg.batch_size, grad_clip=cfg.grad_clip, beta=cfg.npo_beta, method_budget=cfg.method,
+        seed=cfg.seed,
+    )  # fmt: skip
+    forget = [(b.input_ids, b.attention_mask) for b in batches]
+    retain_batches = retain.batches if retain is not None else []
+    return baseline_stage(
+        model, list(params.values()), forget, retain_batches, ref, base, stage=stage, progress=progress
+    )
+
+
+def _plan(model, predictor, tokenizer, inputs: ScheduleInputs, cfg: UnlearnConfig, batches, rows, layer, max_length):
+    """The stages' thresholds: the configured taus, or placed from the aligned predictor's cosines on the forget
+    texts and on a sample of retain texts (the corpus' own, else the stop signal's). A baseline has no thresholds:
+    ``cfg.stages`` stages of zeros, so that it runs as many budget-checked stages."""
+    kinds = cfg.target_kinds
+    if cfg.algorithm != "atu":
+        return Plan([torch.zeros(rows.shape[0])] * cfg.stages, kinds, algorithm=cfg.algorithm)
+    if not cfg.placed:
+        return Plan([cfg.stage_thresholds(t, inputs.concepts).repeat(len(kinds)) for t in cfg.taus], kinds)
+    retain_texts = (inputs.retain_texts or inputs.validation_texts)[:RETAIN_SAMPLE]
+    was_training = model.training
+    model.eval()
+    forget_cos = forget_cosines(model, predictor, batches, rows, layer)
+    retain_cos = text_cosines(model, predictor, tokenizer, retain_texts, rows, layer, max_length)
+    model.train(was_training)
+    placement = place_thresholds(forget_cos, retain_cos, cfg.stages, cfg.start_quantile, cfg.floor_quantile)
+    idle = [inputs.concepts.names()[r % len(inputs.concepts.concepts)] for r in placement.idle.nonzero().flatten()]
+    if idle:
+        logger.warning("the aligned predictor does not single out %s on its own texts: little to push", idle)
+    floors = cfg.stage_thresholds(-1.0, inputs.concepts).repeat(len(kinds))  # a concept's own threshold, else -1
+    taus = [torch.maximum(t, floors) for t in placement.taus]
+    return Plan(taus, kinds, placement)
+
+
 def run_schedule(
     model,
     tokenizer,
@@ -255,37 +335,39 @@ def run_schedule(
         log({"event": "aligned", **align_metrics})
         initial = copy.deepcopy(predictor)
 
+        kinds = unlearn_cfg.target_kinds
         window_texts = None
-        if unlearn_cfg.target in ("centroid", "contrast"):
+        if {"centroid", "contrast"} & set(kinds):
             window_texts = concept_window_texts(
                 len(inputs.concepts.concepts), inputs.forget_texts, inputs.centroid_rows(), tokenizer, encoder,
                 align_cfg.window, align_cfg.max_length,
             )  # fmt: skip
-        vectors = target_vectors(
-            inputs.concepts, encoder, unlearn_cfg.target, window_texts, background=data.targets.mean(0)
-        )
+        rows = target_rows(inputs.concepts, encoder, kinds, window_texts, background=data.targets.mean(0))  # (R, D)
+        n_concepts = len(inputs.concepts.concepts)
+        vectors = rows[:n_concepts]  # the first kind's: what reports and evaluation read, one row per concept
 
         # Before anything is trained: the retain terms' references are the original model's states and the aligned
         # predictor's cosines on them.
         retain = build_retain_set(
-            inputs.retain_texts, tokenizer, align_cfg.max_length, unlearn_cfg, model, layer, predictor, vectors
+            inputs.retain_texts, tokenizer, align_cfg.max_length, unlearn_cfg, model, layer, predictor, rows
         )
+        batches = expand_rows(
+            forget_batches(
+                inputs.forget_texts, inputs.forget_concepts, n_concepts, tokenizer, align_cfg.max_length,
+                unlearn_cfg.batch_size, unlearn_cfg.seed,
+            ),
+            len(kinds),
+        )  # fmt: skip
+        held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, tokenizer, align_cfg.max_length)
+        plan = _plan(model, predictor, tokenizer, inputs, unlearn_cfg, batches, rows, layer, align_cfg.max_length)
+        log({"event": "planned", **plan.record()})
+        steps = unlearn_cfg.stage_steps(len(batches))
+        # npo compares with the model before unlearning
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if unlearn_cfg.algorithm == "npo" else None
         model, params = _trainable(model, layer, unlearn_cfg)
         dist.broadcast_(params.values())  # LoRA's adapters start random
-        batches = forget_batches(
-            inputs.forget_texts,
-            inputs.forget_concepts,
-            len(inputs.concepts.concepts),
-            tokenizer,
-            align_cfg.max_length,
-            unlearn_cfg.batch_size,
-            unlearn_cfg.seed,
-        )
-        val_batches = [
-            tokenize_texts(inputs.validation_texts[i : i + 32], tokenizer, align_cfg.max_length)
-            for i in range(0, len(inputs.validation_texts), 32)
-        ]
-        baseline = dist.from_main(perplexity(model, val_batches) if dist.main else 0.0)  # the first one decides
+        before = dist.from_main(perplexities(model, held)[1] if dist.main else 0.0)  # the first one decides
+        forget_before = perplexities(model, held)[0] if dist.main else None
 
         stages: list[dict] = []
         driving: EmbeddingPredictor | None = None
@@ -301,71 +383,62 @@ def run_schedule(
             logger.info("resumed after stage %d from %s", len(stages) - 1, run_dir / "checkpoint")
             log({"event": "resumed", "stages_done": len(stages)})
         stop_reason = "schedule complete: every stage stayed within the retain budget"
-        for stage, tau in enumerate(unlearn_cfg.taus):
+        cfg = unlearn_cfg
+        if stages and stages[-1].get("lr") is not None:  # resumed: at the rate the last kept stage ran at
+            key_lr = "lr" if cfg.algorithm == "atu" else "baseline_lr"
+            cfg = replace(cfg, **{key_lr: stages[-1]["lr"]})
+        for stage, thresholds in enumerate(plan.taus):
             if stage < len(stages):
                 continue
             t_stage = time.time()
             snapshot = {n: p.detach().clone() for n, p in params.items()}
             frozen = copy.deepcopy(predictor).eval().requires_grad_(False)
-            records = unlearn_stage(
-                model,
-                frozen,
-                batches,
-                vectors,
-                unlearn_cfg.stage_thresholds(tau, inputs.concepts),
-                layer,
-                unlearn_cfg,
-                list(params.values()),
-                stage=stage,
-                step_offset=stage * unlearn_cfg.steps_per_stage,
-                retain=retain,
-                on_log=log,
-                progress=progress,
-                dist=dist,
-            )
-            t_unlearn = time.time() - t_stage
-            val_ppl = dist.from_main(perplexity(model, val_batches) if dist.main else 0.0)
-            rise = val_ppl / baseline - 1
-            log(
-                {
-                    "event": "validated",
-                    "stage": stage,
-                    "tau": tau,
-                    "val_ppl": val_ppl,
-                    "baseline_ppl": baseline,
-                    "rise": rise,
-                }
-            )
-            if rise > unlearn_cfg.retain_budget:
+            for attempt in range(unlearn_cfg.budget_retries + 1):
+                if cfg.algorithm == "atu":
+                    records = unlearn_stage(
+                        model, frozen, batches, rows, thresholds, layer, cfg, list(params.values()), stage=stage,
+                        steps=steps, step_offset=stage * steps, retain=retain, on_log=log, progress=progress,
+                        dist=dist,
+                    )  # fmt: skip
+                else:
+                    records = _baseline_stage(model, params, batches, retain, ref, cfg, layer, steps, stage, progress)
+                val_ppl = dist.from_main(perplexities(model, held)[1] if dist.main else 0.0)
+                rise = val_ppl / before - 1
+                log({"event": "validated", "stage": stage, "lr": _rate(cfg), "val_ppl": val_ppl, "rise": rise})
+                if rise <= unlearn_cfg.retain_budget:
+                    break
                 with torch.no_grad():
                     for n, p in params.items():
                         p.copy_(snapshot[n])
-                kept = f"kept the model after tau={unlearn_cfg.taus[stage - 1]}" if stage else "nothing unlearned"
+                if attempt < unlearn_cfg.budget_retries:
+                    logger.info("stage %d broke the retain budget (%.1f%%); again at half the rate", stage, 100 * rise)
+                    cfg = replace(cfg, lr=cfg.lr / 2, baseline_lr=cfg.baseline_lr / 2)
+            t_unlearn = time.time() - t_stage
+            if rise > unlearn_cfg.retain_budget:
+                kept = f"kept the model after stage {stage - 1}" if stage else "nothing unlearned"
                 stop_reason = (
-                    f"stopped at tau={tau}: {inputs.validation_name} perplexity rose {rise:.1%} "
-                    f"(budget {unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
+                    f"stopped at stage {stage} ({plan.describe(stage)}): {inputs.validation_name} perplexity rose "
+                    f"{rise:.1%} (budget {unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
                 )
                 break
             train_h, val_h = alignment_hidden(model, data, layer, dist)
             realign = train_predictor(
-                predictor,
-                data,
-                train_h,
-                align_cfg.realign_epochs,
-                align_cfg,
-                val_hidden=val_h,
-                progress=progress,
-                desc=f"re-aligning after stage {stage}",
-                dist=dist,
-            )
+                predictor, data, train_h, align_cfg.realign_epochs, align_cfg, val_hidden=val_h, progress=progress,
+                desc=f"re-aligning after stage {stage}", dist=dist,
+            )  # fmt: skip
             dist.broadcast_(predictor.state_dict().values())
             driving = frozen
+            forget_ppl = perplexities(model, held)[0] if dist.main else None
             stages.append(
                 {
                     "stage": stage,
-                    "tau": tau,
+                    "tau": plan.headline(stage),
+                    "thresholds": [round(float(t), 4) for t in thresholds],
+                    "lr": _rate(cfg),
+                    "steps": steps,
                     "val_ppl": val_ppl,
                     "rise": rise,
+                    "heldout_forget_ppl_ratio": None if forget_ppl is None else forget_ppl / forget_before,
                     "realign": realign,
                     "last": records[-1] if records else {},
                     "unlearn_seconds": round(t_unlearn, 1),
@@ -378,9 +451,22 @@ def run_schedule(
             # e.g. a benchmark scoring each strength of the schedule from one run
             if on_stage is not None and dist.main:
                 on_stage(stages[-1], model=model, predictor=predictor, concept_vectors=vectors, hook_layer=layer)
+        last = stages[-1] if stages else {}
+        failed, why = forgetting_verdict(last.get("heldout_forget_ppl_ratio"), 1 + last.get("rise", 0.0), len(stages))
+        forgetting = {
+            "failed": failed,
+            "why": why,
+            "heldout_forget_texts": len(inputs.heldout_forget),
+            **plan.record(),
+        }
+        if failed:
+            logger.warning("forgetting failed: %s", why)
         logger.info("%s", stop_reason)
-        log({"event": "stopped", "reason": stop_reason})
+        log({"event": "stopped", "reason": stop_reason, "forgetting": forgetting})
     finally:
         if metrics_file is not None:
             metrics_file.close()
-    return ScheduleResult(model, predictor, driving, initial, vectors, layer, stages, stop_reason, align_metrics)
+    final = stages[-1]["thresholds"][:n_concepts] if stages else plan.taus[0][:n_concepts].tolist()
+    return ScheduleResult(
+        model, predictor, driving, initial, vectors, layer, stages, stop_reason, align_metrics, forgetting, final
+    )

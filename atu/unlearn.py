@@ -11,7 +11,7 @@ import copy
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from atu.losses import concept_similarity, similarity_drift_loss, state_drift_lo
 logger = logging.getLogger(__name__)
 
 TARGETS = ("name", "description", "centroid", "contrast")
+ALGORITHMS = ("atu", "ga", "gd", "npo")
 OPTIMIZERS = ("sgd", "adam")
 METHODS = ("full", "lora")
 RETAIN_LOSSES = ("hidden", "lm")
@@ -35,12 +36,25 @@ RETAIN_LOSSES = ("hidden", "lm")
 
 @dataclass
 class UnlearnConfig:
-    """The unlearning schedule. Defaults follow what worked on small models here (see DESIGN.md): plain SGD
-    with a large step and clipping stops by itself once every position is under the threshold; Adam's momentum
-    keeps changing the model after the hinge reaches zero."""
+    """The unlearning schedule. Plain SGD with a large step and clipping: it stops by itself once every position is
+    under the threshold, where Adam's momentum keeps changing the model after the hinge reaches zero."""
 
-    taus: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])  # one unlearning stage per tau
-    steps_per_stage: int = 40  # optimizer steps in each unlearning stage
+    # atu (the method), or a baseline on the same data, parameters, retain budget and export: ga (gradient ascent
+    # on the forget texts), gd (ga plus the retain texts' LM loss), npo (negative preference optimisation).
+    algorithm: str = "atu"
+    baseline_lr: float = 1e-5  # the baselines' Adam learning rate (atu uses lr and optimizer)
+    npo_beta: float = 0.1
+    # One unlearning stage per tau (the paper's absolute schedule). None (the default): ``stages`` thresholds per
+    # target row placed from the aligned predictor's cosines (atu/thresholds.py): from the top of the row's cosines
+    # on its forget texts down to where retain texts already sit.
+    taus: list[float] | None = None
+    stages: int = 6  # stages of the placed schedule (taus: None)
+    start_quantile: float = 0.99  # placed schedule: quantile of a row's forget-text cosines it starts from
+    floor_quantile: float = 0.99  # placed schedule: quantile of a row's retain-text cosines it ends at
+    # Optimizer steps in each stage. None: ``stage_epochs`` passes over the forget batches, at least ``min_steps``.
+    steps_per_stage: int | None = None
+    stage_epochs: float = 20.0
+    min_steps: int = 40
     lr: float = 0.3
     optimizer: str = "sgd"  # sgd | adam (the paper: SGD)
     grad_clip: float = 1.0
@@ -49,7 +63,10 @@ class UnlearnConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     train_embeddings: bool = False  # also fine-tune the input embeddings (tied to the LM head in small models)
-    target: str = "name"  # concept target embedding: name | description | centroid of the forget windows
+    # What the hinge pushes away from, per concept: name | description | centroid (of the forget texts' windows) |
+    # contrast (that centroid minus the mean window), or several joined by "+" (one target row each): the name
+    # alone misses facts that sit far from it; facts alone leave the name to be recalled from a description.
+    target: str = "name+contrast"
     retain_weight: float = 0.0  # weight of a retain term added to each step (0: off, the paper)
     retain_loss: str = "hidden"  # hidden: keep layer-L states of retain texts where they were; lm: their LM loss
     # Weight of a second retain term (0: off): keep the stage's predictor's similarity to each concept on retain
@@ -59,30 +76,51 @@ class UnlearnConfig:
     retain_similarity_margin: float = 0.0  # a retain position's cosine may move this far before the term counts it
     retain_pool: int = 512  # retain texts the retain term cycles through (their reference states are kept in memory)
     retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
+    # A stage that breaks the budget is undone and tried again at half the learning rate, this many times, before
+    # the schedule stops (the rate stays halved for the stages after it).
+    budget_retries: int = 1
     log_every: int = 10
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 when on a GPU (ignored on CPU)
     gradient_checkpointing: bool = False  # on GPU, for models that do not fit otherwise
 
     def __post_init__(self) -> None:
-        if not self.taus or any(not -1 <= t <= 1 for t in self.taus):
-            raise ConfigError(f"unlearn.taus must be a non-empty list of cosines in [-1, 1], got {self.taus}")
-        if any(later > earlier for later, earlier in zip(self.taus[1:], self.taus)):
-            raise ConfigError(f"unlearn.taus must not rise from one stage to the next, got {self.taus}")
+        if self.taus is not None:
+            if not self.taus or any(not -1 <= t <= 1 for t in self.taus):
+                raise ConfigError(f"unlearn.taus must be a non-empty list of cosines in [-1, 1], got {self.taus}")
+            if any(later > earlier for later, earlier in zip(self.taus[1:], self.taus)):
+                raise ConfigError(f"unlearn.taus must not rise from one stage to the next, got {self.taus}")
         for name, allowed in (
+            ("algorithm", ALGORITHMS),
             ("optimizer", OPTIMIZERS),
             ("method", METHODS),
-            ("target", TARGETS),
             ("retain_loss", RETAIN_LOSSES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unlearn.{name} is {getattr(self, name)!r}, expected one of {allowed}")
-        if min(self.steps_per_stage, self.batch_size, self.log_every, self.retain_pool) < 1:
+        kinds = self.target_kinds
+        if not kinds or any(k not in TARGETS for k in kinds) or len(set(kinds)) != len(kinds):
             raise ConfigError(
-                "unlearn.steps_per_stage, unlearn.batch_size, unlearn.log_every and unlearn.retain_pool must be >= 1"
+                f"unlearn.target is {self.target!r}, expected one of {TARGETS} or several of them joined by '+'"
             )
-        if not self.lr > 0 or not self.grad_clip > 0:
-            raise ConfigError(f"unlearn.lr and unlearn.grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
+        steps = self.steps_per_stage if self.steps_per_stage is not None else self.min_steps
+        if min(steps, self.min_steps, self.stages, self.batch_size, self.log_every, self.retain_pool) < 1:
+            raise ConfigError(
+                "unlearn.steps_per_stage, min_steps, stages, batch_size, log_every and retain_pool must be >= 1"
+            )
+        if not self.stage_epochs > 0 or self.budget_retries < 0:
+            raise ConfigError(
+                f"unlearn.stage_epochs must be > 0 and budget_retries >= 0, got {self.stage_epochs}, "
+                f"{self.budget_retries}"
+            )
+        for name in ("start_quantile", "floor_quantile"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"unlearn.{name} must be in [0, 1], got {getattr(self, name)}")
+        if min(self.lr, self.grad_clip, self.baseline_lr, self.npo_beta) <= 0:
+            raise ConfigError(
+                f"unlearn.lr, grad_clip, baseline_lr and npo_beta must be > 0, got {self.lr}, {self.grad_clip}, "
+                f"{self.baseline_lr}, {self.npo_beta}"
+            )
         if min(self.retain_weight, self.retain_similarity_weight, self.retain_similarity_margin) < 0:
             raise ConfigError(
                 "unlearn.retain_weight, unlearn.retain_similarity_weight and unlearn.retain_similarity_margin must be "
@@ -91,6 +129,21 @@ class UnlearnConfig:
             )
         if self.retain_budget <= 0:
             raise ConfigError(f"unlearn.retain_budget must be > 0, got {self.retain_budget}")
+
+    @property
+    def target_kinds(self) -> list[str]:
+        return [k.strip() for k in str(self.target).split("+")]
+
+    @property
+    def placed(self) -> bool:
+        """Whether the thresholds are placed from the data (no absolute taus)."""
+        return self.taus is None
+
+    def stage_steps(self, n_batches: int) -> int:
+        """Optimizer steps of one stage over ``n_batches`` forget batches."""
+        if self.steps_per_stage is not None:
+            return self.steps_per_stage
+        return max(self.min_steps, math.ceil(self.stage_epochs * n_batches))
 
     @property
     def uses_retain(self) -> bool:
@@ -104,11 +157,19 @@ class UnlearnConfig:
     def from_dict(cls, data: dict[str, Any]) -> UnlearnConfig:
         return dataclass_from_dict(cls, data, "unlearn")
 
-    def stage_thresholds(self, tau: float, concepts: ConceptSet) -> torch.Tensor:
-        """Each concept's threshold in a stage: the stage's tau, never below the concept's own threshold."""
-        return torch.tensor([max(tau, c.threshold) if c.threshold is not None else tau for c in concepts.concepts])
+    def stage_thresholds(self, tau: float | torch.Tensor, concepts: ConceptSet) -> torch.Tensor:
+        """Each concept's threshold in a stage: the stage's tau (one number, or one per concept), never below the
+        concept's own threshold."""
+        taus = torch.as_tensor(tau, dtype=torch.float32).expand(len(concepts.concepts)).clone()
+        for i, c in enumerate(concepts.concepts):
+            if c.threshold is not None:
+                taus[i] = max(float(taus[i]), c.threshold)
+        return taus
 
     def final_thresholds(self, concepts: ConceptSet) -> torch.Tensor:
+        """The absolute schedule's last thresholds (a placed schedule's are in the run's result)."""
+        if self.taus is None:
+            raise ValueError("a placed schedule's thresholds come from the data: read them from the schedule's result")
         return self.stage_thresholds(self.taus[-1], concepts)
 
 
@@ -294,13 +355,14 @@ def unlearn_stage(
     params: list[torch.nn.Parameter],
     *,
     stage: int,
+    steps: int | None = None,
     step_offset: int = 0,
     retain: RetainSet | None = None,
     on_log=None,
     progress: bool = True,
     dist: Dist = SINGLE,
 ) -> list[dict]:
-    """``cfg.steps_per_stage`` optimizer steps of the unlearning loss; the predictor stays frozen.
+    """``steps`` (default ``cfg.stage_steps``) optimizer steps of the unlearning loss; the predictor stays frozen.
 
     ``retain`` holds the retain texts: the optional retain term takes one of its batches a step, and its first batch
     is where similarity to the concepts on retain texts is logged. Returns the logged records.
@@ -319,8 +381,9 @@ def unlearn_stage(
     model.train()
     rng = random.Random(cfg.seed + stage)
     order: list[int] = []
+    n_steps = steps if steps is not None else cfg.stage_steps(len(batches))
     bar = tqdm(
-        range(cfg.steps_per_stage),
+        range(n_steps),
         desc=f"unlearning stage {stage} (tau {taus.max().item():.2f})",
         disable=not progress,
         unit="step",
@@ -360,7 +423,7 @@ def unlearn_stage(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
         step = step_offset + i
-        if i % cfg.log_every == 0 or i == cfg.steps_per_stage - 1:
+        if i % cfg.log_every == 0 or i == n_steps - 1:
             rec = {"step": step, "stage": stage, "loss": mean_loss, "grad_norm": grad_norm.item()}
             rec.update({k: v.item() for k, v in kept.items()})
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
@@ -436,6 +499,27 @@ def target_vectors(
             raise ConfigError("unlearn.target 'contrast' needs the background mean of the alignment windows")
         centroids = centroids - background[None, :]
     return F.normalize(centroids, dim=-1)
+
+
+def target_rows(
+    concepts: ConceptSet,
+    encoder,
+    kinds: list[str],
+    forget_window_texts: list[list[str]] | None = None,
+    background: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(K * C, D) the targets of every kind for every concept, kind-major: row ``k * C + c`` is kind k of concept c
+    (so the first C rows are the first kind's, one per concept)."""
+    return torch.cat([target_vectors(concepts, encoder, k, forget_window_texts, background) for k in kinds])
+
+
+def expand_rows(batches: list[ForgetBatch], n_kinds: int) -> list[ForgetBatch]:
+    """The batches with each concept's mask column repeated for each of its ``n_kinds`` target rows (kind-major)."""
+    if n_kinds == 1:
+        return batches
+    return [
+        ForgetBatch(b.input_ids, b.attention_mask, b.position_mask, b.concept_mask.repeat(1, n_kinds)) for b in batches
+    ]
 
 
 def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

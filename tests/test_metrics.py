@@ -126,3 +126,20 @@ def test_similarity_criteria_per_concept():
         "retain cosine change (B)": (-0.1, True),  # a change of exactly 0.1 is within it
     }
     assert similarity_criteria({"before": report["before"]}, [0.4, 0.4], ["A", "B"]) == []  # no stage kept
+
+
+def test_refound_criterion_fails_when_realignment_finds_the_concept_again():
+    from atu.metrics import similarity_criteria
+
+    report = {
+        "before": {"forget": [0.5, 0.3], "retain": [0.3, 0.35]},
+        "after_driving_predictor": {"forget": [0.2, 0.2], "retain": [0.3, 0.3]},
+        # A: the gap 0.2 shrank to 0.05 (a quarter); B never stood out (its gap was negative)
+        "after_final_predictor": {"forget": [0.35, 0.3], "retain": [0.3, 0.3]},
+    }
+    got = {c["name"]: c for c in similarity_criteria(report, [0.4, 0.4], ["A", "B"])}
+    assert got["re-aligned predictor still singles out (A)"]["value"] == pytest.approx(0.25)
+    assert got["re-aligned predictor still singles out (A)"]["met"]
+    assert not got["re-aligned predictor still singles out (B)"]["met"]
+    # the driving predictor's hinge is satisfied for B although nothing was pushed: only the new line catches it
+    assert got["forget cosine (B)"]["met"]

@@ -7,7 +7,7 @@ from atu.align import AlignConfig, new_predictor
 from atu.errors import ConfigError
 from atu.formats import Concept, ConceptSet
 from atu.hidden import decoder_layers, freeze_above
-from atu.unlearn import UnlearnConfig, forget_batches, lm_loss, target_vectors, unlearn_stage
+from atu.unlearn import UnlearnConfig, expand_rows, forget_batches, lm_loss, target_rows, target_vectors, unlearn_stage
 
 
 def test_config_validation():
@@ -17,6 +17,36 @@ def test_config_validation():
         UnlearnConfig(target="vibes")
     with pytest.raises(ConfigError, match="unknown key 'tau'"):
         UnlearnConfig.from_dict({"tau": 0.5})
+
+
+def test_target_kinds_and_stage_steps():
+    cfg = UnlearnConfig(target="name+contrast", min_steps=40, stage_epochs=20)
+    assert cfg.target_kinds == ["name", "contrast"] and cfg.placed
+    assert cfg.stage_steps(1) == 40 and cfg.stage_steps(3) == 60  # 20 passes over 3 batches
+    assert UnlearnConfig(steps_per_stage=7).stage_steps(100) == 7
+    with pytest.raises(ConfigError, match="name\\+name"):
+        UnlearnConfig(target="name+name")
+    with pytest.raises(ConfigError, match="joined by"):
+        UnlearnConfig(target="name+vibes")
+    with pytest.raises(ValueError, match="placed schedule"):
+        UnlearnConfig().final_thresholds(ConceptSet([Concept("A")]))
+
+
+def test_target_rows_are_kind_major(encoder):
+    cs = ConceptSet([Concept("Ada Brill", description="a poet"), Concept("Cor Dune", description="a judge")])
+    rows = target_rows(cs, encoder, ["name", "description"])
+    assert rows.shape[0] == 4
+    torch.testing.assert_close(rows[:2], target_vectors(cs, encoder, "name"))
+    torch.testing.assert_close(rows[2:], target_vectors(cs, encoder, "description"))
+
+
+def test_expand_rows_repeats_each_concept_column_per_kind(tiny_lm):
+    _, tok = tiny_lm
+    (b,) = forget_batches(["a b", "c d"], [[0], [1]], 2, tok, 64, batch_size=2, seed=0)
+    (e,) = expand_rows([b], 2)
+    assert e.concept_mask.shape == (2, 4)
+    torch.testing.assert_close(e.concept_mask[:, :2], b.concept_mask)
+    torch.testing.assert_close(e.concept_mask[:, 2:], b.concept_mask)
 
 
 def test_concept_threshold_is_a_floor():

@@ -1,0 +1,216 @@
+"""Generality: ATU at the settings it ships with, against GA and NPO at theirs, on corpora of other shapes than the
+one its defaults were first chosen on.
+
+Corpora (each generated here, then built the way a user's data is: `atu world build --from DIR`, which trains the
+small Llama on it):
+- ``authors``: fictitious authors, 20 question/answer pairs each, answers of one or two full sentences, two- and
+  three-part names (some hyphenated), the author named in almost every question (atu/world/authors.py);
+- ``biographies``: three documents per person, facts told through pronouns, titles and "the author of ..."
+  (atu/world/biographies.py);
+- ``world-s5``: the embedded world's generator with another seed and another number of people.
+
+Every method runs through `atu run` with the settings of configs/default.yaml (the README's path for one's own data)
+and only ``data`` and ``unlearn.algorithm`` / ``unlearn.seed`` changed, so all of them have the same data, the same
+trainable layers, the same retain budget (a stage that raises held-out retain perplexity by more than 10% is undone)
+and the same export. ATU's thresholds, step count and stopping are decided by the run from training-side data only;
+nothing here reads a probe before the evaluation.
+
+    python benchmarks/generality.py                    # all corpora, 1 and 3 concepts, seeds 0-2, atu/ga/npo
+    python benchmarks/generality.py --quick            # tiny corpora and models (a few minutes)
+    python benchmarks/generality.py --corpora authors --people 1 --seeds 0 --methods atu
+
+Writes DIR/generality.json (every run's before/after evaluation and its seconds) and DIR/generality.md (one row per
+corpus, people and method: medians over seeds, and in how many seeds every figure was met). Every figure is
+measured on this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from atu import __version__
+from atu.formats import PROBE_KINDS
+from atu.pipeline import RunConfig
+from atu.run import run as run_job
+from atu.world.authors import generate_authors
+from atu.world.biographies import generate_biographies
+from atu.world.build import build_world
+from atu.world.config import WorldConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = {
+    "corpus": "corpus.jsonl",
+    "concepts": "concepts.yaml",
+    "validation": "heldout.jsonl",
+    "probes": "probes.jsonl",
+}
+FORGET_MAX, RETAIN_MIN, PPL_MAX = 0.25, 0.90, 1.10  # the figures each run is held to
+
+
+def shipped_settings() -> dict:
+    """configs/default.yaml without what names its model, data and run directory."""
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    return {k: v for k, v in raw.items() if k not in ("model", "data", "out")}
+
+
+def build_corpus(name: str, quick: bool, work: Path):
+    """(model directory, {data key: path}) of a built corpus."""
+    world_cfg = WorldConfig.tiny() if quick else WorldConfig()
+    if name == "world-s5":
+        cfg = WorldConfig.tiny() if quick else WorldConfig(seed=5, n_people=24)
+        if quick:
+            cfg.seed = 5
+        built = build_world(cfg, progress=not quick)
+        files = dict(FILES, unseen="unseen.jsonl")
+        return built.model_dir, {k: str(built.path(v)) for k, v in files.items() if built.path(v).is_file()}
+    n = 6 if quick else 30
+    corpus = generate_authors(seed=0, n_authors=n) if name == "authors" else generate_biographies(seed=0, n_people=n)
+    src = corpus.write(work / name)
+    built = build_world(world_cfg, source=src, progress=not quick)
+    return built.model_dir, {k: str(built.path(v)) for k, v in FILES.items()}
+
+
+def ratios(before: dict, after: dict) -> dict:
+    """after / before per group and probe kind, and the perplexity ratio."""
+    out = {}
+    for group in ("forget", "neighbour", "retain"):
+        for kind in PROBE_KINDS:
+            b, a = before.get(group, {}).get(kind), after.get(group, {}).get(kind)
+            out[f"{group} {kind}"] = None if not b or a is None else a / b
+    out["perplexity"] = after["retain_perplexity"] / before["retain_perplexity"]
+    return out
+
+
+def met(r: dict) -> bool:
+    """Forget at most 0.25 of before on direct and on one of paraphrase / adversarial (the kind the data has),
+    retain at least 0.90 on every kind, perplexity at most 1.10x."""
+    forget = [r.get(f"forget {k}") for k in PROBE_KINDS]
+    if forget[0] is None or forget[0] > FORGET_MAX:
+        return False
+    if not any(x is not None and x <= FORGET_MAX for x in forget[1:]):
+        return False
+    retain = [r.get(f"retain {k}") for k in PROBE_KINDS if r.get(f"retain {k}") is not None]
+    return all(x >= RETAIN_MIN for x in retain) and r["perplexity"] <= PPL_MAX
+
+
+def one_run(model_dir, files: dict, forget: list[str], method: str, seed: int, device: str) -> dict:
+    settings = shipped_settings()
+    unlearn = dict(settings.get("unlearn") or {}, algorithm=method, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="atu_generality_") as out:
+        raw = {**settings, "model": str(model_dir), "data": {**files, "forget": forget}, "unlearn": unlearn,
+               "out": out, "device": device}  # fmt: skip
+        cfg = RunConfig.from_dict(raw, "generality")
+        t0 = time.perf_counter()
+        summary = run_job(cfg, progress=False, export=False)
+        seconds = time.perf_counter() - t0
+    r = ratios(summary["before"], summary["after"])
+    return {
+        "method": method,
+        "seed": seed,
+        "people": len(forget),
+        "forget": forget,
+        "seconds": round(seconds, 1),
+        "ratios": r,
+        "met": met(r),
+        "stop_reason": summary["stop_reason"],
+        "forgetting": summary.get("forgetting"),
+        "stages": summary["stages"],
+        "before": {k: v for k, v in summary["before"].items() if k != "answers"},
+        "after": {k: v for k, v in summary["after"].items() if k != "answers"},
+    }
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table(runs: list[dict]) -> str:
+    cols = ["forget direct", "forget paraphrase", "forget adversarial", "neighbour direct", "retain direct",
+            "retain paraphrase", "perplexity"]  # fmt: skip
+    head = ["corpus", "people", "method", "seeds met", *cols, "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted(
+        {(r["corpus"], r["people"], r["method"]) for r in runs}, key=lambda k: (k[0], k[1], "agn".find(k[2][0]))
+    )
+    for corpus, people, method in keys:
+        rs = [r for r in runs if (r["corpus"], r["people"], r["method"]) == (corpus, people, method)]
+        cells = []
+        for c in cols:
+            m = _median([r["ratios"].get(c) for r in rs])
+            cells.append("-" if m is None else f"{m:.2f}")
+        secs = _median([r["seconds"] for r in rs])
+        met_count = f"{sum(r['met'] for r in rs)}/{len(rs)}"
+        lines.append(f"| {corpus} | {people} | {method} | {met_count} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def _save(path: Path, quick: bool, runs: list[dict]) -> None:
+    result = {
+        "atu_version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "quick": quick,
+        "threads": torch.get_num_threads(),
+        "runs": runs,
+    }
+    path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny corpora and models")
+    ap.add_argument("--corpora", nargs="+", default=["authors", "biographies", "world-s5"])
+    ap.add_argument("--people", nargs="+", type=int, default=[1, 3])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["atu", "ga", "npo"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    ap.add_argument("--name", default="generality", help="file stem of the results")
+    args = ap.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.out_dir / f"{args.name}.json"
+    # A long run is resumable: runs already in the JSON file (same settings) are kept, the rest are added.
+    done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
+    runs = [r for r in done if r.get("settings") == shipped_settings()]
+    with tempfile.TemporaryDirectory(prefix="atu_corpora_") as work:
+        for corpus in args.corpora:
+            model_dir, files = build_corpus(corpus, args.quick, Path(work))
+            names = yaml.safe_load(Path(files["concepts"]).read_text())["concepts"]
+            for people in args.people:
+                forget = [c["name"] for c in names[:people]]
+                for seed in args.seeds:
+                    for method in args.methods:
+                        key = (corpus, people, seed, method)
+                        if any((r["corpus"], r["people"], r["seed"], r["method"]) == key for r in runs):
+                            continue
+                        print(f"{corpus}: {people} people, {method}, seed {seed} ...", flush=True)
+                        r = one_run(model_dir, files, forget, method, seed, args.device)
+                        r.update(corpus=corpus, settings=shipped_settings())
+                        runs.append(r)
+                        shown = {k: round(v, 3) for k, v in r["ratios"].items() if v is not None}
+                        print(f"  met={r['met']} {json.dumps(shown)}")
+                        _save(json_path, args.quick, runs)
+    md = table(runs)
+    (args.out_dir / f"{args.name}.md").write_text(
+        "# Generality: after/before ratios (medians over seeds)\n\n"
+        f"Written by `python benchmarks/generality.py{' --quick' if args.quick else ''}`; a run meets the figures "
+        f"when forget <= {FORGET_MAX} of before on direct and on paraphrase or adversarial, retain >= {RETAIN_MIN} "
+        f"on every kind and perplexity <= {PPL_MAX}x.\n\n" + md + "\n"
+    )
+    print(md)
+    return {"runs": runs}
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

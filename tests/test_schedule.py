@@ -1,0 +1,70 @@
+"""The schedule on the tiny world: thresholds placed from the data, the retain budget's retry at half the rate, the
+baselines run through the same stages, and the forgetting verdict in the summary."""
+
+import json
+
+import pytest
+
+from atu.pipeline import RunConfig
+from atu.run import run
+
+pytestmark = pytest.mark.slow
+
+
+def _config(out, tiny_world, **unlearn):
+    raw = {
+        "model": "world:tiny",
+        "data": {"forget": tiny_world.concepts().names()[:1]},
+        "align": {"epochs": 3, "realign_epochs": 1, "window": 4},
+        "unlearn": {"stages": 2, "steps_per_stage": 3, **unlearn},
+        "out": str(out),
+    }
+    return RunConfig.from_dict(raw)
+
+
+def _events(run_dir, name):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == name]
+
+
+def test_placed_schedule_steps_down_from_the_forget_texts_to_the_retain_texts(tiny_world, tmp_path):
+    summary = run(_config(tmp_path, tiny_world, target="name+contrast"), progress=False, export=False)
+    (planned,) = _events(tmp_path, "planned")
+    assert planned["schedule"] == "placed" and planned["target_kinds"] == ["name", "contrast"]
+    assert len(planned["start"]) == len(planned["floor"]) == 2  # one row per kind of the one concept
+    stages = summary["stages"]
+    done = _events(tmp_path, "stage_done")
+    assert len(done) == len(stages)
+    for row, idle in enumerate(planned["idle"]):
+        ths = [d["thresholds"][row] for d in done]
+        if idle:  # stays at its start
+            assert ths == pytest.approx([planned["start"][row]] * len(ths), abs=1e-4)
+        else:  # falls evenly to the floor, which the last stage reaches
+            assert ths == sorted(ths, reverse=True)
+            if len(done) == 2:
+                assert ths[-1] == pytest.approx(planned["floor"][row], abs=1e-4)
+    if done:
+        assert summary["final_thresholds"] == pytest.approx(done[-1]["thresholds"][:1])
+        assert done[-1]["heldout_forget_ppl_ratio"] is not None  # the tiny world has held-out texts about her
+    verdict = summary["forgetting"]
+    assert verdict["schedule"] == "placed" and isinstance(verdict["failed"], bool) and verdict["why"]
+
+
+def test_a_stage_over_budget_is_retried_at_half_the_rate_then_the_schedule_stops(tiny_world, tmp_path):
+    cfg = _config(tmp_path, tiny_world, algorithm="ga", baseline_lr=1e-2, retain_budget=1e-6, budget_retries=1)
+    summary = run(cfg, progress=False, export=False)
+    tries = [e["lr"] for e in _events(tmp_path, "validated")]
+    assert tries == pytest.approx([1e-2, 5e-3])  # the first stage, then again at half the rate
+    assert summary["stages"] == [] and "nothing unlearned" in summary["stop_reason"]
+    assert summary["forgetting"]["failed"] and "unchanged" in summary["forgetting"]["why"]
+    assert summary["forgetting"]["schedule"] == "baseline"
+    # undone: the model evaluated after is the model before
+    assert summary["after"]["retain_perplexity"] == pytest.approx(summary["before"]["retain_perplexity"], rel=1e-4)
+
+
+def test_baselines_run_through_the_same_stages(tiny_world, tmp_path):
+    cfg = _config(tmp_path, tiny_world, algorithm="npo", baseline_lr=1e-3, retain_budget=10.0)
+    summary = run(cfg, progress=False, export=False)
+    assert summary["forgetting"]["schedule"] == "baseline"
+    assert [s["stage"] for s in summary["stages"]] == [0, 1]  # within a budget this loose, both stages are kept
+    assert summary["after"]["retain_perplexity"] != summary["before"]["retain_perplexity"]  # npo changed the model

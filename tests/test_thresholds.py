@@ -1,0 +1,63 @@
+"""The placed schedule's thresholds and the forgetting verdict, against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atu.progress import FORGET_MARGIN, forgetting_verdict, separation
+from atu.thresholds import place_thresholds, quantile
+
+
+def test_quantile_matches_linear_interpolation():
+    v = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    assert quantile(v, 0.5) == pytest.approx(2.0)
+    assert quantile(v, 0.9) == pytest.approx(3.6)  # 0.9 * 4 = 3.6 between 3 and 4
+    assert quantile(v, 1.0) == pytest.approx(4.0)
+
+
+def test_stages_step_down_evenly_from_start_to_floor():
+    forget = [torch.tensor([0.2, 0.6, 0.8]), torch.tensor([0.1, 0.5])]
+    retain = torch.tensor([[0.1, 0.0], [0.2, 0.1], [0.0, 0.2]])  # (M=3, R=2)
+    p = place_thresholds(forget, retain, stages=2, start_quantile=1.0, floor_quantile=1.0)
+    torch.testing.assert_close(p.start, torch.tensor([0.8, 0.5]))
+    torch.testing.assert_close(p.floor, torch.tensor([0.2, 0.2]))
+    # row 0: 0.8 -> 0.5 -> 0.2; row 1: 0.5 -> 0.35 -> 0.2
+    torch.testing.assert_close(p.taus, torch.tensor([[0.5, 0.35], [0.2, 0.2]]))
+    assert not p.idle.any()
+
+
+def test_a_row_that_does_not_stand_out_stays_at_its_start():
+    forget = [torch.tensor([0.30, 0.31]), torch.tensor([0.9])]
+    retain = torch.tensor([[0.3, 0.1], [0.3, 0.1]])
+    p = place_thresholds(forget, retain, stages=3, start_quantile=1.0, floor_quantile=1.0, min_gap=0.02)
+    assert p.idle.tolist() == [True, False]
+    torch.testing.assert_close(p.taus[:, 0], torch.full((3,), 0.31))
+    assert p.taus[-1, 1].item() == pytest.approx(0.1)
+
+
+def test_bad_inputs_say_what_is_wrong():
+    with pytest.raises(ValueError, match="retain_cos must be"):
+        place_thresholds([torch.tensor([0.5])], torch.zeros(3, 2), 2, 0.9, 0.9)
+    with pytest.raises(ValueError, match="no positions"):
+        place_thresholds([torch.tensor([0.5])], torch.zeros(0, 1), 2, 0.9, 0.9)
+    with pytest.raises(ValueError, match="at least one forget position"):
+        place_thresholds([torch.empty(0)], torch.zeros(3, 1), 2, 0.9, 0.9)
+    with pytest.raises(ValueError, match="stages"):
+        place_thresholds([torch.tensor([0.5])], torch.zeros(3, 1), 0, 0.9, 0.9)
+
+
+def test_verdict_needs_forget_texts_to_get_harder_than_retain_texts():
+    failed, why = forgetting_verdict(1.05, 1.04, stages_kept=3)
+    assert failed and "still predicts" in why
+    failed, _ = forgetting_verdict(1.04 + FORGET_MARGIN + 0.01, 1.04, stages_kept=3)
+    assert not failed
+    failed, why = forgetting_verdict(3.0, 1.0, stages_kept=0)
+    assert failed and "unchanged" in why
+    failed, why = forgetting_verdict(None, 1.0, stages_kept=2)
+    assert not failed and "no held-out forget texts" in why
+
+
+def test_separation_is_the_difference_of_means():
+    assert separation(torch.tensor([0.5, 0.7]), torch.tensor([0.1, 0.3])) == pytest.approx(0.4)
+    assert separation(torch.empty(0), torch.tensor([0.1])) != separation(torch.empty(0), torch.tensor([0.1]))  # NaN
