@@ -102,7 +102,7 @@ def test_budget_stops_schedule_and_undoes_stage(tmp_path, tiny_world):
     cfg = tiny_run_config(tmp_path, retain_budget=1e-9, lr=5.0, taus=[-1.0])
     cfg.data.forget = tiny_world.concepts().names()[:1]
     summary = run(cfg, progress=False, export=True)
-    assert "stopped at tau=-1.0" in summary["stop_reason"] and "nothing unlearned" in summary["stop_reason"]
+    assert "stopped at stage 0 (tau=-1.0)" in summary["stop_reason"] and "nothing unlearned" in summary["stop_reason"]
     exported = load_export(tmp_path / "export").model_dir
     from safetensors.torch import load_file
 
@@ -135,8 +135,10 @@ def test_cli_run_and_verify(tmp_path, tiny_world):
 
     crit = similarity_criteria(summary["similarity"], summary["final_thresholds"], summary["forget"])
     missed = [c["name"] for c in crit if not c["met"]]
-    line = next(ln for ln in result.output.splitlines() if ln.startswith("driving predictor ("))
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("predictors ("))
     assert line.endswith("all met") if not missed else all(name in line for name in missed)
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("forgetting (absolute schedule): "))
+    assert ("FAILED" in line) == summary["forgetting"]["failed"] and summary["forgetting"]["why"] in line
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "out" / "export")])
     assert result.exit_code == 0 and result.output.startswith("ok:")
     weights = tmp_path / "out" / "export" / "guard" / "predictor.safetensors"
