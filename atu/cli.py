@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import click
-import yaml
 
+from atu import __version__
 from atu.errors import AtuError, ConfigError
 from atu.formats import PROBE_KINDS
 
@@ -30,23 +30,34 @@ def _friendly(fn):
     return wrapper
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read YAML config ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _verbose_option() -> click.Option:
+    """-v/--verbose, accepted by the group and by every command (`atu serve -v` as well as `atu -v serve`)."""
+    return click.Option(
+        ["-v", "--verbose"], is_flag=True, expose_value=False, callback=_set_verbose, help="Log progress details."
+    )
+
+
+def _add_verbose(command: click.Command) -> None:
+    if not any("--verbose" in p.opts for p in command.params):
+        command.params.append(_verbose_option())
+    for sub in getattr(command, "commands", {}).values():
+        _add_verbose(sub)
+
+
+_SET_HELP = "Override a config key, as key.sub=value (the value is YAML: 3e-4, [0.9,0.5], null); repeatable."
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+@click.version_option(__version__, "--version", prog_name="atu", message="%(prog)s %(version)s")
+def main() -> None:
     """Align-then-Unlearn: make a language model forget chosen concepts, export it for vLLM, guard the endpoint."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    # No level here: -v (on the group or on a command) sets the root logger's level, WARNING otherwise.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.group()
@@ -54,12 +65,17 @@ def world() -> None:
     """The embedded world: fictional people, probes about them, and a small Llama that knows them."""
 
 
-def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int | None):
+def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int | None, sets=()):
+    from atu.config_tools import apply_overrides, read_yaml
     from atu.world.config import WorldConfig
 
     if config is not None and tiny:
         raise ConfigError("--config and --tiny both choose a world config; pass one of them")
-    cfg = WorldConfig.from_dict(_read_yaml(config)) if config else (WorldConfig.tiny() if tiny else WorldConfig())
+    raw = read_yaml(config) if config else (WorldConfig.tiny().to_dict() if tiny else {})
+    try:
+        cfg = WorldConfig.from_dict(apply_overrides(raw, sets))
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}" if config else str(e)) from None
     if seed is not None:
         cfg.seed = seed
     if people is not None:
@@ -86,12 +102,13 @@ def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int
 @click.option("--people", type=int, help="Number of people (overrides the config).")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
 @click.option("--eval/--no-eval", "run_eval", default=True, help="Score the model on its probes after building.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @_friendly
-def world_build(config, source, tiny, seed, people, force, run_eval) -> None:
+def world_build(config, source, tiny, seed, people, force, run_eval, sets) -> None:
     """Generate the world (or read yours), train its tokenizer and model, cache them, and print the cache path."""
     from atu.world.build import build_world
 
-    cfg = _world_config(config, tiny, seed, people)
+    cfg = _world_config(config, tiny, seed, people, sets)
     t0 = time.time()
     built = build_world(cfg, source=source, force=force)
     click.echo(f"world: {built.root}  ({time.time() - t0:.1f}s; build took {built.build_info()['build_seconds']}s)")
@@ -169,7 +186,8 @@ def _print_before_after(summary: dict) -> None:
 
 
 def _config_and_run_dir(fn):
-    """The CONFIG argument and the --out option of the commands that run (part of) the job."""
+    """The CONFIG argument and the --out and --set options of the commands that run (part of) the job."""
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)(fn)
     fn = click.option(
         "--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config)."
     )(fn)
@@ -180,11 +198,11 @@ def _config_and_run_dir(fn):
 @_config_and_run_dir
 @click.option("--no-export", is_flag=True, help="Align and unlearn, evaluate, but write no export.")
 @_friendly
-def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
+def run_cmd(config: Path, out: Path | None, sets: tuple[str, ...], no_export: bool) -> None:
     """Align, unlearn, export and evaluate, as CONFIG (YAML) says. A killed run resumes from its last stage."""
     from atu.run import run
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     summary = run(cfg, export=not no_export)
     if summary is None:  # not the first process of a data-parallel run: that one reports
         return
@@ -192,10 +210,10 @@ def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
     click.echo(f"wrote {Path(cfg.out) / 'eval.json'}" + (f" and {summary['export']}" if "export" in summary else ""))
 
 
-def _load_config(config: Path, out: Path | None):
+def _load_config(config: Path, out: Path | None, sets: tuple[str, ...] = ()):
     from atu.pipeline import RunConfig
 
-    cfg = RunConfig.load(config)
+    cfg = RunConfig.load(config, sets)
     if out is not None:
         cfg.out = str(out)
     return cfg
@@ -204,11 +222,11 @@ def _load_config(config: Path, out: Path | None):
 @main.command("align")
 @_config_and_run_dir
 @_friendly
-def align_cmd(config: Path, out: Path | None) -> None:
+def align_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
     """Align the embedding predictor to the model (LM frozen); `atu unlearn` and `atu run` of CONFIG reuse it."""
     from atu.run import align
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     metrics = align(cfg)
     if metrics is None:  # not the first process of a data-parallel run
         return
@@ -222,11 +240,11 @@ def align_cmd(config: Path, out: Path | None) -> None:
 @main.command("unlearn")
 @_config_and_run_dir
 @_friendly
-def unlearn_cmd(config: Path, out: Path | None) -> None:
+def unlearn_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
     """Run the unlearning schedule of CONFIG (aligning first unless `atu align` did); no evaluation, no export."""
     from atu.run import unlearn
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     summary = unlearn(cfg)
     if summary is None:
         return
@@ -241,11 +259,11 @@ def unlearn_cmd(config: Path, out: Path | None) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing export at --to.")
 @_friendly
-def export_cmd(config: Path, out: Path | None, dest: Path | None, overwrite: bool) -> None:
+def export_cmd(config: Path, out: Path | None, sets: tuple[str, ...], dest: Path | None, overwrite: bool) -> None:
     """Export what `atu unlearn CONFIG` left: the model for `vllm serve`, the predictor and the concept index."""
     from atu.run import export_unlearned
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     click.echo(f"wrote {export_unlearned(cfg, dest, overwrite=overwrite)}")
 
 
@@ -546,6 +564,40 @@ def _demo_serve(export: Path, built, names: list[str], out: Path, summary: dict)
     summary["guard_demo"] = guard_rows
 
 
+@main.group("config")
+def config_group() -> None:
+    """Run configs: print one resolved, or the reference of every key."""
+
+
+@config_group.command("show")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@_friendly
+def config_show(config: Path, sets: tuple[str, ...]) -> None:
+    """Print CONFIG resolved: every key, defaults filled in, values as they will be used, one line of help each."""
+    from atu.config_tools import show
+    from atu.pipeline import RunConfig
+
+    cfg = RunConfig.load(config, sets)
+    click.echo(f"# {config}" + "".join(f" --set {s}" for s in sets))
+    click.echo(show(RunConfig, cfg), nl=False)
+
+
+@config_group.command("reference")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here (else print).")
+@_friendly
+def config_reference(out: Path | None) -> None:
+    """The Markdown reference of every key of the run and world configs (docs/config.md)."""
+    from atu.config_tools import reference, reference_sections
+
+    text = reference(reference_sections())
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out}")
+
+
 def _register_serve_commands() -> None:
     from serve.audit_report import audit_command
 
@@ -553,6 +605,7 @@ def _register_serve_commands() -> None:
 
 
 _register_serve_commands()
+_add_verbose(main)
 
 
 if __name__ == "__main__":

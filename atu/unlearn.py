@@ -35,7 +35,7 @@ RETAIN_LOSSES = ("hidden", "lm")
 
 @dataclass
 class UnlearnConfig:
-    """The unlearning schedule. Defaults follow what worked on small models here (see DESIGN.md): plain SGD
+    """The unlearning schedule. Defaults follow what worked on the embedded world's small models: plain SGD
     with a large step and clipping stops by itself once every position is under the threshold; Adam's momentum
     keeps changing the model after the hinge reaches zero."""
 
