@@ -369,6 +369,16 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
 
 @main.command("serve")
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
+@click.option(
+    "--vllm-device",
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="Defaults of the vLLM started here: cuda = vLLM's own (dtype auto, CUDA graphs unless the capture backend "
+    "needs eager mode, its memory share); cpu = fp32, a 0.3 memory share, eager, in-process engine; auto = cuda "
+    "when torch sees a GPU.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Where the guard listens.")
 @click.option("--port", default=8000, show_default=True, help="The guard's port (clients talk to this one).")
 @click.option("--upstream", default=None, help="URL of a vLLM server already serving the export (else one starts).")
@@ -421,6 +431,8 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
 @_friendly
 def serve_cmd(
     export_dir,
+    vllm_args,
+    vllm_device,
     host,
     port,
     upstream,
@@ -439,7 +451,10 @@ def serve_cmd(
     max_body_bytes,
     stream_score_every,
 ) -> None:
-    """Serve EXPORT_DIR with vLLM behind the leakage guard (OpenAI-compatible); Ctrl-C stops both."""
+    """Serve EXPORT_DIR with vLLM behind the leakage guard (OpenAI-compatible); Ctrl-C stops both.
+
+    Everything after `--` goes to the vLLM started here unchanged, after atu's own arguments, so it may override
+    them: `atu serve EXPORT -- --tensor-parallel-size 2 --max-model-len 8192 --quantization fp8`."""
     from atu import envs
     from atu.export import load_export
     from serve.launch import ServeOptions, check_port_free, make_guard, run_forever, upstream_servers
@@ -455,6 +470,8 @@ def serve_cmd(
         backend=backend,
         device=device,
         capture_socket=capture_socket,
+        vllm_args=tuple(vllm_args),
+        vllm_device=vllm_device,
     )
     if upstream is None:
         click.echo(f"starting vLLM on {export_dir / 'model'} (about a minute on CPU)...")
