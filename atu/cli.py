@@ -49,6 +49,7 @@ def _add_verbose(command: click.Command) -> None:
         _add_verbose(sub)
 
 
+STRICT_EXIT = 3  # `atu run --strict` when a criterion is missed (1 is a user error, 2 click's usage error)
 _SET_HELP = "Override a config key, as key.sub=value (the value is YAML: 3e-4, [0.9,0.5], null); repeatable."
 
 
@@ -103,8 +104,14 @@ def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int
 @click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
 @click.option("--eval/--no-eval", "run_eval", default=True, help="Score the model on its probes after building.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option(
+    "--run-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a run config for this world (its model and files, answers as long as its longest answer).",
+)
+@click.option("--forget", multiple=True, help="With --run-config: a concept to forget (repeatable).")
 @_friendly
-def world_build(config, source, tiny, seed, people, force, run_eval, sets) -> None:
+def world_build(config, source, tiny, seed, people, force, run_eval, sets, run_config, forget) -> None:
     """Generate the world (or read yours), train its tokenizer and model, cache them, and print the cache path."""
     from atu.world.build import build_world
 
@@ -112,6 +119,14 @@ def world_build(config, source, tiny, seed, people, force, run_eval, sets) -> No
     t0 = time.time()
     built = build_world(cfg, source=source, force=force)
     click.echo(f"world: {built.root}  ({time.time() - t0:.1f}s; build took {built.build_info()['build_seconds']}s)")
+    if run_config is not None:
+        import yaml
+
+        from atu.qa import world_run_config
+
+        raw = world_run_config(built.root, list(forget) or None)
+        run_config.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        click.echo(f"wrote {run_config} (forgets {', '.join(raw['data']['forget'])}; `atu run {run_config}`)")
     if run_eval:
         _print_probe_table(built)
 
@@ -138,10 +153,15 @@ def _verdict(criteria: list[dict], value_format: str) -> str:
     return "missed " + "; ".join(f"{c['name']} {c['value']:{value_format}}" for c in missed)
 
 
-def _print_before_after(summary: dict) -> None:
+def _print_before_after(summary: dict, bounds=None) -> list[dict]:
+    """Print the before/after table and the criteria (``bounds``: the run's EvalConfig, default the project's
+    figures); return every criterion checked."""
+    from atu.pipeline import EvalConfig
+
+    bounds = bounds or EvalConfig()
     before, after = summary.get("before"), summary.get("after")
     if not before or not after:
-        return
+        return []
     click.echo(f"\n{'group':<10}{'kind':<13}{'before':>8}{'after':>8}{'after/before':>14}")
     for group in ("forget", "neighbour", "retain"):
         for kind in PROBE_KINDS:
@@ -161,28 +181,23 @@ def _print_before_after(summary: dict) -> None:
             if f is not None and b:
                 cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
         click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
-    from atu.metrics import (
-        FLUENCY_DROP,
-        FORGET_RATIO,
-        PERPLEXITY_RATIO,
-        RETAIN_RATIO,
-        SIMILARITY_SHIFT,
-        similarity_criteria,
-        unlearning_criteria,
-    )  # fmt: skip
+    from atu.metrics import similarity_criteria, unlearning_criteria
 
+    unlearning = unlearning_criteria(before, after, **bounds.bounds())
     click.echo(
-        f"criteria (forget <= {FORGET_RATIO:.2f} of before, retain >= {RETAIN_RATIO:.2f}, perplexity <= "
-        f"{PERPLEXITY_RATIO:.2f}x, fluency drop <= {FLUENCY_DROP:.2f}): "
-        + _verdict(unlearning_criteria(before, after), ".2f")
+        f"criteria (forget <= {bounds.forget_ratio:.2f} of before, retain >= {bounds.retain_ratio:.2f}, perplexity <= "
+        f"{bounds.perplexity_ratio:.2f}x, fluency drop <= {bounds.fluency_drop:.2f}): " + _verdict(unlearning, ".2f")
     )
-    similarity = similarity_criteria(summary.get("similarity", {}), summary["final_thresholds"], summary["forget"])
+    similarity = similarity_criteria(
+        summary.get("similarity", {}), summary["final_thresholds"], summary["forget"], shift=bounds.similarity_shift
+    )
     if similarity:
         click.echo(
             "driving predictor (mean cosine on forget texts < final threshold, on retain texts within "
-            f"{SIMILARITY_SHIFT:.2f} of before): " + _verdict(similarity, "+.3f")
+            f"{bounds.similarity_shift:.2f} of before): " + _verdict(similarity, "+.3f")
         )
     click.echo(f"schedule: {summary['stop_reason']}")
+    return unlearning + similarity
 
 
 def _config_and_run_dir(fn):
@@ -197,8 +212,14 @@ def _config_and_run_dir(fn):
 @main.command("run")
 @_config_and_run_dir
 @click.option("--no-export", is_flag=True, help="Align and unlearn, evaluate, but write no export.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help=f"Exit with status {STRICT_EXIT} when a criterion (the config's eval section) is missed or none could be "
+    "checked (no probes): a gate for pipelines.",
+)
 @_friendly
-def run_cmd(config: Path, out: Path | None, sets: tuple[str, ...], no_export: bool) -> None:
+def run_cmd(config: Path, out: Path | None, sets: tuple[str, ...], no_export: bool, strict: bool) -> None:
     """Align, unlearn, export and evaluate, as CONFIG (YAML) says. A killed run resumes from its last stage."""
     from atu.run import run
 
@@ -206,8 +227,17 @@ def run_cmd(config: Path, out: Path | None, sets: tuple[str, ...], no_export: bo
     summary = run(cfg, export=not no_export)
     if summary is None:  # not the first process of a data-parallel run: that one reports
         return
-    _print_before_after(summary)
+    criteria = _print_before_after(summary, cfg.eval)
     click.echo(f"wrote {Path(cfg.out) / 'eval.json'}" + (f" and {summary['export']}" if "export" in summary else ""))
+    if strict:
+        missed = [c["name"] for c in criteria if not c["met"]]
+        if not criteria:
+            click.echo("strict: no criterion could be checked (the run has no probes: set data.probes)", err=True)
+            sys.exit(STRICT_EXIT)
+        if missed:
+            click.echo(f"strict: {len(missed)} of {len(criteria)} criteria missed: {'; '.join(missed)}", err=True)
+            sys.exit(STRICT_EXIT)
+        click.echo(f"strict: all {len(criteria)} criteria met")
 
 
 def _load_config(config: Path, out: Path | None, sets: tuple[str, ...] = ()):
@@ -579,6 +609,37 @@ def _demo_serve(export: Path, built, names: list[str], out: Path, summary: dict)
     click.echo(f"guard and vLLM stopped; audit log: {audit}")
     summary["vllm_check"] = rows
     summary["guard_demo"] = guard_rows
+
+
+@main.group("data")
+def data_group() -> None:
+    """Bring your own data: turn it into the files `atu world build --from` and `atu run` read."""
+
+
+@data_group.command("import-qa")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory to write.")
+@click.option("--question-column", default="question", show_default=True)
+@click.option("--answer-column", default="answer", show_default=True)
+@click.option("--subject-column", default="subject", show_default=True, help="The concept each pair is about.")
+@click.option("--split", default="train", show_default=True, help="For a datasets directory with splits.")
+@click.option(
+    "--template",
+    default=None,
+    help="How a pair becomes training text, with {question}, {answer}, {subject} (default: 'Q: {question}\\nA: "
+    "{answer}', the small model's chat form).",
+)
+@click.option("--heldout-template", default=None, help="The held-out phrasing (default: '{question} {answer}').")
+@_friendly
+def data_import_qa(source, out, question_column, answer_column, subject_column, split, template, heldout_template):
+    """Turn a QA dataset (SOURCE: .jsonl, .csv, or a local Hugging Face datasets directory) into corpus.jsonl,
+    probes.jsonl, heldout.jsonl and concepts.yaml in OUT, ready for `atu world build --from OUT`."""
+    from atu.qa import HELDOUT_TEMPLATE, QA_TEMPLATE, Columns, read_qa, write_qa_world
+
+    pairs = read_qa(source, Columns(question_column, answer_column, subject_column), split)
+    write_qa_world(pairs, out, template=template or QA_TEMPLATE, heldout_template=heldout_template or HELDOUT_TEMPLATE)
+    subjects = len({p.subject for p in pairs})
+    click.echo(f"wrote {out}: {len(pairs)} pairs about {subjects} subjects")
 
 
 @main.group("config")

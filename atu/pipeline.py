@@ -31,9 +31,41 @@ class DataConfig:
     validation: str | None = None  # held-out texts (JSONL); those of retained concepts are the stopping signal
     probes: str | None = None  # probes.jsonl: questions scored before and after (optional)
     unseen: str | None = None  # texts about concepts the model never saw, for membership inference (optional)
+    # Plain retain texts without concept labels (JSONL {"text"} or a .txt file, one text per line): general text the
+    # model must keep. A third each goes to the stopping signal, the retain perplexity of the evaluation and the
+    # retain terms' pool, beside whatever the labelled files give.
+    retain: str | None = None
     # Texts filed under other concepts that name a forgotten one (by name or alias) are forget texts too, for the
     # concepts they name: "Y is married to X" teaches X. False: only the texts filed under X.
     mentions: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """How `atu run` evaluates, and the criteria it reports (`atu run --strict` exits non-zero when one is missed)."""
+
+    max_new_tokens: int = 24  # tokens generated per probe answer; set it above your longest reference answer
+    forget_ratio: float = 0.25  # criterion: forget recall after / before is at most this, on each probe kind
+    retain_ratio: float = 0.90  # criterion: retain recall after / before is at least this, on each probe kind
+    perplexity_ratio: float = 1.10  # criterion: held-out retain perplexity after / before is at most this
+    fluency_drop: float = 0.05  # criterion: the share of fluent retained answers falls by at most this
+    similarity_shift: float = 0.10  # criterion: the driving predictor's mean cosine on retain texts moves at most this
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("forget_ratio", "retain_ratio", "perplexity_ratio", "fluency_drop", "similarity_shift"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+
+    def bounds(self) -> dict[str, float]:
+        """The keyword arguments of `atu.metrics.unlearning_criteria`."""
+        return {
+            "forget_ratio": self.forget_ratio,
+            "retain_ratio": self.retain_ratio,
+            "perplexity_ratio": self.perplexity_ratio,
+            "fluency_drop": self.fluency_drop,
+        }
 
 
 GUARD_TARGETS = (None, "name", "description", "centroid")
@@ -48,6 +80,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # the texts: corpus, concepts, what to forget, probes
     align: AlignConfig = field(default_factory=AlignConfig)  # how the embedding predictor is built and aligned
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)  # the unlearning schedule
+    eval: EvalConfig = field(default_factory=EvalConfig)  # answer length and the pass criteria of the evaluation
     out: str = "atu_run"  # run directory: checkpoints, metrics.jsonl, aligned/, export/, eval.json
     device: str = "auto"  # auto (CUDA when torch sees a GPU) | cpu | cuda
     # The guard's per-concept thresholds in the export: the score that at most this share of held-out retain texts
