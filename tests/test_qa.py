@@ -105,6 +105,7 @@ def test_your_model_your_data_walkthrough(tmp_path):
 
     r = atu("run", tmp_path / "run.yaml", "--strict", "--out", tmp_path / "run", "--no-export",
             "--set", "align.epochs=3", "--set", "align.realign_epochs=1", "--set", "align.window=4",
+            "--set", "align.max_length=48",
             "--set", "unlearn.taus=[0.6,0.3]", "--set", "unlearn.steps_per_stage=4")  # fmt: skip
     assert "criteria (forget <= 0.25 of before" in r.output
     summary = json.loads((tmp_path / "run" / "eval.json").read_text())
