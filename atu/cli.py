@@ -536,7 +536,7 @@ def serve_cmd(
             f"guard: http://{host}:{port}/v1  policy={policy}  backend={up.backend}  "
             f"api key={'on' if settings.api_key else 'off'}  audit={settings.audit_path or 'off'}"
         )
-        click.echo("endpoints: /v1/completions /v1/chat/completions /v1/models /v1/leakage /health /metrics")
+        click.echo("endpoints: /v1/completions /v1/chat/completions /v1/models /v1/leakage /live /ready /metrics")
         click.echo("Ctrl-C stops the guard and vLLM.", err=False)
         run_forever(guard)
     click.echo("stopped.")
