@@ -113,6 +113,8 @@ def _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, ma
     device = next(model.parameters()).device
     predictor = predictor.to(device)
     vectors = vectors.to(device).float()
+    # The predictor's positions cover align.max_length (+ a margin); a longer text is cut there, as in alignment.
+    max_length = min(max_length, predictor.config.max_len)
     for ids, attn in text_batches(texts, tokenizer, max_length):
         ids, attn = ids.to(device), attn.to(device)
         pred = predictor(hidden_at(model, ids, attn, layer), attn)
