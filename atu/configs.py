@@ -22,7 +22,8 @@ _FALSE = {"false", "no", "off"}
 def check_keys(cls, data: Any, where: str, prefix: str = "") -> None:
     """Raise ConfigError naming ``where`` unless ``data`` is a mapping whose keys are all fields of ``cls``."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+        section = f" {prefix.rstrip('.')}:" if prefix else ""
+        raise ConfigError(f"{where}:{section} expected a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known, key=str)
     if unknown:
