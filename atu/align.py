@@ -44,7 +44,7 @@ class AlignConfig:
     epochs: int = 20  # initial alignment epochs over the cached states
     realign_epochs: int = 5  # epochs of each re-alignment after an unlearning stage
     batch_size: int = 32
-    lr: float = 1e-3  # Adam
+    lr: float = 1e-3  # learning rate of the predictor (Adam)
     val_fraction: float = 0.1  # texts held out to report held-out cosine
     encode_batch_size: int = 256
     seed: int = 0

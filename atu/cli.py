@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import click
-import yaml
 
+from atu import __version__
 from atu.errors import AtuError, ConfigError
 from atu.formats import PROBE_KINDS
 
@@ -30,23 +30,35 @@ def _friendly(fn):
     return wrapper
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read YAML config ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _verbose_option() -> click.Option:
+    """-v/--verbose, accepted by the group and by every command (`atu serve -v` as well as `atu -v serve`)."""
+    return click.Option(
+        ["-v", "--verbose"], is_flag=True, expose_value=False, callback=_set_verbose, help="Log progress details."
+    )
+
+
+def _add_verbose(command: click.Command) -> None:
+    if not any("--verbose" in p.opts for p in command.params):
+        command.params.append(_verbose_option())
+    for sub in getattr(command, "commands", {}).values():
+        _add_verbose(sub)
+
+
+STRICT_EXIT = 3  # `atu run --strict` when a criterion is missed (1 is a user error, 2 click's usage error)
+_SET_HELP = "Override a config key, as key.sub=value (the value is YAML: 3e-4, [0.9,0.5], null); repeatable."
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+@click.version_option(__version__, "--version", prog_name="atu", message="%(prog)s %(version)s")
+def main() -> None:
     """Align-then-Unlearn: make a language model forget chosen concepts, export it for vLLM, guard the endpoint."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    # No level here: -v (on the group or on a command) sets the root logger's level, WARNING otherwise.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.group()
@@ -54,12 +66,17 @@ def world() -> None:
     """The embedded world: fictional people, probes about them, and a small Llama that knows them."""
 
 
-def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int | None):
+def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int | None, sets=()):
+    from atu.config_tools import apply_overrides, read_yaml
     from atu.world.config import WorldConfig
 
     if config is not None and tiny:
         raise ConfigError("--config and --tiny both choose a world config; pass one of them")
-    cfg = WorldConfig.from_dict(_read_yaml(config)) if config else (WorldConfig.tiny() if tiny else WorldConfig())
+    raw = read_yaml(config) if config else (WorldConfig.tiny().to_dict() if tiny else {})
+    try:
+        cfg = WorldConfig.from_dict(apply_overrides(raw, sets))
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}" if config else str(e)) from None
     if seed is not None:
         cfg.seed = seed
     if people is not None:
@@ -86,15 +103,30 @@ def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int
 @click.option("--people", type=int, help="Number of people (overrides the config).")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
 @click.option("--eval/--no-eval", "run_eval", default=True, help="Score the model on its probes after building.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option(
+    "--run-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a run config for this world (its model and files, answers as long as its longest answer).",
+)
+@click.option("--forget", multiple=True, help="With --run-config: a concept to forget (repeatable).")
 @_friendly
-def world_build(config, source, tiny, seed, people, force, run_eval) -> None:
+def world_build(config, source, tiny, seed, people, force, run_eval, sets, run_config, forget) -> None:
     """Generate the world (or read yours), train its tokenizer and model, cache them, and print the cache path."""
     from atu.world.build import build_world
 
-    cfg = _world_config(config, tiny, seed, people)
+    cfg = _world_config(config, tiny, seed, people, sets)
     t0 = time.time()
     built = build_world(cfg, source=source, force=force)
     click.echo(f"world: {built.root}  ({time.time() - t0:.1f}s; build took {built.build_info()['build_seconds']}s)")
+    if run_config is not None:
+        import yaml
+
+        from atu.qa import world_run_config
+
+        raw = world_run_config(built.root, list(forget) or None)
+        run_config.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        click.echo(f"wrote {run_config} (forgets {', '.join(raw['data']['forget'])}; `atu run {run_config}`)")
     if run_eval:
         _print_probe_table(built)
 
@@ -121,10 +153,15 @@ def _verdict(criteria: list[dict], value_format: str) -> str:
     return "missed " + "; ".join(f"{c['name']} {c['value']:{value_format}}" for c in missed)
 
 
-def _print_before_after(summary: dict) -> None:
+def _print_before_after(summary: dict, bounds=None) -> list[dict]:
+    """Print the before/after table and the criteria (``bounds``: the run's EvalConfig, default the project's
+    figures); return every criterion checked."""
+    from atu.pipeline import EvalConfig
+
+    bounds = bounds or EvalConfig()
     before, after = summary.get("before"), summary.get("after")
     if not before or not after:
-        return
+        return []
     click.echo(f"\n{'group':<10}{'kind':<13}{'before':>8}{'after':>8}{'after/before':>14}")
     for group in ("forget", "neighbour", "retain"):
         for kind in PROBE_KINDS:
@@ -144,38 +181,33 @@ def _print_before_after(summary: dict) -> None:
             if f is not None and b:
                 cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
         click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
-    from atu.metrics import (
-        FLUENCY_DROP,
-        FORGET_RATIO,
-        PERPLEXITY_RATIO,
-        REFOUND_SHARE,
-        RETAIN_RATIO,
-        SIMILARITY_SHIFT,
-        similarity_criteria,
-        unlearning_criteria,
-    )  # fmt: skip
+    from atu.metrics import REFOUND_SHARE, similarity_criteria, unlearning_criteria
 
+    unlearning = unlearning_criteria(before, after, **bounds.bounds())
     click.echo(
-        f"criteria (forget <= {FORGET_RATIO:.2f} of before, retain >= {RETAIN_RATIO:.2f}, perplexity <= "
-        f"{PERPLEXITY_RATIO:.2f}x, fluency drop <= {FLUENCY_DROP:.2f}): "
-        + _verdict(unlearning_criteria(before, after), ".2f")
+        f"criteria (forget <= {bounds.forget_ratio:.2f} of before, retain >= {bounds.retain_ratio:.2f}, perplexity <= "
+        f"{bounds.perplexity_ratio:.2f}x, fluency drop <= {bounds.fluency_drop:.2f}): " + _verdict(unlearning, ".2f")
     )
-    similarity = similarity_criteria(summary.get("similarity", {}), summary["final_thresholds"], summary["forget"])
+    similarity = similarity_criteria(
+        summary.get("similarity", {}), summary["final_thresholds"], summary["forget"], shift=bounds.similarity_shift
+    )
     if similarity:
         click.echo(
             "predictors (re-aligned: forget-minus-retain cosine <= "
             f"{REFOUND_SHARE} of before; driving: mean cosine on forget texts < final threshold, on retain texts "
-            f"within {SIMILARITY_SHIFT:.2f} of before): " + _verdict(similarity, "+.3f")
+            f"within {bounds.similarity_shift:.2f} of before): " + _verdict(similarity, "+.3f")
         )
     forgetting = summary.get("forgetting") or {}
     if forgetting:
         state = "FAILED, " if forgetting["failed"] else ""
         click.echo(f"forgetting ({forgetting['schedule']} schedule): {state}{forgetting['why']}")
     click.echo(f"schedule: {summary['stop_reason']}")
+    return unlearning + similarity
 
 
 def _config_and_run_dir(fn):
-    """The CONFIG argument and the --out option of the commands that run (part of) the job."""
+    """The CONFIG argument and the --out and --set options of the commands that run (part of) the job."""
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)(fn)
     fn = click.option(
         "--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (overrides the config)."
     )(fn)
@@ -185,23 +217,38 @@ def _config_and_run_dir(fn):
 @main.command("run")
 @_config_and_run_dir
 @click.option("--no-export", is_flag=True, help="Align and unlearn, evaluate, but write no export.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help=f"Exit with status {STRICT_EXIT} when a criterion (the config's eval section) is missed or none could be "
+    "checked (no probes): a gate for pipelines.",
+)
 @_friendly
-def run_cmd(config: Path, out: Path | None, no_export: bool) -> None:
+def run_cmd(config: Path, out: Path | None, sets: tuple[str, ...], no_export: bool, strict: bool) -> None:
     """Align, unlearn, export and evaluate, as CONFIG (YAML) says. A killed run resumes from its last stage."""
     from atu.run import run
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     summary = run(cfg, export=not no_export)
     if summary is None:  # not the first process of a data-parallel run: that one reports
         return
-    _print_before_after(summary)
+    criteria = _print_before_after(summary, cfg.eval)
     click.echo(f"wrote {Path(cfg.out) / 'eval.json'}" + (f" and {summary['export']}" if "export" in summary else ""))
+    if strict:
+        missed = [c["name"] for c in criteria if not c["met"]]
+        if not criteria:
+            click.echo("strict: no criterion could be checked (the run has no probes: set data.probes)", err=True)
+            sys.exit(STRICT_EXIT)
+        if missed:
+            click.echo(f"strict: {len(missed)} of {len(criteria)} criteria missed: {'; '.join(missed)}", err=True)
+            sys.exit(STRICT_EXIT)
+        click.echo(f"strict: all {len(criteria)} criteria met")
 
 
-def _load_config(config: Path, out: Path | None):
+def _load_config(config: Path, out: Path | None, sets: tuple[str, ...] = ()):
     from atu.pipeline import RunConfig
 
-    cfg = RunConfig.load(config)
+    cfg = RunConfig.load(config, sets)
     if out is not None:
         cfg.out = str(out)
     return cfg
@@ -210,11 +257,11 @@ def _load_config(config: Path, out: Path | None):
 @main.command("align")
 @_config_and_run_dir
 @_friendly
-def align_cmd(config: Path, out: Path | None) -> None:
+def align_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
     """Align the embedding predictor to the model (LM frozen); `atu unlearn` and `atu run` of CONFIG reuse it."""
     from atu.run import align
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     metrics = align(cfg)
     if metrics is None:  # not the first process of a data-parallel run
         return
@@ -228,11 +275,11 @@ def align_cmd(config: Path, out: Path | None) -> None:
 @main.command("unlearn")
 @_config_and_run_dir
 @_friendly
-def unlearn_cmd(config: Path, out: Path | None) -> None:
+def unlearn_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
     """Run the unlearning schedule of CONFIG (aligning first unless `atu align` did); no evaluation, no export."""
     from atu.run import unlearn
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     summary = unlearn(cfg)
     if summary is None:
         return
@@ -247,11 +294,11 @@ def unlearn_cmd(config: Path, out: Path | None) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing export at --to.")
 @_friendly
-def export_cmd(config: Path, out: Path | None, dest: Path | None, overwrite: bool) -> None:
+def export_cmd(config: Path, out: Path | None, sets: tuple[str, ...], dest: Path | None, overwrite: bool) -> None:
     """Export what `atu unlearn CONFIG` left: the model for `vllm serve`, the predictor and the concept index."""
     from atu.run import export_unlearned
 
-    cfg = _load_config(config, out)
+    cfg = _load_config(config, out, sets)
     click.echo(f"wrote {export_unlearned(cfg, dest, overwrite=overwrite)}")
 
 
@@ -357,6 +404,16 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
 
 @main.command("serve")
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
+@click.option(
+    "--vllm-device",
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="Defaults of the vLLM started here: cuda = vLLM's own (dtype auto, CUDA graphs unless the capture backend "
+    "needs eager mode, its memory share); cpu = fp32, a 0.3 memory share, eager, in-process engine; auto = cuda "
+    "when torch sees a GPU.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Where the guard listens.")
 @click.option("--port", default=8000, show_default=True, help="The guard's port (clients talk to this one).")
 @click.option("--upstream", default=None, help="URL of a vLLM server already serving the export (else one starts).")
@@ -409,6 +466,8 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
 @_friendly
 def serve_cmd(
     export_dir,
+    vllm_args,
+    vllm_device,
     host,
     port,
     upstream,
@@ -427,7 +486,10 @@ def serve_cmd(
     max_body_bytes,
     stream_score_every,
 ) -> None:
-    """Serve EXPORT_DIR with vLLM behind the leakage guard (OpenAI-compatible); Ctrl-C stops both."""
+    """Serve EXPORT_DIR with vLLM behind the leakage guard (OpenAI-compatible); Ctrl-C stops both.
+
+    Everything after `--` goes to the vLLM started here unchanged, after atu's own arguments, so it may override
+    them: `atu serve EXPORT -- --tensor-parallel-size 2 --max-model-len 8192 --quantization fp8`."""
     from atu import envs
     from atu.export import load_export
     from serve.launch import ServeOptions, check_port_free, make_guard, run_forever, upstream_servers
@@ -443,6 +505,8 @@ def serve_cmd(
         backend=backend,
         device=device,
         capture_socket=capture_socket,
+        vllm_args=tuple(vllm_args),
+        vllm_device=vllm_device,
     )
     if upstream is None:
         click.echo(f"starting vLLM on {export_dir / 'model'} (about a minute on CPU)...")
@@ -477,7 +541,7 @@ def serve_cmd(
             f"guard: http://{host}:{port}/v1  policy={policy}  backend={up.backend}  "
             f"api key={'on' if settings.api_key else 'off'}  audit={settings.audit_path or 'off'}"
         )
-        click.echo("endpoints: /v1/completions /v1/chat/completions /v1/models /v1/leakage /health /metrics")
+        click.echo("endpoints: /v1/completions /v1/chat/completions /v1/models /v1/leakage /live /ready /metrics")
         click.echo("Ctrl-C stops the guard and vLLM.", err=False)
         run_forever(guard)
     click.echo("stopped.")
@@ -552,6 +616,71 @@ def _demo_serve(export: Path, built, names: list[str], out: Path, summary: dict)
     summary["guard_demo"] = guard_rows
 
 
+@main.group("data")
+def data_group() -> None:
+    """Bring your own data: turn it into the files `atu world build --from` and `atu run` read."""
+
+
+@data_group.command("import-qa")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory to write.")
+@click.option("--question-column", default="question", show_default=True)
+@click.option("--answer-column", default="answer", show_default=True)
+@click.option("--subject-column", default="subject", show_default=True, help="The concept each pair is about.")
+@click.option("--split", default="train", show_default=True, help="For a datasets directory with splits.")
+@click.option(
+    "--template",
+    default=None,
+    help="How a pair becomes training text, with {question}, {answer}, {subject} (default: 'Q: {question}\\nA: "
+    "{answer}', the small model's chat form).",
+)
+@click.option("--heldout-template", default=None, help="The held-out phrasing (default: '{question} {answer}').")
+@_friendly
+def data_import_qa(source, out, question_column, answer_column, subject_column, split, template, heldout_template):
+    """Turn a QA dataset (SOURCE: .jsonl, .csv, or a local Hugging Face datasets directory) into corpus.jsonl,
+    probes.jsonl, heldout.jsonl and concepts.yaml in OUT, ready for `atu world build --from OUT`."""
+    from atu.qa import HELDOUT_TEMPLATE, QA_TEMPLATE, Columns, read_qa, write_qa_world
+
+    pairs = read_qa(source, Columns(question_column, answer_column, subject_column), split)
+    write_qa_world(pairs, out, template=template or QA_TEMPLATE, heldout_template=heldout_template or HELDOUT_TEMPLATE)
+    subjects = len({p.subject for p in pairs})
+    click.echo(f"wrote {out}: {len(pairs)} pairs about {subjects} subjects")
+
+
+@main.group("config")
+def config_group() -> None:
+    """Run configs: print one resolved, or the reference of every key."""
+
+
+@config_group.command("show")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@_friendly
+def config_show(config: Path, sets: tuple[str, ...]) -> None:
+    """Print CONFIG resolved: every key, defaults filled in, values as they will be used, one line of help each."""
+    from atu.config_tools import show
+    from atu.pipeline import RunConfig
+
+    cfg = RunConfig.load(config, sets)
+    click.echo(f"# {config}" + "".join(f" --set {s}" for s in sets))
+    click.echo(show(RunConfig, cfg), nl=False)
+
+
+@config_group.command("reference")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here (else print).")
+@_friendly
+def config_reference(out: Path | None) -> None:
+    """The Markdown reference of every key of the run and world configs (docs/config.md)."""
+    from atu.config_tools import reference, reference_sections
+
+    text = reference(reference_sections())
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out}")
+
+
 def _register_serve_commands() -> None:
     from serve.audit_report import audit_command
 
@@ -559,6 +688,7 @@ def _register_serve_commands() -> None:
 
 
 _register_serve_commands()
+_add_verbose(main)
 
 
 if __name__ == "__main__":

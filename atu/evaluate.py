@@ -60,6 +60,7 @@ def evaluate_model(
     stand_ins: Sequence[str] = (),
     guard: tuple | None = None,
     progress: bool = False,
+    max_new_tokens: int = 24,
 ) -> dict:
     """Probe recall for forgotten, neighbouring and other concepts, perplexity on held-out retain texts,
     fluency, and, given the texts, membership-inference AUROC and (with ``guard`` = (predictor, hook layer,
@@ -68,7 +69,7 @@ def evaluate_model(
     person's answers: what knowing nothing about them already scores."""
     forget_set = set(forget)
     neighbours = set(neighbour_names(concepts, forget))
-    rows = answer_probes(model, tokenizer, list(probes), progress=progress)
+    rows = answer_probes(model, tokenizer, list(probes), progress=progress, max_new_tokens=max_new_tokens)
     groups = {
         "forget": [r for r in rows if r["concept"] in forget_set],
         "neighbour": [r for r in rows if r["concept"] in neighbours],
@@ -80,7 +81,10 @@ def evaluate_model(
     if stand_ins:
         forgotten = [p for p in probes if p.concept in forget_set]
         stand_in = stand_in_probes(forgotten, concepts, stand_ins)
-        out["forget_floor"] = mean_recall_by_kind(answer_probes(model, tokenizer, stand_in)) if stand_in else None
+        if stand_in:
+            out["forget_floor"] = mean_recall_by_kind(
+                answer_probes(model, tokenizer, stand_in, max_new_tokens=max_new_tokens)
+            )
     out["retain_perplexity"] = (
         perplexity(model, text_batches(perplexity_texts, tokenizer)) if perplexity_texts else None
     )
@@ -109,6 +113,8 @@ def _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, ma
     device = next(model.parameters()).device
     predictor = predictor.to(device)
     vectors = vectors.to(device).float()
+    # The predictor's positions cover align.max_length (+ a margin); a longer text is cut there, as in alignment.
+    max_length = min(max_length, predictor.config.max_len)
     for ids, attn in text_batches(texts, tokenizer, max_length):
         ids, attn = ids.to(device), attn.to(device)
         pred = predictor(hidden_at(model, ids, attn, layer), attn)

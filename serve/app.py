@@ -1,7 +1,9 @@
 """The guard: an OpenAI-compatible proxy in front of a vLLM server that scores every exchange for leakage.
 
 Endpoints: ``/v1/completions`` and ``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/v1/leakage``
-(score any text), ``/health`` (no key needed) and ``/metrics`` (Prometheus).
+(score any text), ``/live`` (liveness: the guard's event loop answers), ``/ready`` and its older name ``/health``
+(readiness: vLLM answers and, with the capture backend, so does the capture plugin; no key needed for these three)
+and ``/metrics`` (Prometheus).
 
 A response is sent only after its exchange was scored and its audit record committed: what the client received,
 the audit log holds. Upstream failures are answered 503 (unreachable) or 504 (too slow) within the timeouts.
@@ -211,7 +213,7 @@ async def guard_middleware(request: web.Request, handler):
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     guard.metrics.in_flight.inc()
     try:
-        if settings.api_key and request.path != "/health" and not _authorised(request, settings.api_key):
+        if settings.api_key and request.path not in PROBE_PATHS and not _authorised(request, settings.api_key):
             resp = error_response(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", request_id
             )
@@ -248,7 +250,19 @@ def _authorised(request: web.Request, key: str) -> bool:
 
 
 # -- handlers -----------------------------------------------------------------------------------------------------
+# Orchestrators probe these without credentials: they say whether the guard runs and can serve, nothing else.
+PROBE_PATHS = ("/health", "/live", "/ready")
+
+
+async def live(request: web.Request) -> web.Response:
+    """Liveness: the guard's event loop answers. A restart helps only when this fails; an unready upstream is not a
+    reason to restart the guard."""
+    return web.json_response({"status": "ok"})
+
+
 async def health(request: web.Request) -> web.Response:
+    """Readiness (also served as /health): vLLM answers its /health, and the capture plugin its socket when the
+    capture backend is used. 503 until both do, so a load balancer sends no traffic the guard cannot serve."""
     guard: Guard = request.app[GUARD]
     try:
         resp = await guard.upstream("GET", "/health")
@@ -256,11 +270,15 @@ async def health(request: web.Request) -> web.Response:
             up = "ok" if resp.status == 200 else f"status {resp.status}"
     except UpstreamError as e:
         up = str(e)
-    status = 200 if up == "ok" else 503
-    return web.json_response(
-        {"status": "ok" if status == 200 else "degraded", "upstream": up, "policy": guard.settings.policy},
-        status=status,
-    )
+    body = {"upstream": up, "policy": guard.settings.policy}
+    ready = up == "ok"
+    client = getattr(getattr(guard.scorer, "backend", None), "client", None) if guard.capture else None
+    if client is not None:
+        answers = await asyncio.get_running_loop().run_in_executor(None, client.ping)
+        body["capture"] = "ok" if answers else f"no answer on {client.path}"
+        ready = ready and answers
+    body["status"] = "ok" if ready else "degraded"
+    return web.json_response(dict(sorted(body.items())), status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -400,6 +418,8 @@ def build_app(guard: Guard) -> web.Application:
     app.on_startup.append(guard.start)
     app.on_cleanup.append(guard.stop)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", health)
+    app.router.add_get("/live", live)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", passthrough)
     app.router.add_post("/v1/leakage", leakage)

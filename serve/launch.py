@@ -38,6 +38,8 @@ class ServeOptions:
     pooling_url: str | None = None  # backend "vllm": an already running pooling server; None: start one
     device: str = "cpu"  # backend "hf" (and capture's fallback): torch device
     capture_socket: str | None = None  # backend "capture" with --upstream: the socket of that vLLM's plugin
+    vllm_args: tuple[str, ...] = ()  # given to the vLLM started here unchanged, after atu's own (`atu serve E -- ...`)
+    vllm_device: str = "auto"  # the vLLM started here: cuda (vLLM's defaults), cpu (the CPU settings), auto
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -144,8 +146,35 @@ def capture_vllm(export_dir: Path, socket_path: str) -> tuple[list[str], dict[st
     from atu.export import load_export
 
     env = {envs.ATU_CAPTURE_LAYER: str(load_export(export_dir).guard.hook_layer), envs.ATU_CAPTURE_SOCKET: socket_path}
-    # A prompt token served from vLLM's prefix cache is never computed, so the plugin would have no row for it.
-    return ["--no-enable-prefix-caching"], env
+    # A prompt token served from vLLM's prefix cache is never computed, so the plugin would have no row for it. The
+    # plugin records through a forward hook, which a replayed CUDA graph or a compiled graph never calls: eager mode.
+    return list(CAPTURE_ARGS), env
+
+
+CAPTURE_ARGS = ("--no-enable-prefix-caching", "--enforce-eager")
+# VLLM_ARGS that would silently stop the capture plugin from recording every token.
+_CAPTURE_CONFLICTS = ("--enable-prefix-caching", "--no-enforce-eager", "--compilation-config", "-O", "-cc")
+
+
+def served_model_name(vllm_args: tuple[str, ...] | list[str], default: str) -> str:
+    """The (first) name given by ``--served-model-name`` in ``vllm_args`` (vLLM keeps the last occurrence of an
+    option), else ``default``: the guard must send the name vLLM serves."""
+    name = default
+    for i, arg in enumerate(vllm_args):
+        if arg == "--served-model-name" and i + 1 < len(vllm_args):
+            name = vllm_args[i + 1]
+        elif arg.startswith("--served-model-name="):
+            name = arg.split("=", 1)[1]
+    return name
+
+
+def check_capture_args(vllm_args: tuple[str, ...] | list[str]) -> None:
+    for arg in vllm_args:
+        if arg.split("=", 1)[0] in _CAPTURE_CONFLICTS or any(arg.startswith(c) for c in ("-O", "-cc")):
+            raise AtuError(
+                f"vLLM argument {arg!r} conflicts with the capture backend (it needs every prompt token computed, "
+                "in eager mode); drop it, or choose --backend hf"
+            )
 
 
 @contextlib.contextmanager
@@ -155,23 +184,35 @@ def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
     from atu.vllm_check import vllm_server
 
     export_dir = Path(opts.export_dir)
-    model_name = opts.model_name or export_dir.resolve().name
+    model_name = served_model_name(opts.vllm_args, opts.model_name or export_dir.resolve().name)
     backend = opts.resolved_backend()
+    if opts.vllm_args and opts.upstream_url is not None:
+        raise AtuError("vLLM arguments after -- are for the vLLM that atu serve starts; with --upstream, give them "
+                       "to your own vLLM")  # fmt: skip
     with contextlib.ExitStack() as stack:
         up = Upstreams(opts.upstream_url or "", model_name, backend, opts.pooling_url, opts.capture_socket)
         if opts.upstream_url is None:
             args, env = ["--served-model-name", model_name], {}
             if backend == "capture":
+                check_capture_args(opts.vllm_args)
                 up.capture_socket = str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "capture.sock")
                 capture_args, env = capture_vllm(export_dir, up.capture_socket)
                 args += capture_args
             up.url = stack.enter_context(
-                vllm_server(export_dir / "model", port=opts.vllm_port, extra_args=args, env=env)
+                vllm_server(
+                    export_dir / "model",
+                    port=opts.vllm_port,
+                    extra_args=args,
+                    env=env,
+                    device=opts.vllm_device,
+                    user_args=opts.vllm_args,
+                )  # fmt: skip
             )
         elif backend == "capture" and not up.capture_socket:
             raise AtuError(
                 "--backend capture with --upstream needs --capture-socket: the ATU_CAPTURE_SOCKET of that vLLM "
-                "(started with ATU_CAPTURE_LAYER and ATU_CAPTURE_SOCKET set and --no-enable-prefix-caching)."
+                "(started with ATU_CAPTURE_LAYER and ATU_CAPTURE_SOCKET set, --no-enable-prefix-caching and "
+                "--enforce-eager; see the README's recipe)."
             )
         if backend == "vllm" and up.pooling_url is None:
             from serve.probe import pooling_server, probe_export

@@ -6,7 +6,7 @@ above ``L`` and the LM head left out, and the final norm's weight set to ones. v
 final norm's output for every token: with unit weights that is the layer-``L`` residual stream divided by its RMS
 (then L2-normalised by the ``token_embed`` head), i.e. ``atu.hidden.hidden_at``'s output (Hugging Face's
 ``hidden_states[L]`` for ``L`` below the model's depth) up to a positive scale per token, which the predictor removes
-itself (it L2-normalises its input). DESIGN.md records cosine 1.0; tests/test_scoring.py checks the scores.
+itself (it L2-normalises its input). tests/test_scoring.py checks the scores against transformers'.
 
 Probes are cached under ``atu.envs.cache_root()/"probes"/<key>`` through ``atu.cache.get_or_build`` (temporary
 directory, then rename), keyed by the sha256 of every ``model/`` file in the export's manifest, the hook layer and

@@ -17,5 +17,5 @@ def test_world_build_bad_config_is_one_line_error(tmp_path):
     cfg.write_text("lm:\n  layers: 3\n")
     result = CliRunner().invoke(main, ["world", "build", "--config", str(cfg)])
     assert result.exit_code == 1
-    assert "error: world.lm: unknown key 'layers'" in result.output
+    assert f"error: {cfg}: world.lm: unknown key 'layers'" in result.output
     assert "Traceback" not in result.output
