@@ -70,9 +70,10 @@ def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             if type(None) in arms:
                 return None
             raise fail(_describe(tp))
-        for arm in arms:
-            if arm is type(None):
-                continue
+        real = [a for a in arms if a is not type(None)]
+        if len(real) == 1:  # X | None with a value: X's own error names the exact item that is wrong
+            return coerce(real[0], value, where, key)
+        for arm in real:
             try:
                 return coerce(arm, value, where, key)
             except ConfigError:
