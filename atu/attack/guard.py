@@ -55,12 +55,14 @@ def export_scorer(export: Export, states_model, tokenizer):
     return Scorer(backend, tokenizer, export.predictor, export.index, max_tokens=max_tokens, top_k=None)
 
 
-def guard_rows(model, tokenizer, probes: Sequence[Probe], scorers: dict, forget: Sequence[str]) -> list[dict]:
-    """Per probe: ``model``'s greedy answer, its recall, and for each named scorer whether it flags a forgotten
-    concept in the completion."""
-    questions = [p.question for p in probes]
-    answers = generate_answers(model, tokenizer, questions, strip=False)  # as a server returns them
-    pairs = [(chat_prompt(tokenizer, q), a) for q, a in zip(questions, answers)]
+def server_answers(model, tokenizer, probes: Sequence[Probe]) -> list[str]:
+    """Greedy answers as a server returns them (leading space kept: the guard scores those tokens)."""
+    return generate_answers(model, tokenizer, [p.question for p in probes], strip=False)
+
+
+def guard_rows(tokenizer, probes: Sequence[Probe], answers: Sequence[str], scorers: dict, forget) -> list[dict]:
+    """Per probe: the answer's recall, and for each named scorer whether it flags a forgotten concept in it."""
+    pairs = [(chat_prompt(tokenizer, p.question), a) for p, a in zip(probes, answers)]
     forget_set = set(forget)
     rows = [
         {"concept": p.concept, "kind": p.kind, "forgotten": p.concept in forget_set,
@@ -94,9 +96,10 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
     }
 
 
-def guard_report(model, tokenizer, probes: Sequence[Probe], export: Export, own_model, forget) -> dict:
-    """Both state sources' catch and false-flag rates on ``model``'s answers (``own_model``: the export's
-    full-precision model, which the guard runs itself)."""
+def guard_report(model, tokenizer, probes: Sequence[Probe], export: Export, own_model, forget, answers=None) -> dict:
+    """Both state sources' catch and false-flag rates on ``model``'s answers (``answers``: from
+    ``server_answers``, computed here when None; ``own_model``: the full-precision model the guard runs itself)."""
+    answers = server_answers(model, tokenizer, probes) if answers is None else answers
     scorers = {"own": export_scorer(export, own_model, tokenizer), "attacked": export_scorer(export, model, tokenizer)}
-    rows = guard_rows(model, tokenizer, probes, scorers, forget)
+    rows = guard_rows(tokenizer, probes, answers, scorers, forget)
     return {name: catch_rates(rows, name) for name in STATE_SOURCES}

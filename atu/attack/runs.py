@@ -33,10 +33,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def precision_ratios(original: dict, unlearned: dict) -> dict:
-    """Unlearned over original at one precision, means of the probe kinds: forget, neighbour, retain."""
+def precision_ratios(before: dict, original: dict, unlearned: dict) -> dict:
+    """Means of the probe kinds: forget recall of the unlearned model over the original's at full precision ("of
+    before": quantizing the original is not forgetting), neighbour and retain over the original's at the same
+    precision (what quantization costs everyone is not the unlearning's doing)."""
     return {
-        g: _ratio(mean_of_kinds(unlearned[g]), mean_of_kinds(original[g])) for g in ("forget", "neighbour", "retain")
+        "forget": _ratio(mean_of_kinds(unlearned["forget"]), mean_of_kinds(before["forget"])),
+        **{g: _ratio(mean_of_kinds(unlearned[g]), mean_of_kinds(original[g])) for g in ("neighbour", "retain")},
     }
 
 
@@ -70,7 +73,8 @@ def quantize_attack(
         evals = {which: evaluate_loaded(m, tok_o if which == "original" else tok_u, src, progress=progress)
                  for which, m in pair.items()}  # fmt: skip
         row = {"precision": label, **{w: _brief(ev) for w, ev in evals.items()}}
-        row["ratios"] = precision_ratios(evals["original"], evals["unlearned"])
+        before = rows[0]["original"] if rows else evals["original"]  # fp32 comes first
+        row["ratios"] = precision_ratios(before, evals["original"], evals["unlearned"])
         if guard:
             row["guard"] = guard_report(pair["unlearned"], tok_u, probes, src.export, unlearned, src.forget)
         rows.append(row)
