@@ -105,6 +105,15 @@ def test_an_update_larger_than_a_bucket_does_not_collapse():
     assert layer.collapsed is False
 
 
+def test_a_rescaled_row_with_the_same_codes_still_collapses():
+    w = _on_grid()
+    update = torch.full_like(w, 0.03)
+    update[:, 0] = 0.001  # the row maximum moves: every step grows by 0.14%, no weight changes bucket
+    layer = weight_collapse("w", w, w + update, 4)
+    assert layer.flipped == 0.0 and layer.collapsed is True
+    assert 0 < layer.survival < 0.1  # the rescaling alone, small against the update
+
+
 def test_int8_keeps_an_update_that_int4_loses():
     w = _on_grid()
     update = torch.full_like(w, 0.03)

@@ -113,7 +113,7 @@ class LayerCollapse:
 
     name: str
     updated: int  # weights the unlearning changed
-    flipped: float | None  # share of those whose quantized value differs from the quantized original's
+    flipped: float | None  # share of those whose integer code differs from the original's (another bucket)
     survival: float | None  # ||Q(W_u) - Q(W_o)|| / ||W_u - W_o|| (Frobenius): the update's size after quantization
     update_in_steps: float | None  # median |W_u - W_o| over the changed weights, in units of the original's step
     collapsed: bool | None  # flipped < COLLAPSE_SHARE; None for a layer the unlearning left alone
@@ -134,11 +134,14 @@ def weight_collapse(
     n = int(changed.sum())
     if n == 0:
         return LayerCollapse(name, 0, None, None, None, None)
-    q_delta = fake_quantize(w_u, bits, group_size) - fake_quantize(w_o, bits, group_size)
-    flipped = float((q_delta[changed] != 0).float().mean())
-    _, steps = rtn_codes(w_o, bits, group_size)
+    codes_o, steps = rtn_codes(w_o, bits, group_size)
+    codes_u, _ = rtn_codes(w_u, bits, group_size)
+    # Codes, not dequantized values: a changed row maximum rescales every weight of its block by a hair while
+    # leaving each in its bucket, and that is still the quantized original.
+    flipped = float((codes_u != codes_o)[changed].float().mean())
     per_weight_step = steps.repeat_interleave(w_o.shape[1] // steps.shape[1], dim=1)  # (out, in)
     in_steps = float((delta.abs() / per_weight_step)[changed].median())
+    q_delta = fake_quantize(w_u, bits, group_size) - fake_quantize(w_o, bits, group_size)
     survival = float(q_delta.norm() / delta.norm())
     return LayerCollapse(name, n, flipped, survival, in_steps, flipped < COLLAPSE_SHARE)
 
