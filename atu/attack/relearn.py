@@ -1,0 +1,127 @@
+"""Relearning attack: fine-tune an unlearned model for a few steps on some facts, then ask about the others.
+
+Knowledge that was only hidden comes back from a small related set: a few steps on half of a forgotten person's
+facts bring back facts that were not in that set. The attacker owns the weights, so every parameter trains
+(Adam, next-token loss on the given texts). Which facts were given is decided by their answers: a probe is held
+out when its answer appears in none of the given texts, so nothing the model was shown is counted as recovered.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from atu.baselines import sequence_logprob
+from atu.errors import ConfigError
+from atu.evaluate import text_batches
+from atu.formats import CorpusRecord, Probe
+from atu.hidden import decoder_layers
+
+
+@dataclass
+class RelearnConfig:
+    """One relearning run."""
+
+    steps: int = 10  # optimizer steps (K)
+    lr: float = 1e-4  # Adam learning rate, constant
+    batch_size: int = 4  # texts per step, drawn in a shuffled cycle over the given texts
+    max_length: int = 128  # tokens per text (truncated)
+    seed: int = 0  # order of the texts and torch seed
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"relearn.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not self.lr > 0:
+            raise ConfigError(f"relearn.lr must be a number > 0, got {self.lr!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _answer_in(answer: str, texts: Sequence[str]) -> bool:
+    needle = answer.strip().lower()
+    return any(needle in t.lower() for t in texts)
+
+
+def default_relearn_texts(corpus: Sequence[CorpusRecord], probes: Sequence[Probe], concept: str) -> list[str]:
+    """Half of ``concept``'s facts as the single-fact texts of its training corpus that state them.
+
+    The facts are its probes' attributes in sorted order, every other one (the first, third, ...); a fact's texts
+    are the corpus texts filed under the concept that contain its answer and no other attribute's answer (the
+    world's ``Q: ... A: ...`` pairs; a bio states every fact and is never one of them)."""
+    answers: dict[str, str] = {}
+    for p in probes:
+        if p.concept == concept and p.attribute and p.answer.strip().lower() != concept.lower():
+            answers.setdefault(p.attribute, p.answer)
+    if len(answers) < 2:
+        raise ConfigError(f"{concept!r} has fewer than two facts with probes; give the texts to relearn with --on")
+    chosen = sorted(answers)[::2]
+    others = [a for k, a in answers.items() if k not in chosen]
+    texts = [
+        r.text
+        for r in corpus
+        if r.concept == concept
+        and any(_answer_in(answers[k], [r.text]) for k in chosen)
+        and not any(_answer_in(a, [r.text]) for a in others)
+    ]
+    if not texts:
+        raise ConfigError(f"no single-fact texts about {concept!r} in the corpus; give the texts to relearn with --on")
+    return texts
+
+
+def held_out_probes(probes: Sequence[Probe], forget: Sequence[str], texts: Sequence[str]) -> list[Probe]:
+    """The probes about forgotten concepts whose answer appears in none of ``texts``: the facts not relearned."""
+    forget_set = set(forget)
+    return [p for p in probes if p.concept in forget_set and not _answer_in(p.answer, texts)]
+
+
+def relearn(model, tokenizer, texts: Sequence[str], cfg: RelearnConfig) -> tuple[torch.nn.Module, list[dict]]:
+    """Fine-tune every parameter of ``model`` in place on ``texts`` for ``cfg.steps`` steps; returns (model, one
+    record per step: ``step``, ``loss`` (mean token NLL before the step), ``texts`` (the texts of its batch)).
+
+    The model is left in eval mode with every parameter's ``requires_grad`` as it was."""
+    if not texts:
+        raise ConfigError("no texts to relearn on")
+    decoder_layers(model)  # a causal LM we know how to read, or a one-line error
+    torch.manual_seed(cfg.seed)
+    order = list(range(len(texts)))
+    rng = random.Random(cfg.seed)
+    device = next(model.parameters()).device
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    queue: list[int] = []
+    logged = []
+    model.train()
+    for step in range(cfg.steps):
+        if len(queue) < cfg.batch_size:  # a fresh shuffled pass once the current one runs short
+            rng.shuffle(order)
+            queue += order
+        picked, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
+        ((ids, attn),) = text_batches([texts[i] for i in picked], tokenizer, cfg.max_length, batch_size=len(picked))
+        ids, attn = ids.to(device), attn.to(device)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
+        loss = -sequence_logprob(logits, ids, attn).sum() / attn[:, 1:].sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        logged.append((step, loss.detach(), [texts[i] for i in picked]))
+    model.eval()
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    return model, [{"step": s, "loss": float(v), "texts": t} for s, v, t in logged]
+
+
+def recovery(before: float | None, unlearned: float | None, relearned: float | None) -> float | None:
+    """Share of the recall that unlearning removed which relearning brings back: (relearned - unlearned) /
+    (before - unlearned); None when unlearning removed nothing (the share is undefined)."""
+    if before is None or unlearned is None or relearned is None or before - unlearned <= 1e-9:
+        return None
+    return (relearned - unlearned) / (before - unlearned)

@@ -1,0 +1,130 @@
+"""Attacks on an export: relearning's data split and training, the guard's catch rates, and both CLI commands."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from atu.attack.guard import LEAK_RECALL, catch_rates
+from atu.attack.relearn import RelearnConfig, default_relearn_texts, held_out_probes, recovery, relearn
+from atu.errors import ConfigError
+
+
+def _world_facts(tiny_world):
+    concept = tiny_world.concepts().names()[0]
+    return concept, tiny_world.corpus(), tiny_world.probes()
+
+
+def test_default_relearn_texts_state_half_the_facts_and_no_held_out_answer(tiny_world):
+    concept, corpus, probes = _world_facts(tiny_world)
+    texts = default_relearn_texts(corpus, probes, concept)
+    own = [r.text for r in corpus if r.concept == concept]
+    assert texts and set(texts) <= set(own)
+    held = held_out_probes(probes, [concept], texts)
+    assert held, "half of the facts must stay out of the relearning texts"
+    for p in held:
+        assert p.concept == concept
+        assert not any(p.answer.lower() in t.lower() for t in texts)
+    attributes = {p.attribute for p in probes if p.concept == concept and p.answer != concept}
+    given = {p.attribute for p in probes if p.concept == concept and p.answer in " ".join(texts)} & attributes
+    assert len(given) == (len(attributes) + 1) // 2  # every other attribute, in sorted order
+    assert given.isdisjoint({p.attribute for p in held})
+
+
+def test_relearn_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="relearn.steps must be a positive int, got 0"):
+        RelearnConfig(steps=0)
+    with pytest.raises(ConfigError, match="relearn.lr must be a number > 0"):
+        RelearnConfig(lr=-1.0)
+
+
+def test_recovery_is_the_share_of_the_removed_recall_that_comes_back():
+    assert recovery(0.8, 0.2, 0.5) == pytest.approx(0.5)
+    assert recovery(0.8, 0.2, 0.2) == 0.0
+    assert recovery(0.8, 0.8, 0.9) is None  # nothing was removed
+
+
+def test_catch_rates_count_leaks_and_false_flags():
+    rows = [
+        {"forgotten": True, "recall": 1.0, "flagged_own": True},
+        {"forgotten": True, "recall": LEAK_RECALL, "flagged_own": False},
+        {"forgotten": True, "recall": 0.0, "flagged_own": True},  # flagged, but leaks nothing
+        {"forgotten": False, "recall": 1.0, "flagged_own": True},
+        *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(3)),
+    ]
+    got = catch_rates(rows, "own")
+    assert got == {"leaks": 2, "catch_rate": 0.5, "flag_rate_forgotten": 2 / 3, "others": 4, "false_flag_rate": 0.25}
+
+
+@pytest.mark.slow
+def test_relearning_trains_only_on_the_given_facts(tiny_world, tiny_lm):
+    from atu.evaluate import text_nll
+
+    concept, corpus, probes = _world_facts(tiny_world)
+    model, tokenizer = tiny_lm
+    texts = default_relearn_texts(corpus, probes, concept)
+    held = held_out_probes(probes, [concept], texts)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    nll_before = sum(text_nll(model, tokenizer, texts)) / len(texts)
+    relearned, records = relearn(copy.deepcopy(model), tokenizer, texts, RelearnConfig(steps=6, lr=1e-3, batch_size=4))
+    seen = [t for r in records for t in r["texts"]]
+    assert len(records) == 6 and len(seen) == 24
+    assert set(seen) <= set(texts)  # every batch came from the given set
+    assert set(seen) == set(texts)  # and the cycle covered all of it (24 draws over fewer texts)
+    for p in held:  # what the evaluation counts as recovered was never shown
+        assert not any(p.answer.lower() in t.lower() for t in seen)
+    assert sum(text_nll(relearned, tokenizer, texts)) / len(texts) < nll_before
+    changed = [n for n, p in relearned.named_parameters() if not torch.equal(p, before[n])]
+    assert changed
+    for n, p in model.named_parameters():  # the caller's model is untouched
+        assert torch.equal(p, before[n])
+
+
+@pytest.mark.slow
+def test_cli_attack_quantize_on_the_tiny_export(tiny_run, tmp_path):
+    from atu.attack.quantize import quantizable_linears
+    from atu.cli import main
+    from atu.loading import load_lm
+
+    out_dir, cfg, _ = tiny_run
+    out = tmp_path / "q.json"
+    result = CliRunner().invoke(main, ["attack", "quantize", str(out_dir / "export"), "--bits", "4", "--group-size",
+                                       "32", "--no-int8-kernel", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())
+    assert [r["precision"] for r in res["rows"]] == ["fp32", "int4 rtn g32"]
+    for row in res["rows"]:
+        assert set(row["original"]["forget"]) == {"direct", "paraphrase", "adversarial"}
+        assert set(row["guard"]) == {"own", "attacked"}
+    model, _ = load_lm(out_dir / "export" / "model")
+    names = [n for n, _ in quantizable_linears(model)]
+    assert [x["name"] for x in res["collapse"]["layers"]] == names
+    # The tiny run's hook layer is 1: only decoder layer 0 trains, so only its weights can have an update.
+    updated = {x["name"] for x in res["collapse"]["layers"] if x["updated"]}
+    assert updated and all(n.startswith("model.layers.0.") for n in updated)
+    assert "bucket collapse (int4 rtn g32)" in result.output
+
+
+@pytest.mark.slow
+def test_cli_attack_relearn_on_a_given_file(tiny_run, tiny_world, tmp_path):
+    from atu.cli import main
+    from atu.formats import CorpusRecord, write_jsonl
+
+    out_dir, cfg, _ = tiny_run
+    concept = cfg.data.forget[0]
+    texts = default_relearn_texts(tiny_world.corpus(), tiny_world.probes(), concept)[:3]
+    on = tmp_path / "on.jsonl"
+    write_jsonl(on, [CorpusRecord(t, concept) for t in texts])
+    out = tmp_path / "r.json"
+    args = ["attack", "relearn", str(out_dir / "export"), "--on", str(on), "--steps", "2", "--no-guard"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())
+    assert res["texts"] == texts and len(res["loss"]) == 2 and "guard" not in res
+    held = held_out_probes(tiny_world.probes(), [concept], texts)
+    assert res["recall"]["original"]["held_out"]["n"] == len(held)
+    assert res["recall"]["original"]["retain"]["n"] == sum(p.concept != concept for p in tiny_world.probes())
