@@ -13,6 +13,7 @@ checkpointed stage; per-step metrics go to ``metrics.jsonl``.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import time
@@ -229,15 +230,29 @@ class Plan:
     kinds: list[str]
     placement: Placement | None = None  # None: the absolute schedule (unlearn.taus), or a baseline's stages
     algorithm: str = "atu"
+    extra: int = 0  # placed schedule: stages past the floor, at the same step, while forgetting still progresses
+    concept_floor: torch.Tensor | None = None  # (R,) each row's concept's own threshold, else -1
+
+    def stage(self, stage: int) -> torch.Tensor | None:
+        """The thresholds of ``stage`` (R,), or None past the last one. Past the floor a placed schedule steps on
+        at the same rate (idle rows stay at their start, a concept's own threshold stays a floor)."""
+        if stage < len(self.taus):
+            return self.taus[stage]
+        if self.placement is None or stage >= len(self.taus) + self.extra:
+            return None
+        p, n = self.placement, len(self.taus)
+        taus = (p.start - (p.start - p.floor) * (stage + 1) / n).clamp(min=-1.0)
+        taus = torch.where(p.idle, p.start, taus)
+        return taus if self.concept_floor is None else torch.maximum(taus, self.concept_floor)
 
     def headline(self, stage: int) -> float:
         """One number for a stage: its highest threshold (the absolute schedule's tau)."""
-        return round(float(self.taus[stage].max()), 4)
+        return round(float(self.stage(stage).max()), 4)
 
     def describe(self, stage: int) -> str:
         if self.placement is None:
             return f"tau={self.headline(stage)}"
-        return f"thresholds {', '.join(f'{t:.2f}' for t in self.taus[stage].tolist())}"
+        return f"thresholds {', '.join(f'{t:.2f}' for t in self.stage(stage).tolist())}"
 
     def record(self) -> dict:
         kind = "placed" if self.placement is not None else "absolute" if self.algorithm == "atu" else "baseline"
@@ -246,6 +261,22 @@ class Plan:
             p = self.placement
             out.update(start=p.start.tolist(), floor=p.floor.tolist(), idle=p.idle.tolist())
         return out
+
+
+def _levelled_off(stages: list[dict], plan: Plan, cfg: UnlearnConfig, dist: Dist) -> str | None:
+    """Past the placed floor, the schedule goes on only while held-out forget perplexity still rises by
+    ``cfg.progress_min`` a stage (and the retain budget holds): the stop reason once it does not, else None."""
+    stage = stages[-1]["stage"]
+    if plan.placement is None or stage < len(plan.taus) - 1 or len(stages) < 2:
+        return None
+    now, prev = stages[-1]["heldout_forget_ppl_ratio"], stages[-2]["heldout_forget_ppl_ratio"]
+    gain = dist.from_main(now / prev - 1 if dist.main and now is not None and prev is not None else -1.0)
+    if gain >= cfg.progress_min:
+        return None
+    return (
+        f"forgetting levelled off after stage {stage}: held-out forget perplexity rose {gain:+.1%} in its last stage "
+        f"(needs {cfg.progress_min:.0%} to go on)"
+    )
 
 
 def _rate(cfg: UnlearnConfig) -> float:
@@ -288,7 +319,7 @@ def _plan(model, predictor, tokenizer, inputs: ScheduleInputs, cfg: UnlearnConfi
         logger.warning("the aligned predictor does not single out %s on its own texts: little to push", idle)
     floors = cfg.stage_thresholds(-1.0, inputs.concepts).repeat(len(kinds))  # a concept's own threshold, else -1
     taus = [torch.maximum(t, floors) for t in placement.taus]
-    return Plan(taus, kinds, placement)
+    return Plan(taus, kinds, placement, extra=cfg.extra_stages, concept_floor=floors)
 
 
 def run_schedule(
@@ -387,7 +418,10 @@ def run_schedule(
         if stages and stages[-1].get("lr") is not None:  # resumed: at the rate the last kept stage ran at
             key_lr = "lr" if cfg.algorithm == "atu" else "baseline_lr"
             cfg = replace(cfg, **{key_lr: stages[-1]["lr"]})
-        for stage, thresholds in enumerate(plan.taus):
+        for stage in itertools.count():
+            thresholds = plan.stage(stage)
+            if thresholds is None:
+                break
             if stage < len(stages):
                 continue
             t_stage = time.time()
@@ -451,6 +485,10 @@ def run_schedule(
             # e.g. a benchmark scoring each strength of the schedule from one run
             if on_stage is not None and dist.main:
                 on_stage(stages[-1], model=model, predictor=predictor, concept_vectors=vectors, hook_layer=layer)
+            levelled = _levelled_off(stages, plan, unlearn_cfg, dist)
+            if levelled:
+                stop_reason = levelled
+                break
         last = stages[-1] if stages else {}
         failed, why = forgetting_verdict(last.get("heldout_forget_ppl_ratio"), 1 + last.get("rise", 0.0), len(stages))
         forgetting = {

@@ -51,6 +51,10 @@ class UnlearnConfig:
     stages: int = 6  # stages of the placed schedule (taus: None)
     start_quantile: float = 0.99  # placed schedule: quantile of a row's forget-text cosines it starts from
     floor_quantile: float = 0.99  # placed schedule: quantile of a row's retain-text cosines it ends at
+    # Placed schedule: at most this many stages past the floor, at the same step, each only while the retain budget
+    # holds and held-out forget perplexity rose by progress_min in the stage before (forgetting still progresses).
+    extra_stages: int = 6
+    progress_min: float = 0.05  # placed schedule: the rise of held-out forget perplexity a stage must bring to go on
     # Optimizer steps in each stage. None: ``stage_epochs`` passes over the forget batches, at least ``min_steps``.
     steps_per_stage: int | None = None
     stage_epochs: float = 20.0  # steps_per_stage null: passes over the forget batches a stage
@@ -107,6 +111,10 @@ class UnlearnConfig:
         if min(steps, self.min_steps, self.stages, self.batch_size, self.log_every, self.retain_pool) < 1:
             raise ConfigError(
                 "unlearn.steps_per_stage, min_steps, stages, batch_size, log_every and retain_pool must be >= 1"
+            )
+        if self.extra_stages < 0 or self.progress_min < 0:
+            raise ConfigError(
+                f"unlearn.extra_stages and progress_min must be >= 0, got {self.extra_stages}, {self.progress_min}"
             )
         if not self.stage_epochs > 0 or self.budget_retries < 0:
             raise ConfigError(

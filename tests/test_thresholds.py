@@ -61,3 +61,16 @@ def test_verdict_needs_forget_texts_to_get_harder_than_retain_texts():
 def test_separation_is_the_difference_of_means():
     assert separation(torch.tensor([0.5, 0.7]), torch.tensor([0.1, 0.3])) == pytest.approx(0.4)
     assert separation(torch.empty(0), torch.tensor([0.1])) != separation(torch.empty(0), torch.tensor([0.1]))  # NaN
+
+
+def test_a_placed_plan_steps_past_the_floor_at_the_same_rate():
+    from atu.schedule import Plan
+
+    p = place_thresholds([torch.tensor([0.8]), torch.tensor([0.3])], torch.tensor([[0.2, 0.3]]), 3, 1.0, 1.0)
+    plan = Plan(list(p.taus), ["name", "contrast"], p, extra=2, concept_floor=torch.tensor([-1.0, -1.0]))
+    assert plan.stage(2)[0].item() == pytest.approx(0.2)  # the floor
+    assert plan.stage(3)[0].item() == pytest.approx(0.0)  # one step (0.2) past it
+    assert plan.stage(4)[0].item() == pytest.approx(-0.2)
+    assert plan.stage(3)[1].item() == pytest.approx(0.3)  # an idle row stays at its start
+    assert plan.stage(5) is None
+    assert Plan(list(p.taus), ["name"], None).stage(3) is None  # the absolute schedule has no extra stages
