@@ -17,6 +17,8 @@ XDG_CACHE_HOME = "XDG_CACHE_HOME"
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
 # The serving guard's API key (`atu serve`), when --api-key is not given. Unset: no key, every client is allowed.
 ATU_API_KEY = "ATU_API_KEY"
+# The guard's operator key (`atu serve --operator-key`): opens /v1/leakage and /metrics. Unset: those answer 403.
+ATU_OPERATOR_KEY = "ATU_OPERATOR_KEY"
 # Set by `atu serve` on the vLLM server it starts: the hook layer whose per-token states the in-engine capture
 # plugin (serve/capture.py, entry point `vllm.general_plugins`) records. Unset: the plugin does nothing.
 ATU_CAPTURE_LAYER = "ATU_CAPTURE_LAYER"
@@ -52,6 +54,11 @@ def set_hub_offline() -> None:
 def api_key() -> str | None:
     """The guard's API key from the environment, or None when unset or empty."""
     return os.environ.get(ATU_API_KEY) or None
+
+
+def operator_key() -> str | None:
+    """The guard's operator key from the environment, or None when unset or empty."""
+    return os.environ.get(ATU_OPERATOR_KEY) or None
 
 
 def capture_settings() -> tuple[int, str, int] | None:

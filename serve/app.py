@@ -10,7 +10,6 @@ the audit log holds. Upstream failures are answered 503 (unreachable) or 504 (to
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -22,12 +21,22 @@ from aiohttp import web
 from serve import policy as pol
 from serve.batcher import ScoreBatcher
 from serve.capture import XARG
+from serve.disclose import client_headers, client_leakage, concept_id, concept_ids
 from serve.metrics import GuardMetrics
-from serve.responses import REQUEST_ID, AuditUnavailable, UpstreamError, error_response
+from serve.middleware import guard_middleware
+from serve.responses import CLIENT_REQUEST_ID, REQUEST_ID, AuditUnavailable, UpstreamError, error_response
 from serve.scoring import Capture
 from serve.settings import GuardSettings
 from serve.streams import relay_stream
-from serve.validate import BadRequest, ParsedRequest, parse_chat, parse_completion, parse_json, parse_leakage
+from serve.validate import (
+    Limits,
+    ParsedRequest,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    parse_leakage,
+    parse_tokens_call,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +53,16 @@ class Guard:
         self.tokenizer = tokenizer
         self.audit = audit
         self.metrics = metrics or GuardMetrics()
-        self.batcher = ScoreBatcher(scorer.score_batch, settings.max_batch, self.metrics)
+        self.batcher = ScoreBatcher(
+            scorer.score_batch,
+            settings.max_batch,
+            self.metrics,
+            max_queue=settings.max_scoring_queue,
+            timeout=settings.scoring_timeout,
+        )
+        self.limits = Limits.from_settings(settings, _vocab_size(tokenizer))
+        self._concept_ids = concept_ids(getattr(scorer, "labels", None) or [])
+        self.active = 0  # generation requests in flight (the middleware's concurrency limit)
         # The capture backend reads the states vLLM recorded while generating: requests are marked for it.
         backend = getattr(scorer, "backend", None)
         self.capture = bool(getattr(backend, "uses_captures", False))
@@ -97,6 +115,16 @@ class Guard:
             self.metrics.upstream_errors.labels("broken").inc()
             raise UpstreamError(503, f"the connection to vLLM broke ({type(e).__name__})") from None
 
+    async def post(self, path: str, raw: bytes) -> tuple[int, bytes]:
+        """(status, body) of a non-streamed upstream call; vLLM's own failures (5xx) become a 502."""
+        resp = await self.upstream("POST", path, raw)
+        async with resp:
+            body, status = await self.read_upstream(resp), resp.status
+        if status >= 500:
+            self.metrics.upstream_errors.labels("failed").inc()
+            raise UpstreamError(502, f"vLLM failed with status {status}")
+        return status, body
+
     async def known_model(self, name: str) -> bool:
         """Whether vLLM serves ``name``; the list is cached and refreshed when a name is not in it."""
         if name in self._models:
@@ -138,6 +166,7 @@ class Guard:
         reports: list,
         request_id: str,
         error: str | None = None,
+        client_request_id: str | None = None,
         **fields,
     ) -> None:
         """Commit the audit records of one exchange (one per choice); returns once they are durable: that is the
@@ -146,6 +175,7 @@ class Guard:
             return
         records = audit_records(
             self.settings,
+            client_request_id=client_request_id,
             prompts=prompts,
             completions=completions,
             reports=reports,
@@ -164,11 +194,14 @@ class Guard:
         self.metrics.capture.labels("captured").inc(captured)
         self.metrics.capture.labels("fallback").inc(fell_back)
 
+    def metric_label(self, concept: str) -> str:
+        return concept if self.settings.metric_concept_names else concept_id(concept, self._concept_ids)
+
     def count(self, leakage: dict) -> None:
         for c in leakage["flagged"]:
-            self.metrics.flagged.labels(c).inc()
+            self.metrics.flagged.labels(self.metric_label(c)).inc()
         for c in leakage["prompt_flagged"]:
-            self.metrics.prompt_flagged.labels(c).inc()
+            self.metrics.prompt_flagged.labels(self.metric_label(c)).inc()
         if leakage.get("max_score") is not None:
             self.metrics.max_score.observe(leakage["max_score"])
         self.metrics.actions.labels(leakage["action"]).inc()
@@ -201,52 +234,6 @@ def audit_records(
     return out
 
 
-# -- middleware ---------------------------------------------------------------------------------------------------
-@web.middleware
-async def guard_middleware(request: web.Request, handler):
-    guard: Guard = request.app[GUARD]
-    settings = guard.settings
-    request_id = request.headers.get("X-Request-Id") or f"atu-{uuid.uuid4().hex}"
-    request[REQUEST_ID] = request_id
-    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    guard.metrics.in_flight.inc()
-    try:
-        if settings.api_key and request.path != "/health" and not _authorised(request, settings.api_key):
-            resp = error_response(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", request_id
-            )
-        else:
-            try:
-                resp = await handler(request)
-            except web.HTTPRequestEntityTooLarge:
-                resp = error_response(
-                    413,
-                    f"the body is larger than {settings.max_body_bytes} bytes",
-                    "invalid_request_error",
-                    request_id,
-                )
-            except BadRequest as e:
-                resp = error_response(400, str(e), "invalid_request_error", request_id)
-            except UpstreamError as e:
-                resp = error_response(e.status, str(e), "upstream_error", request_id)
-            except AuditUnavailable as e:
-                resp = error_response(
-                    503, f"the audit log is unavailable ({e}); the exchange was not served", "audit_error", request_id
-                )
-            except web.HTTPException as e:
-                resp = error_response(e.status, e.reason, "invalid_request_error", request_id)
-        guard.metrics.requests.labels(endpoint, str(resp.status)).inc()
-        return resp
-    finally:
-        guard.metrics.in_flight.dec()
-
-
-def _authorised(request: web.Request, key: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
-
-
 # -- handlers -----------------------------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     guard: Guard = request.app[GUARD]
@@ -269,16 +256,21 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def passthrough(request: web.Request) -> web.Response:
-    """Endpoints that generate no text (/v1/models, /tokenize, /detokenize): relayed as they are, nothing to score."""
+    """Endpoints that generate no text (/v1/models, /tokenize, /detokenize): checked, relayed, nothing to score."""
     guard: Guard = request.app[GUARD]
-    body = await request.read() if request.method == "POST" else None
+    body = None
+    if request.method == "POST":
+        body = json.dumps(parse_tokens_call(request.path, parse_json(await request.read()), guard.limits)).encode()
     resp = await guard.upstream(request.method, request.path, body)
     async with resp:
-        data = await guard.read_upstream(resp)
-        return web.Response(body=data, status=resp.status, content_type="application/json")
+        data, status = await guard.read_upstream(resp), resp.status
+    if status >= 500:
+        raise UpstreamError(502, f"vLLM failed with status {status}")
+    return web.Response(body=data, status=status, content_type="application/json")
 
 
 async def leakage(request: web.Request) -> web.Response:
+    """The operator's view: the full report of any text (the middleware lets only the operator key in)."""
     guard: Guard = request.app[GUARD]
     prompt, completion = parse_leakage(parse_json(await request.read()))
     start = time.perf_counter()
@@ -290,6 +282,7 @@ async def leakage(request: web.Request) -> web.Response:
     scoring_ms = 1000 * (time.perf_counter() - start)
     await guard.record(
         request_id=request[REQUEST_ID],
+        client_request_id=request[CLIENT_REQUEST_ID],
         endpoint="/v1/leakage",
         model=None,
         action=pol.decide("monitor", bool(report.flagged)),
@@ -304,92 +297,97 @@ async def leakage(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     guard: Guard = request.app[GUARD]
-    return await _generate(request, parse_completion(parse_json(await request.read()), guard.tokenizer), guard)
+    body = parse_json(await request.read())
+    return await _generate(request, parse_completion(body, guard.tokenizer, guard.limits), guard)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     guard: Guard = request.app[GUARD]
-    return await _generate(request, parse_chat(parse_json(await request.read()), guard.tokenizer), guard)
+    body = parse_json(await request.read())
+    return await _generate(request, parse_chat(body, guard.tokenizer, guard.limits), guard)
+
+
+def _upstream_body(raw: bytes) -> dict:
+    """vLLM's answer, refused (502) unless it is an object with a list of choice objects."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise UpstreamError(502, "vLLM's answer is not a completion object")
+    return body
 
 
 async def _generate(request: web.Request, req: ParsedRequest, guard: Guard) -> web.StreamResponse:
     request_id = request[REQUEST_ID]
     if not await guard.known_model(req.model):
         return error_response(
-            404, f"model {req.model!r} is not served here; see /v1/models", "not_found_error", request_id
+            404, f"model {req.model[:64]!r} is not served here; see /v1/models", "not_found_error", request_id
         )
     upstream_body, capture_key = guard.mark(req.body)
     raw = json.dumps(upstream_body).encode()
     if req.stream:
         return await relay_stream(request, req, guard, raw, capture_key)
     started = time.perf_counter()
-    resp = await guard.upstream("POST", request.path, raw)
-    async with resp:
-        body_bytes = await guard.read_upstream(resp)
-        status = resp.status
+    status, body_bytes = await guard.post(request.path, raw)
     upstream_ms = 1000 * (time.perf_counter() - started)
     guard.metrics.upstream_seconds.observe(upstream_ms / 1000)
-    if status != 200:  # vLLM's own error (no completion in it): pass it on as it is
+    if status != 200:  # vLLM refused the request (no completion in it): pass its error on
         return web.Response(
             body=body_bytes, status=status, content_type="application/json", headers={"X-Request-Id": request_id}
         )
-    body = json.loads(body_bytes)
-    choices = body.get("choices", [])
-    prompts = [req.prompts[min(c.get("index", i) // req.n, len(req.prompts) - 1)] for i, c in enumerate(choices)]
+    body = _upstream_body(body_bytes)
+    choices = body["choices"]
+    prompts = [req.prompts[min(_index(c, i) // req.n, len(req.prompts) - 1)] for i, c in enumerate(choices)]
     texts = [pol.choice_text(c, req.chat) for c in choices]
     captures = None
     if capture_key is not None:  # score the tokens vLLM used; the client gets them only if it asked
         ids, _ = pol.take_token_ids(body, keep=bool(req.body.get("return_token_ids")))
-        found = [ids.get(int(c.get("index", i)), (None, None)) for i, c in enumerate(choices)]
+        found = [ids.get(_index(c, i), (None, None)) for i, c in enumerate(choices)]
         captures = [Capture(capture_key, True, p_ids, c_ids) for p_ids, c_ids in found]
-    endpoint = request.path
+    exchange = dict(request_id=request_id, client_request_id=request[CLIENT_REQUEST_ID], endpoint=request.path,
+                    model=req.model, stream=False, prompts=prompts, completions=texts)  # fmt: skip
     start = time.perf_counter()
     try:
-        reports = await guard.score_all(list(zip(prompts, texts)), captures)
-        error = None
+        reports, error = await guard.score_all(list(zip(prompts, texts)), captures), None
     except Exception as e:
         guard.metrics.scoring_errors.inc()
-        error = f"scoring failed: {e}"
-        reports = []
+        logger.warning("request %s: scoring failed: %s", request_id, e)
+        reports, error = [], f"scoring failed: {e}"
     scoring_ms = 1000 * (time.perf_counter() - start)
+    blocked = None
     if error is not None:
         if not guard.settings.fail_open:
-            await guard.record(
-                request_id=request_id,
-                endpoint=endpoint,
-                model=req.model,
-                action=pol.ERROR,
-                stream=False,
-                reports=[],
-                prompts=prompts,
-                completions=texts,
-                error=error,
-            )
-            return error_response(
-                503, error + " (the policy fails closed: nothing unscored is returned)", "scoring_error", request_id
-            )
+            await guard.record(**exchange, action=pol.ERROR, reports=[], error=error)
+            return error_response(503, _CLOSED, "scoring_error", request_id)
         leak = pol.leakage_object(guard.settings.policy, pol.ERROR, [], error=error)
     else:
         action = pol.decide(guard.settings.policy, any(r.flagged for r in reports))
         leak = pol.leakage_object(guard.settings.policy, action, reports)
         if action == pol.BLOCKED:
-            body = pol.block_choices(body, reports, guard.settings.refusal, req.chat)
-    await guard.record(
-        request_id=request_id,
-        endpoint=endpoint,
-        model=req.model,
-        action=leak["action"],
-        stream=False,
-        reports=reports,
-        prompts=prompts,
-        completions=texts,
-        upstream_ms=upstream_ms,
-        scoring_ms=scoring_ms,
-        error=error,
-    )
+            body, blocked = pol.block_choices(body, reports, guard.settings.refusal, req.chat)
+    await guard.record(**exchange, action=leak["action"], reports=reports, upstream_ms=upstream_ms,
+                       scoring_ms=scoring_ms, error=error)  # fmt: skip
     guard.count(leak)
-    body["leakage"] = leak
-    return web.json_response(body, headers=pol.leakage_headers(leak, request_id))
+    level = guard.settings.disclose
+    body["leakage"] = client_leakage(leak, level, blocked)
+    return web.json_response(body, headers=client_headers(leak, level, request_id))
+
+
+_CLOSED = "scoring failed; the policy fails closed: nothing unscored is returned"
+
+
+def _index(choice: dict, default: int) -> int:
+    index = choice.get("index", default)
+    return index if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else default
+
+
+def _vocab_size(tokenizer) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None
 
 
 def build_app(guard: Guard) -> web.Application:

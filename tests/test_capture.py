@@ -237,8 +237,8 @@ def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_soc
     from serve.settings import GuardSettings
 
     base, export = tiny_vllm
-    guard = make_guard(export, GuardSettings(upstream_url=base, port=0), backend="capture",
-                       capture_socket=tiny_capture_socket)  # fmt: skip
+    settings = GuardSettings(upstream_url=base, port=0, disclose="full", operator_key="op")
+    guard = make_guard(export, settings, backend="capture", capture_socket=tiny_capture_socket)
     names = tiny_world.concepts().names()
     try:
         with guard_in_thread(guard) as url:
@@ -269,9 +269,9 @@ def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_soc
                                    "return_token_ids": True})  # fmt: skip
             assert status == 200 and chat["choices"][0]["token_ids"]  # asked for: kept
             assert compared >= 4
-            status, _, scored = http(url + "/v1/leakage", {"text": f"{names[0]} was born in a city."})
+            status, _, scored = http(url + "/v1/leakage", {"text": f"{names[0]} was born in a city."}, key="op")
             assert status == 200 and scored  # no generation behind it: scored by the fallback backend
-            _, _, metrics = http(url + "/metrics")
+            _, _, metrics = http(url + "/metrics", key="op")
             assert 'atu_guard_capture_sequences_total{result="captured"} 5.0' in metrics
             assert 'atu_guard_capture_sequences_total{result="fallback"} 1.0' in metrics
         backend = guard.scorer.backend
