@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 from aiohttp import web
@@ -70,6 +71,8 @@ class Guard:
             backend.listener = self._count_capture
         self.session: aiohttp.ClientSession | None = None
         self._models: set[str] = set()
+        # one thread for releasing captured states: the loop's default executor would grow to several and keep them
+        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atu-release")
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self, _app=None) -> None:
@@ -79,6 +82,7 @@ class Guard:
 
     async def stop(self, _app=None) -> None:
         await self.batcher.stop()
+        self._releaser.shutdown(wait=False)
         if self.session is not None:
             await self.session.close()
 
@@ -189,6 +193,16 @@ class Guard:
             logger.error("audit log write failed: %s", e)
             raise AuditUnavailable(str(e)) from None
         self.metrics.audit_records.inc(len(records))
+
+    async def release_capture(self, key: str) -> None:
+        """Ask the capture plugin to forget the states recorded under ``key`` (a stream that ended early)."""
+        client = getattr(getattr(self.scorer, "backend", None), "client", None)
+        if client is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._releaser, client.fetch, [key], True)
+        except Exception as e:  # the plugin's memory budget drops them in the end anyway
+            logger.warning("could not release captured states %s: %s", key, e)
 
     def _count_capture(self, captured: int, fell_back: int) -> None:
         self.metrics.capture.labels("captured").inc(captured)

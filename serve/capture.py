@@ -40,6 +40,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 XARG = "atu_capture"  # the vllm_xargs key that marks a request for capture
+_MAX_RELEASED = 65_536  # released keys remembered (32-character keys: a few MiB)
 _HEADER = struct.Struct("<Q")  # every message: 8-byte little-endian length of its JSON header, header, payload
 
 
@@ -87,6 +88,9 @@ class CaptureStore:
             raise ValueError(f"dim and max_rows must be positive, got {dim} and {max_rows}.")
         self.dim, self.max_rows, self.layer = dim, max_rows, layer
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # (key, request id), oldest first
+        # Keys released already: a request the guard gave up on (its client left) may still run an engine step or
+        # two before vLLM sees the abort; those rows would otherwise stay until the budget pushes them out.
+        self._released: OrderedDict[str, None] = OrderedDict()
         self._rows = 0
         self._lock = threading.Lock()
 
@@ -95,6 +99,8 @@ class CaptureStore:
         if rows.shape != (len(ids), self.dim):
             raise ValueError(f"rows must have shape ({len(ids)}, {self.dim}), got {tuple(rows.shape)}.")
         with self._lock:
+            if key in self._released:
+                return
             entry = self._entries.get((key, request_id))
             if entry is None:
                 entry = self._entries[(key, request_id)] = _Entry(request_id, self.dim, max(64, start + len(ids)))
@@ -112,6 +118,11 @@ class CaptureStore:
         wanted = set(keys)
         out: dict[str, list[Captured]] = {k: [] for k in keys}
         with self._lock:
+            if release:
+                for key in keys:
+                    self._released[key] = None
+                while len(self._released) > _MAX_RELEASED:
+                    self._released.popitem(last=False)
             for (key, req), entry in list(self._entries.items()):
                 if key not in wanted:
                     continue

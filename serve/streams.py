@@ -138,7 +138,15 @@ async def relay_stream(
     request: web.Request, req: ParsedRequest, guard: Guard, raw: bytes, capture_key: str | None = None
 ) -> web.StreamResponse:
     relay = _Relay(request, req, guard, capture_key)
-    resp = await guard.upstream("POST", request.path, raw, stream=True)
+    try:
+        return await _relay(relay, guard, raw)
+    finally:  # a stream that did not end with its final scoring leaves states in vLLM's capture plugin: free them
+        if capture_key is not None and not relay.released:
+            await guard.release_capture(capture_key)
+
+
+async def _relay(relay: _Relay, guard: Guard, raw: bytes) -> web.StreamResponse:
+    resp = await guard.upstream("POST", relay.request.path, raw, stream=True)
     async with resp:  # leaving it closes the upstream connection: vLLM aborts the request
         if resp.status != 200:
             body = await guard.read_upstream(resp)
@@ -176,6 +184,7 @@ class _Relay:
         self.started = time.perf_counter()
         self.scoring_s = 0.0
         self.recorded = False
+        self.released = False  # the final scoring read (and released) the captured states
 
     async def send(self, data: bytes) -> None:
         try:
@@ -188,7 +197,9 @@ class _Relay:
     async def score(self, final: bool = False) -> list:
         t = time.perf_counter()
         try:  # the plugin may forget the captured states only once the whole completion is scored
-            return await self.guard.score_all(self.state.pairs(), self.state.captures(final))
+            reports = await self.guard.score_all(self.state.pairs(), self.state.captures(final))
+            self.released = final
+            return reports
         finally:
             self.scoring_s += time.perf_counter() - t
 
@@ -221,6 +232,9 @@ class _Relay:
     async def run(self, resp) -> web.StreamResponse:
         state = self.state
         async for batch in _events(resp, self.guard):
+            transport = self.request.transport
+            if transport is None or transport.is_closing():  # gone while its events were held back: stop now
+                raise _ClientGone()
             released, done = [], False
             for event, data in batch:
                 if data == "[DONE]":

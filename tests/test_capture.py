@@ -54,6 +54,14 @@ def test_store_keeps_requests_apart_and_drops_the_oldest_when_full():
         store.record("c", "r", 0, np.arange(2), _rows(3))
 
 
+def test_store_ignores_rows_of_a_released_key():
+    store = CaptureStore(dim=4, max_rows=100)
+    store.record("a", "r1", 0, np.arange(3), _rows(3))
+    assert [c.request_id for c in store.take(["a"], release=True)["a"]] == ["r1"]
+    store.record("a", "r1", 3, np.arange(1), _rows(1))  # an engine step that ran before vLLM saw the abort
+    assert len(store) == 0 and store.take(["a"], release=False)["a"] == []
+
+
 def test_answer_round_trips_through_the_wire_format():
     found = {"k1": [Captured("r1", np.array([5, 6, 7]), _rows(3))], "k2": [], "k3": [
         Captured("r2", np.array([9]), _rows(1, start=7)), Captured("r3", np.array([1, 2]), _rows(2))]}  # fmt: skip

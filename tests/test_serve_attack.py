@@ -8,10 +8,15 @@ request is in the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import http.client as httpclient
 import json
+import os
 import random
 import re
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -217,3 +222,82 @@ def test_fuzz_every_endpoint_no_5xx_healthy_and_audited(tiny_vllm, scorer, token
     assert len(accepted) >= 100 and statuses.count(400) >= 1000  # both paths were exercised
     audited = {r.request_id.split("#")[0] for r in read_records(db)}
     assert accepted <= audited, f"{len(accepted - audited)} accepted requests not audited"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vllm_running(upstream: str) -> float:
+    _, _, text = http(upstream + "/metrics")
+    lines = [ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_running")]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+
+def _impatient_client(port: int, body: bytes, stop_after: int) -> str | None:
+    """Stream a completion and hang up after ``stop_after`` bytes; the guard's request id if headers came."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        sock.sendall(head + body)
+        got = b""
+        while len(got) < stop_after:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    found = re.search(rb"X-Request-Id: (\S+)", got)
+    return found.group(1).decode() if found else None
+
+
+def test_streams_that_disconnect_at_random_leave_nothing_behind(tiny_vllm, tiny_capture_socket, tiny_world, tmp_path):
+    from serve.capture import CaptureClient
+    from serve.launch import close_guard, guard_in_thread, make_guard
+    from serve.settings import GuardSettings
+
+    upstream, export = tiny_vllm
+    db = tmp_path / "audit.sqlite"
+    settings = GuardSettings(upstream_url=upstream, port=0, policy="block", stream_score_every=4, audit_path=str(db))
+    guard = make_guard(export, settings, backend="capture", capture_socket=tiny_capture_socket)
+    names = tiny_world.concepts().names()
+    rng = random.Random(2)
+    try:
+        with guard_in_thread(guard) as url:
+            port = int(url.rsplit(":", 1)[1])
+            loop = guard.batcher._task.get_loop()
+
+            def tasks() -> int:
+                async def count():
+                    return len(asyncio.all_tasks())
+
+                return asyncio.run_coroutine_threadsafe(count(), loop).result(10)
+
+            def body(i: int) -> bytes:
+                prompt = f"Where was {names[i % len(names)]} born?"
+                return json.dumps({"model": TINY_MODEL_NAME, "prompt": prompt, "max_tokens": 48, "temperature": 0.8,
+                                   "seed": i, "stream": True}).encode()  # fmt: skip
+
+            for i in range(20):  # warm-up: every code path once, so the baseline holds its caches
+                _impatient_client(port, body(i), 1 << 30)
+            tasks0, threads0, rss0 = tasks(), threading.active_count(), _rss_bytes()
+            stops = [rng.choice([0, 1, 200, 600, 1500, 1 << 30]) for _ in range(200)]
+            with ThreadPoolExecutor(200) as pool:
+                ids = list(pool.map(lambda i: _impatient_client(port, body(i), stops[i]), range(200)))
+            deadline = time.time() + 60
+            while (guard.active or _vllm_running(upstream)) and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # the last handlers return after their audit write
+            assert guard.active == 0 and _vllm_running(upstream) == 0  # no upstream request left running
+            assert tasks() <= tasks0, "tasks left on the guard's loop"
+            left = [t.name for t in threading.enumerate()]
+            assert threading.active_count() <= threads0 + 1, left  # +1: the capture-release thread starts lazily
+            client = CaptureClient(tiny_capture_socket)
+            client.fetch([], release=False)
+            assert client.stored == 0, "captured rows left in vLLM"
+            assert _rss_bytes() <= 1.10 * rss0, (rss0, _rss_bytes())
+        audited = {r.request_id.split("#")[0] for r in read_records(db)}
+        delivered = {rid for rid in ids if rid}
+        assert len(delivered) >= 100 and delivered <= audited, len(delivered - audited)
+    finally:
+        close_guard(guard)
