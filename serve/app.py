@@ -204,6 +204,17 @@ class Guard:
         except Exception as e:  # the plugin's memory budget drops them in the end anyway
             logger.warning("could not release captured states %s: %s", key, e)
 
+    async def open_stream(self, request_id: str, endpoint: str, model: str, client_request_id: str | None) -> None:
+        """Mark a stream as started in the audit log, durably, before its first byte is sent."""
+        if self.audit is None:
+            return
+        try:
+            mark = self.audit.open_stream(request_id, endpoint, model, self.settings.policy, client_request_id)
+            await asyncio.wrap_future(mark)
+        except Exception as e:
+            logger.error("audit log write failed: %s", e)
+            raise AuditUnavailable(str(e)) from None
+
     def _count_capture(self, captured: int, fell_back: int) -> None:
         self.metrics.capture.labels("captured").inc(captured)
         self.metrics.capture.labels("fallback").inc(fell_back)

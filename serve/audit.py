@@ -43,6 +43,10 @@ _COLUMNS = (
     "max_score", "prompt_sha256", "completion_sha256", "spans", "upstream_ms", "scoring_ms", "prompt", "completion",
     "client_request_id",
 )  # fmt: skip
+_OPEN_STREAMS = """CREATE TABLE IF NOT EXISTS open_streams (  -- streams that sent a byte and have no record yet
+    request_id TEXT PRIMARY KEY, time_unix REAL NOT NULL, endpoint TEXT NOT NULL, model TEXT NOT NULL,
+    policy TEXT NOT NULL, client_request_id TEXT
+)"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -60,6 +64,7 @@ CREATE TABLE IF NOT EXISTS records (
     prompt TEXT, completion TEXT,  -- NULL unless the log was opened with store_text=True
     client_request_id TEXT  -- the client's own X-Request-Id, if it sent one (request_id is the guard's)
 );
+{_OPEN_STREAMS};
 CREATE INDEX IF NOT EXISTS records_time ON records (time_unix);
 CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
 """
@@ -240,9 +245,17 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
             f"{path}: audit log format {version} is newer than this atu reads ({FORMAT_VERSION}); "
             "upgrade atu, or log to a new file."
         )
+    conn.execute(_OPEN_STREAMS)  # a log written before streams were opened ahead of their first byte
     columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
     if "client_request_id" not in columns:  # a log written before the column existed: add it, rows keep NULL
         conn.execute("ALTER TABLE records ADD COLUMN client_request_id TEXT")
+
+
+def _unfinished_row(log: AuditLog, request_id, endpoint, model, policy, client_request_id, time) -> tuple:
+    rec = AuditRecord(request_id=request_id, endpoint=endpoint, model=model, policy=policy, action="error",
+                      stream=True, scores={"error": UNFINISHED}, time=time,
+                      client_request_id=client_request_id)  # fmt: skip
+    return log._row(rec)
 
 
 def _row_to_record(row: sqlite3.Row) -> AuditRecord:
@@ -258,6 +271,19 @@ def _row_to_record(row: sqlite3.Row) -> AuditRecord:
 
 
 _STOP = object()
+UNFINISHED = "unfinished: the guard stopped before this stream ended (its text was partly delivered)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpenMark:
+    """A stream about to send its first byte: committed before that byte, removed when its record is."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    policy: str
+    client_request_id: str | None
+    time: float
 
 
 def _settle(fut: concurrent.futures.Future, result: Any = None, exc: BaseException | None = None) -> None:
@@ -297,6 +323,7 @@ class AuditLog:
         _check_file(self.path)
         _create_private(self.path)
         self._conn = _connect(self.path)
+        self.recovered = self._recover()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -336,6 +363,31 @@ class AuditLog:
             self._queue.put((row, fut))
         return fut
 
+    def open_stream(
+        self, request_id: str, endpoint: str, model: str, policy: str, client_request_id: str | None = None
+    ) -> concurrent.futures.Future:
+        """Mark a stream as started; the future resolves once the mark is durable. The stream's ``append`` (any
+        record with this request id, or ``id#i``) removes it; a log reopened after a crash turns every mark left
+        into an ``error`` record (``UNFINISHED``), so a stream that delivered a byte always has a record."""
+        mark = _OpenMark(request_id, endpoint, model, policy, client_request_id, _time.time())
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise AuditClosedError(f"{self.path}: audit log is closed; open a new AuditLog to append.")
+            self._queue.put((mark, fut))
+        return fut
+
+    def _recover(self) -> int:
+        """Records for the streams a previous process left open (killed mid-stream); returns how many."""
+        marks = self._conn.execute(
+            "SELECT request_id, endpoint, model, policy, client_request_id, time_unix FROM open_streams"
+        ).fetchall()
+        if not marks:
+            return 0
+        self._commit([(_unfinished_row(self, *m), concurrent.futures.Future()) for m in marks])  # removes the marks
+        logger.warning("audit log %s: %d streams left unfinished by a previous run, recorded", self.path, len(marks))
+        return len(marks)
+
     def append_sync(self, record: AuditRecord, timeout: float | None = None) -> int:
         """Append and wait for the commit; returns the row id."""
         return self.append(record).result(timeout)
@@ -364,12 +416,20 @@ class AuditLog:
                 self._commit(batch)
         self._conn.close()
 
-    def _commit(self, batch: list) -> None:
+    def _commit(self, items: list) -> None:
         sql = f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        marks = [(m, fut) for m, fut in items if isinstance(m, _OpenMark)]
+        batch = [(row, fut) for row, fut in items if not isinstance(row, _OpenMark)]
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.executemany(sql, [row for row, _ in batch])
             last = self._conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            closed = {(row[2].split("#")[0],) for row, _ in batch}  # column 2: request_id
+            self._conn.executemany("DELETE FROM open_streams WHERE request_id = ?", sorted(closed))
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO open_streams VALUES (?, ?, ?, ?, ?, ?)",
+                [(m.request_id, m.time, m.endpoint, m.model, m.policy, m.client_request_id) for m, _ in marks],
+            )
             self._conn.execute("COMMIT")
         except BaseException as e:  # the writer thread must survive to fail later futures, not strand them
             try:
@@ -378,9 +438,11 @@ class AuditLog:
                 pass
             logger.error("audit log %s: commit of %d records failed: %s", self.path, len(batch), e)
             err = AuditError(f"{self.path}: audit commit failed ({type(e).__name__}: {e}).")
-            for _, fut in batch:
+            for _, fut in items:
                 _settle(fut, exc=err)
             return
+        for _, fut in marks:
+            _settle(fut, result=None)
         # One writer holds the write lock for the whole transaction and AUTOINCREMENT takes max + 1, so the
         # batch's ids are consecutive and end at the last inserted rowid.
         for i, (_, fut) in enumerate(batch):

@@ -187,6 +187,9 @@ class _Relay:
         self.released = False  # the final scoring read (and released) the captured states
 
     async def send(self, data: bytes) -> None:
+        if not self.out.prepared and not self.recorded:  # durable before the first byte: a crash leaves a record
+            await self.guard.open_stream(self.request_id, self.request.path, self.req.model,
+                                         self.request[CLIENT_REQUEST_ID])  # fmt: skip
         try:
             if not self.out.prepared:
                 await self.out.prepare(self.request)
