@@ -94,6 +94,38 @@ def test_client_and_server_over_a_unix_socket():
     assert not CaptureClient(path + ".missing").ping()
 
 
+def test_capture_socket_is_private_bounded_and_never_replaces_a_file():
+    import socket
+    import stat
+    import struct
+
+    from serve.capture import peer_uid
+
+    store = CaptureStore(dim=4)
+    folder = tempfile.mkdtemp()
+    kept = os.path.join(folder, "notes.txt")
+    with open(kept, "w") as f:
+        f.write("mine")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        serve_store(store, kept)
+    assert open(kept).read() == "mine"
+    path = os.path.join(folder, "c.sock")
+    server = serve_store(store, path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            assert peer_uid(sock) == os.getuid()
+            sock.sendall(struct.pack("<Q", 1 << 40))  # announces a terabyte header: refused, nothing allocated
+            sock.settimeout(10)
+            (n,) = struct.unpack("<Q", sock.recv(8))
+            assert b"over the" in sock.recv(n)
+        assert CaptureClient(path).ping()  # the server still answers
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- matching and the backend -------------------------------------------------------------------------------------
 def test_match_capture_needs_every_fed_token_and_never_invents_a_read_row():
     item = Captured("r", np.array([1, 10, 11, 12]), _rows(4))  # the 5th token (13) was generated, never fed
