@@ -23,6 +23,7 @@ class Served:
     vllm_url: str
     model_name: str
     output: list[str]  # what `atu serve` printed so far
+    pid: int = 0  # the `atu serve` process (the guard runs in it; vLLM in a child of it)
 
 
 @contextlib.contextmanager
@@ -46,7 +47,7 @@ def atu_serve(export_dir: Path, port: int, *args: str, start_timeout: float = 30
         if not ready.wait(start_timeout) or proc.poll() is not None:
             raise AtuError("atu serve did not start:\n" + "\n".join(lines[-20:]))
         vllm = next(re.match(r"vLLM:\s+(\S+)\s+\(model '(.*)'\)", ln) for ln in lines if ln.startswith("vLLM:"))
-        served = Served(f"http://127.0.0.1:{port}", vllm.group(1), vllm.group(2), lines)
+        served = Served(f"http://127.0.0.1:{port}", vllm.group(1), vllm.group(2), lines, proc.pid)
         _wait_healthy(served.guard_url, time.time() + 60)
         yield served
     finally:

@@ -16,7 +16,7 @@ import uuid
 from aiohttp import web
 
 from serve.params import BadRequest
-from serve.responses import CLIENT_REQUEST_ID, REQUEST_ID, AuditUnavailable, UpstreamError, error_response
+from serve.responses import CLIENT_REQUEST_ID, GUARD, REQUEST_ID, AuditUnavailable, UpstreamError, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,6 @@ async def _answer(request: web.Request, handler, guard) -> web.StreamResponse:
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler):
-    from serve.app import GUARD
-
     guard = request.app[GUARD]
     request[REQUEST_ID] = f"atu-{uuid.uuid4().hex}"
     request[CLIENT_REQUEST_ID] = client_request_id(request)

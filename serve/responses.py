@@ -6,6 +6,7 @@ from aiohttp import web
 
 REQUEST_ID = web.RequestKey("request_id", str)  # set on every request by the guard's middleware
 CLIENT_REQUEST_ID = web.RequestKey("client_request_id", object)  # the client's X-Request-Id, or None
+GUARD = web.AppKey("guard", object)  # the app's serve.app.Guard
 
 
 class UpstreamError(Exception):
