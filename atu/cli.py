@@ -316,7 +316,12 @@ def verify_cmd(export_dir: Path) -> None:
 
 
 def _check_vllm(
-    export_dir: Path, probes: Path | None, count: int, base_url: str | None = None, model_name: str | None = None
+    export_dir: Path,
+    probes: Path | None,
+    count: int,
+    base_url: str | None = None,
+    model_name: str | None = None,
+    api_key: str | None = None,
 ) -> list[dict]:
     from atu.formats import read_probes
     from atu.vllm_check import compare_with_transformers
@@ -325,7 +330,9 @@ def _check_vllm(
         questions = [p.question for p in read_probes(probes)][:count]
     else:
         questions = ["Where was the author born?", "Who wrote it?", "Hello", "Tell me a fact.", "What is it?"][:count]
-    return compare_with_transformers(export_dir / "model", questions, base_url=base_url, model_name=model_name)
+    return compare_with_transformers(
+        export_dir / "model", questions, base_url=base_url, model_name=model_name, api_key=api_key
+    )
 
 
 @main.command("check-vllm")
@@ -470,6 +477,7 @@ def serve_cmd(
     with upstream_servers(opts) as up:
         settings = GuardSettings(
             upstream_url=up.url,
+            upstream_key=up.key,
             host=host,
             port=port,
             policy=policy,
@@ -572,7 +580,7 @@ def _demo_serve(export: Path, built, names: list[str], out: Path, summary: dict)
         click.echo(f"  vLLM  {served.vllm_url}  (model {served.model_name!r})\n  guard {served.guard_url}/v1")
         click.echo("greedy outputs, vLLM against transformers:")
         rows = _check_vllm(export, built.path("probes.jsonl"), 5, base_url=served.vllm_url,
-                           model_name=served.model_name)  # fmt: skip
+                           model_name=served.model_name, api_key=served.vllm_key)  # fmt: skip
         for r in rows:
             click.echo(f"  {'same' if r['equal'] else 'DIFF'}  {r['question'][:60]!r} -> {r['vllm'].strip()!r}")
         click.echo("\nthrough the guard (OpenAI client, chat, monitor policy):")

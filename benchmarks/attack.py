@@ -80,7 +80,7 @@ def leak(served, probes: list, names: list[str]) -> dict:
                     path, body = "/v1/chat/completions", {**body, "messages": messages}
                 else:
                     path, body = "/v1/completions", {**body, "prompt": probe.question}
-                status, _, bare = post(served.vllm_url, path, body)
+                status, _, bare = post(served.vllm_url, path, body, {"Authorization": f"Bearer {served.vllm_key}"})
                 secret = answer_words(json.loads(bare)) - words(probe.question) if status == 200 else set()
                 for stream in (False, True):
                     status, headers, text = post(served.guard_url, path, {**body, "stream": stream})

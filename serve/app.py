@@ -92,7 +92,9 @@ class Guard:
         """Open an upstream response (the caller releases it); connection problems become UpstreamError."""
         assert self.session is not None
         url = self.settings.upstream_url + path
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.settings.upstream_key:
+            headers["Authorization"] = f"Bearer {self.settings.upstream_key}"
         try:
             return await self.session.request(method, url, data=body, headers=headers, timeout=self._timeout(stream))
         except asyncio.TimeoutError:

@@ -29,6 +29,7 @@ class GuardSettings:
     on_scoring_error: str = "open"
     api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer <key>"
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    upstream_key: str | None = None  # sent to the upstream as "Authorization: Bearer <key>" (atu serve's own vLLM)
     upstream_timeout: float = 60.0  # seconds for a whole non-streamed upstream answer (or between stream chunks)
     connect_timeout: float = 5.0  # seconds to reach the upstream server; past it the guard answers 503
     # Streams under "block": text is held back until scored, in groups of this many chunks (1 = every chunk).
@@ -89,4 +90,5 @@ class GuardSettings:
         out = asdict(self)
         out["api_key"] = "set" if self.api_key else None
         out["operator_key"] = "set" if self.operator_key else None
+        out["upstream_key"] = "set" if self.upstream_key else None
         return out

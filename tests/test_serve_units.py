@@ -267,3 +267,45 @@ def test_batcher_deadline_and_bounded_queue():
 
     out = asyncio.run(main())
     assert all(isinstance(e, ScoringTimeout) and "0.2s" in str(e) for e in out)
+
+
+def test_guard_sends_its_upstream_key_and_never_the_clients():
+    """vLLM started by `atu serve` answers only the per-run key; the guard sends it, not the client's key."""
+    import urllib.request
+
+    from aiohttp import web
+
+    from serve.app import Guard
+    from serve.launch import guard_in_thread
+
+    seen = []
+
+    async def models(request):
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start():
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner.addresses[0][1]
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    settings = GuardSettings(f"http://127.0.0.1:{port}", port=0, api_key="client-key", upstream_key="run-key")
+    scorer = type("S", (), {"score_batch": lambda self, pairs, captures=None: []})()
+    try:
+        with guard_in_thread(Guard(settings, scorer, _Tok())) as base:
+            req = urllib.request.Request(base + "/v1/models", headers={"Authorization": "Bearer client-key"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert json.loads(resp.read())["data"][0]["id"] == "m"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+    assert seen == ["Bearer run-key"]
+    assert "run-key" not in json.dumps(settings.public_dict())
