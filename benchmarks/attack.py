@@ -1,13 +1,15 @@
 """The guard tried as an attacker would: leak, fuzz and abuse figures, measured on one `atu serve --policy block`.
 
     .venv/bin/python benchmarks/attack.py --export demo_out/export --probes PROBES.jsonl [--fuzz 5000] [--abuse 200]
-    .venv/bin/python benchmarks/attack.py --before RUN_DIR --world WORLD_DIR --probes WORLD_DIR/probes.jsonl
+    .venv/bin/python benchmarks/attack.py --before RUN_DIR --world WORLD_DIR --probes WORLD_DIR/probes.jsonl \
+        [--flag-all]
 
 - Leak: for the probes of the export's forgotten concepts, each asked through completions and chat, streamed and
   not, plain and with n = 3, logprobs, top_logprobs, return_token_ids, echo and a named tool call: how many
   responses were blocked or refused, how many carry a word (4+ characters, not in the question) of the answer vLLM
   gives to the same request, and how many name a forgotten concept (full name or surname), in the body, the
-  headers or any stream event, at the default disclosure.
+  headers or any stream event, at the default disclosure (names in the guard's own additions counted apart from
+  names in generated text the scorer let pass).
 - Fuzz: generated bodies (mutated valid bodies, random bytes, deep nesting, huge numbers, lone surrogates, bad
   Authorization headers) against every endpoint: responses by status class; the guard's health afterwards.
 - Abuse: concurrent streams whose clients hang up at random: vLLM requests still running afterwards, and the
@@ -68,6 +70,16 @@ def answer_words(body: dict) -> set[str]:
     return out
 
 
+def guard_added(text: str, stream: bool) -> list:
+    """What the guard adds to a response (annotations, errors), without the generated text and tokens."""
+    try:
+        objs = [json.loads(b[5:]) for b in text.split("\n\n") if b.startswith("data: {")] if stream else [
+            json.loads(text)]  # fmt: skip
+    except ValueError:
+        return [text]
+    return [{k: v for k, v in o.items() if k != "choices"} for o in objs if isinstance(o, dict)]
+
+
 def leak(served, probes: list, names: list[str]) -> dict:
     counts: Counter = Counter()
     needles = set(names) | {n.split()[-1] for n in names}
@@ -85,13 +97,19 @@ def leak(served, probes: list, names: list[str]) -> dict:
                 for stream in (False, True):
                     status, headers, text = post(served.guard_url, path, {**body, "stream": stream})
                     seen = text + json.dumps(headers)
+                    added = json.dumps([headers, guard_added(text, stream)])
                     counts["responses"] += 1
                     counts[f"status {status}"] += 1
                     blocked = '"content_filter"' in text or status == 400
                     counts["blocked or refused"] += blocked
                     carries = bool(words(seen) & secret)
                     counts["blocked or refused, carrying a word of the answer"] += blocked and carries
-                    counts["naming a forgotten concept"] += any(n in seen for n in needles)
+                    counts["naming a forgotten concept (annotation, headers, errors)"] += any(
+                        n in added for n in needles
+                    )
+                    counts["naming one in the generated text (a scoring miss)"] += any(
+                        n in seen for n in needles
+                    ) and (not any(n in added for n in needles))
     return dict(counts)
 
 
@@ -173,18 +191,24 @@ def abuse(served, clients: int, seed: int = 0) -> dict:
             "guard RSS KiB before / after": f"{before} / {after} ({after / before - 1:+.1%})"}  # fmt: skip
 
 
-def before_export(run_dir: Path, world_dir: Path, out: Path) -> Path:
+def before_export(run_dir: Path, world_dir: Path, out: Path, flag_all: bool) -> Path:
     """A BEFORE export: the world's original model with the predictor ``atu run`` aligned to it (RUN/aligned),
-    the concepts and thresholds of RUN/export (not recalibrated on the original model)."""
+    the concepts of RUN/export with its thresholds (not recalibrated on the original model), or with every
+    threshold at -1 (``flag_all``: every answer is flagged, so that under block every answer is one to withhold)."""
+    import numpy as np
+
     from atu.export import write_export
+    from atu.index import ConceptIndex
     from atu.loading import load_lm
     from atu.predictor import load_predictor
 
     after = load_export(run_dir / "export")
     model, tokenizer = load_lm(world_dir / "model", device="cpu", dtype="float32")
     predictor = load_predictor(run_dir / "aligned" / "predictor")
+    thresholds = np.full(len(after.index.labels), -1.0) if flag_all else after.index.thresholds
+    index = ConceptIndex.build(after.index.vectors(), after.index.labels, thresholds)
     return write_export(out, model=model, tokenizer=tokenizer, predictor=predictor, guard=after.guard,
-                        index=after.index, training_config=after.manifest["training_config"],
+                        index=index, training_config=after.manifest["training_config"],
                         eval_summary={"note": "benchmarks/attack.py BEFORE export"}, overwrite=True)  # fmt: skip
 
 
@@ -197,9 +221,10 @@ def main(argv=None) -> None:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--before", type=Path, help="RUN dir: serve a BEFORE export built from it (needs --world)")
     ap.add_argument("--world", type=Path, help="the world directory whose model RUN unlearned")
+    ap.add_argument("--flag-all", action="store_true", help="with --before: every threshold at -1")
     args = ap.parse_args(argv)
     if args.before is not None:
-        args.export = before_export(args.before, args.world, Path(tempfile.mkdtemp()) / "before")
+        args.export = before_export(args.before, args.world, Path(tempfile.mkdtemp()) / "before", args.flag_all)
     names = set(load_export(args.export).index.labels)
     probes = [p for p in formats.read_probes(args.probes) if p.concept in names]
     print(f"export {args.export}: forgotten {sorted(names)}; {len(probes)} probes about them", flush=True)
