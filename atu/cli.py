@@ -369,7 +369,12 @@ def verify_cmd(export_dir: Path) -> None:
 
 
 def _check_vllm(
-    export_dir: Path, probes: Path | None, count: int, base_url: str | None = None, model_name: str | None = None
+    export_dir: Path,
+    probes: Path | None,
+    count: int,
+    base_url: str | None = None,
+    model_name: str | None = None,
+    api_key: str | None = None,
 ) -> list[dict]:
     from atu.formats import read_probes
     from atu.vllm_check import compare_with_transformers
@@ -378,7 +383,9 @@ def _check_vllm(
         questions = [p.question for p in read_probes(probes)][:count]
     else:
         questions = ["Where was the author born?", "Who wrote it?", "Hello", "Tell me a fact.", "What is it?"][:count]
-    return compare_with_transformers(export_dir / "model", questions, base_url=base_url, model_name=model_name)
+    return compare_with_transformers(
+        export_dir / "model", questions, base_url=base_url, model_name=model_name, api_key=api_key
+    )
 
 
 @main.command("check-vllm")
@@ -431,6 +438,25 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
 )
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: $ATU_API_KEY, or none).")
 @click.option(
+    "--disclose",
+    type=click.Choice(["action", "scores", "full"]),
+    default="action",
+    show_default=True,
+    help="What responses reveal: the action and whether anything was flagged (action), also each choice's highest "
+    "score (scores), also concept names, thresholds and excerpts (full: names the forgotten concepts to any client).",
+)
+@click.option(
+    "--operator-key",
+    default=None,
+    help="Key of /v1/leakage and /metrics (default: $ATU_OPERATOR_KEY; unset: those answer 403). Not the API key.",
+)
+@click.option("--metric-concept-names", is_flag=True, help="Label /metrics by concept name (default: ids c0, c1...).")
+@click.option("--max-concurrency", default=256, show_default=True, help="Requests in flight; past it: 429.")
+@click.option("--max-n", default=8, show_default=True, help="Largest 'n' (choices per prompt) accepted.")
+@click.option("--max-tokens", default=4096, show_default=True, help="Largest 'max_tokens' accepted.")
+@click.option("--max-prompts", default=32, show_default=True, help="Most prompts in one completions request.")
+@click.option("--scoring-timeout", default=30.0, show_default=True, help="Seconds one scoring may take.")
+@click.option(
     "--backend",
     type=click.Choice(["auto", "capture", "hf", "vllm"]),
     default="auto",
@@ -476,6 +502,14 @@ def serve_cmd(
     policy,
     on_scoring_error,
     api_key,
+    disclose,
+    operator_key,
+    metric_concept_names,
+    max_concurrency,
+    max_n,
+    max_tokens,
+    max_prompts,
+    scoring_timeout,
     backend,
     capture_socket,
     device,
@@ -513,11 +547,20 @@ def serve_cmd(
     with upstream_servers(opts) as up:
         settings = GuardSettings(
             upstream_url=up.url,
+            upstream_key=up.key,
             host=host,
             port=port,
             policy=policy,
             on_scoring_error=on_scoring_error,
             api_key=api_key or envs.api_key(),
+            disclose=disclose,
+            operator_key=operator_key or envs.operator_key(),
+            metric_concept_names=metric_concept_names,
+            max_concurrency=max_concurrency,
+            max_n=max_n,
+            max_tokens=max_tokens,
+            max_prompts=max_prompts,
+            scoring_timeout=scoring_timeout,
             max_body_bytes=max_body_bytes,
             upstream_timeout=timeout,
             stream_score_every=stream_score_every,
@@ -539,7 +582,8 @@ def serve_cmd(
             click.echo(f"capture: {up.capture_socket}  (hook-layer states recorded inside vLLM as it generates)")
         click.echo(
             f"guard: http://{host}:{port}/v1  policy={policy}  backend={up.backend}  "
-            f"api key={'on' if settings.api_key else 'off'}  audit={settings.audit_path or 'off'}"
+            f"api key={'on' if settings.api_key else 'off'}  disclose={disclose}  "
+            f"operator key={'on' if settings.operator_key else 'off'}  audit={settings.audit_path or 'off'}"
         )
         click.echo("endpoints: /v1/completions /v1/chat/completions /v1/models /v1/leakage /live /ready /metrics")
         click.echo("Ctrl-C stops the guard and vLLM.", err=False)
@@ -601,11 +645,12 @@ def _demo_serve(export: Path, built, names: list[str], out: Path, summary: dict)
     asked = [("forgotten", p.question) for p in direct if p.concept in names][:3]
     asked += [("other", p.question) for n in others for p in [q for q in direct if q.concept == n][:2]]
     audit = out / "audit.sqlite"
-    with atu_serve(export, free_port(), "--audit", str(audit)) as served:
+    # The demo is the operator's own client: it asks for the full annotation to print it side by side.
+    with atu_serve(export, free_port(), "--audit", str(audit), "--disclose", "full") as served:
         click.echo(f"  vLLM  {served.vllm_url}  (model {served.model_name!r})\n  guard {served.guard_url}/v1")
         click.echo("greedy outputs, vLLM against transformers:")
         rows = _check_vllm(export, built.path("probes.jsonl"), 5, base_url=served.vllm_url,
-                           model_name=served.model_name)  # fmt: skip
+                           model_name=served.model_name, api_key=served.vllm_key)  # fmt: skip
         for r in rows:
             click.echo(f"  {'same' if r['equal'] else 'DIFF'}  {r['question'][:60]!r} -> {r['vllm'].strip()!r}")
         click.echo("\nthrough the guard (OpenAI client, chat, monitor policy):")

@@ -17,6 +17,12 @@ XDG_CACHE_HOME = "XDG_CACHE_HOME"
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
 # The serving guard's API key (`atu serve`), when --api-key is not given. Unset: no key, every client is allowed.
 ATU_API_KEY = "ATU_API_KEY"
+# The guard's operator key (`atu serve --operator-key`): opens /v1/leakage and /metrics. Unset: those answer 403.
+ATU_OPERATOR_KEY = "ATU_OPERATOR_KEY"
+# The key between the guard and the vLLM server `atu serve` starts (given to vLLM as VLLM_API_KEY, which vLLM reads
+# itself). Unset: a new random key per run, so that no other local process can reach that vLLM around the guard.
+ATU_VLLM_KEY = "ATU_VLLM_KEY"
+VLLM_API_KEY = "VLLM_API_KEY"
 # Set by `atu serve` on the vLLM server it starts: the hook layer whose per-token states the in-engine capture
 # plugin (serve/capture.py, entry point `vllm.general_plugins`) records. Unset: the plugin does nothing.
 ATU_CAPTURE_LAYER = "ATU_CAPTURE_LAYER"
@@ -52,6 +58,18 @@ def set_hub_offline() -> None:
 def api_key() -> str | None:
     """The guard's API key from the environment, or None when unset or empty."""
     return os.environ.get(ATU_API_KEY) or None
+
+
+def operator_key() -> str | None:
+    """The guard's operator key from the environment, or None when unset or empty."""
+    return os.environ.get(ATU_OPERATOR_KEY) or None
+
+
+def vllm_key() -> str:
+    """The key of the vLLM server `atu serve` starts: $ATU_VLLM_KEY, else a new random one."""
+    import secrets
+
+    return os.environ.get(ATU_VLLM_KEY) or secrets.token_urlsafe(32)
 
 
 def capture_settings() -> tuple[int, str, int] | None:

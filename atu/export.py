@@ -341,10 +341,16 @@ def _verify_files(root: Path, listed: Any) -> None:
         parts = Path(rel).parts
         if Path(rel).is_absolute() or ".." in parts or not parts or parts[0] not in ("model", "guard"):
             raise ExportError(f"{MANIFEST_NAME}: file entry {rel!r} is not a path inside model/ or guard/.")
+        if Path(rel).suffix.lower() in _PICKLE_SUFFIXES:  # loading these runs code; exports hold safetensors only
+            raise ExportError(f"{MANIFEST_NAME}: {rel} is a pickle-based file; an export holds safetensors only.")
     for sub in ("model", "guard"):
         if not (root / sub).is_dir():
             raise ExportError(f"{sub}/: missing (expected by {MANIFEST_NAME}); the export is incomplete.")
     for rel in sorted(listed):
+        parts = Path(rel).parts
+        # a symlink would let a verified name point at a file the hash check never read the same way twice
+        if any((root / Path(*parts[: i + 1])).is_symlink() for i in range(len(parts))):
+            raise ExportError(f"{rel}: a symbolic link inside the export; copy the file in instead.")
         if not (root / rel).is_file():
             raise ExportError(f"{rel}: listed in {MANIFEST_NAME} but missing.")
     for rel in _payload_files(root):

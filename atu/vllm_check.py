@@ -121,8 +121,9 @@ def _get(url: str, timeout: float = 5.0) -> int:
         return resp.status
 
 
-def post_json(url: str, body: dict, timeout: float = 120.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def post_json(url: str, body: dict, timeout: float = 120.0, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -201,6 +202,7 @@ def compare_with_transformers(
     max_tokens: int = 16,
     base_url: str | None = None,
     model_name: str | None = None,
+    api_key: str | None = None,
 ) -> list[dict]:
     """Greedy completions of each chat prompt from vLLM and from transformers; one row per question.
 
@@ -213,7 +215,7 @@ def compare_with_transformers(
         for q in questions:
             ids = tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False).input_ids
             body = {"model": model_name or str(model_dir), "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0}
-            vllm_text = post_json(base + "/v1/completions", body)["choices"][0]["text"]
+            vllm_text = post_json(base + "/v1/completions", body, key=api_key)["choices"][0]["text"]
             with torch.no_grad():
                 out = model.generate(
                     torch.tensor([ids]),

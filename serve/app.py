@@ -12,11 +12,11 @@ the audit log holds. Upstream failures are answered 503 (unreachable) or 504 (to
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 from aiohttp import web
@@ -24,17 +24,22 @@ from aiohttp import web
 from serve import policy as pol
 from serve.batcher import ScoreBatcher
 from serve.capture import XARG
+from serve.disclose import concept_id, concept_ids
+from serve.exchange import chat_completions, completions
 from serve.metrics import GuardMetrics
-from serve.responses import REQUEST_ID, AuditUnavailable, UpstreamError, error_response
-from serve.scoring import Capture
+from serve.middleware import guard_middleware
+from serve.responses import CLIENT_REQUEST_ID, GUARD, REQUEST_ID, AuditUnavailable, UpstreamError, error_response
 from serve.settings import GuardSettings
-from serve.streams import relay_stream
-from serve.validate import BadRequest, ParsedRequest, parse_chat, parse_completion, parse_json, parse_leakage
+from serve.validate import (
+    Limits,
+    parse_json,
+    parse_leakage,
+    parse_tokens_call,
+)
 
 logger = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", GuardSettings)
-GUARD = web.AppKey("guard", object)
 
 
 class Guard:
@@ -46,7 +51,16 @@ class Guard:
         self.tokenizer = tokenizer
         self.audit = audit
         self.metrics = metrics or GuardMetrics()
-        self.batcher = ScoreBatcher(scorer.score_batch, settings.max_batch, self.metrics)
+        self.batcher = ScoreBatcher(
+            scorer.score_batch,
+            settings.max_batch,
+            self.metrics,
+            max_queue=settings.max_scoring_queue,
+            timeout=settings.scoring_timeout,
+        )
+        self.limits = Limits.from_settings(settings, _vocab_size(tokenizer))
+        self._concept_ids = concept_ids(getattr(scorer, "labels", None) or [])
+        self.active = 0  # generation requests in flight (the middleware's concurrency limit)
         # The capture backend reads the states vLLM recorded while generating: requests are marked for it.
         backend = getattr(scorer, "backend", None)
         self.capture = bool(getattr(backend, "uses_captures", False))
@@ -54,6 +68,8 @@ class Guard:
             backend.listener = self._count_capture
         self.session: aiohttp.ClientSession | None = None
         self._models: set[str] = set()
+        # one thread for releasing captured states: the loop's default executor would grow to several and keep them
+        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atu-release")
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self, _app=None) -> None:
@@ -63,6 +79,7 @@ class Guard:
 
     async def stop(self, _app=None) -> None:
         await self.batcher.stop()
+        self._releaser.shutdown(wait=False)
         if self.session is not None:
             await self.session.close()
 
@@ -77,7 +94,9 @@ class Guard:
         """Open an upstream response (the caller releases it); connection problems become UpstreamError."""
         assert self.session is not None
         url = self.settings.upstream_url + path
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.settings.upstream_key:
+            headers["Authorization"] = f"Bearer {self.settings.upstream_key}"
         try:
             return await self.session.request(method, url, data=body, headers=headers, timeout=self._timeout(stream))
         except asyncio.TimeoutError:
@@ -98,6 +117,16 @@ class Guard:
         except aiohttp.ClientError as e:
             self.metrics.upstream_errors.labels("broken").inc()
             raise UpstreamError(503, f"the connection to vLLM broke ({type(e).__name__})") from None
+
+    async def post(self, path: str, raw: bytes) -> tuple[int, bytes]:
+        """(status, body) of a non-streamed upstream call; vLLM's own failures (5xx) become a 502."""
+        resp = await self.upstream("POST", path, raw)
+        async with resp:
+            body, status = await self.read_upstream(resp), resp.status
+        if status >= 500:
+            self.metrics.upstream_errors.labels("failed").inc()
+            raise UpstreamError(502, f"vLLM failed with status {status}")
+        return status, body
 
     async def known_model(self, name: str) -> bool:
         """Whether vLLM serves ``name``; the list is cached and refreshed when a name is not in it."""
@@ -140,6 +169,7 @@ class Guard:
         reports: list,
         request_id: str,
         error: str | None = None,
+        client_request_id: str | None = None,
         **fields,
     ) -> None:
         """Commit the audit records of one exchange (one per choice); returns once they are durable: that is the
@@ -148,6 +178,7 @@ class Guard:
             return
         records = audit_records(
             self.settings,
+            client_request_id=client_request_id,
             prompts=prompts,
             completions=completions,
             reports=reports,
@@ -162,15 +193,39 @@ class Guard:
             raise AuditUnavailable(str(e)) from None
         self.metrics.audit_records.inc(len(records))
 
+    async def release_capture(self, key: str) -> None:
+        """Ask the capture plugin to forget the states recorded under ``key`` (a stream that ended early)."""
+        client = getattr(getattr(self.scorer, "backend", None), "client", None)
+        if client is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._releaser, client.fetch, [key], True)
+        except Exception as e:  # the plugin's memory budget drops them in the end anyway
+            logger.warning("could not release captured states %s: %s", key, e)
+
+    async def open_stream(self, request_id: str, endpoint: str, model: str, client_request_id: str | None) -> None:
+        """Mark a stream as started in the audit log, durably, before its first byte is sent."""
+        if self.audit is None:
+            return
+        try:
+            mark = self.audit.open_stream(request_id, endpoint, model, self.settings.policy, client_request_id)
+            await asyncio.wrap_future(mark)
+        except Exception as e:
+            logger.error("audit log write failed: %s", e)
+            raise AuditUnavailable(str(e)) from None
+
     def _count_capture(self, captured: int, fell_back: int) -> None:
         self.metrics.capture.labels("captured").inc(captured)
         self.metrics.capture.labels("fallback").inc(fell_back)
 
+    def metric_label(self, concept: str) -> str:
+        return concept if self.settings.metric_concept_names else concept_id(concept, self._concept_ids)
+
     def count(self, leakage: dict) -> None:
         for c in leakage["flagged"]:
-            self.metrics.flagged.labels(c).inc()
+            self.metrics.flagged.labels(self.metric_label(c)).inc()
         for c in leakage["prompt_flagged"]:
-            self.metrics.prompt_flagged.labels(c).inc()
+            self.metrics.prompt_flagged.labels(self.metric_label(c)).inc()
         if leakage.get("max_score") is not None:
             self.metrics.max_score.observe(leakage["max_score"])
         self.metrics.actions.labels(leakage["action"]).inc()
@@ -203,55 +258,7 @@ def audit_records(
     return out
 
 
-# -- middleware ---------------------------------------------------------------------------------------------------
-@web.middleware
-async def guard_middleware(request: web.Request, handler):
-    guard: Guard = request.app[GUARD]
-    settings = guard.settings
-    request_id = request.headers.get("X-Request-Id") or f"atu-{uuid.uuid4().hex}"
-    request[REQUEST_ID] = request_id
-    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    guard.metrics.in_flight.inc()
-    try:
-        if settings.api_key and request.path not in PROBE_PATHS and not _authorised(request, settings.api_key):
-            resp = error_response(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", request_id
-            )
-        else:
-            try:
-                resp = await handler(request)
-            except web.HTTPRequestEntityTooLarge:
-                resp = error_response(
-                    413,
-                    f"the body is larger than {settings.max_body_bytes} bytes",
-                    "invalid_request_error",
-                    request_id,
-                )
-            except BadRequest as e:
-                resp = error_response(400, str(e), "invalid_request_error", request_id)
-            except UpstreamError as e:
-                resp = error_response(e.status, str(e), "upstream_error", request_id)
-            except AuditUnavailable as e:
-                resp = error_response(
-                    503, f"the audit log is unavailable ({e}); the exchange was not served", "audit_error", request_id
-                )
-            except web.HTTPException as e:
-                resp = error_response(e.status, e.reason, "invalid_request_error", request_id)
-        guard.metrics.requests.labels(endpoint, str(resp.status)).inc()
-        return resp
-    finally:
-        guard.metrics.in_flight.dec()
-
-
-def _authorised(request: web.Request, key: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
-
-
 # -- handlers -----------------------------------------------------------------------------------------------------
-# Orchestrators probe these without credentials: they say whether the guard runs and can serve, nothing else.
-PROBE_PATHS = ("/health", "/live", "/ready")
 
 
 async def live(request: web.Request) -> web.Response:
@@ -287,16 +294,21 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def passthrough(request: web.Request) -> web.Response:
-    """Endpoints that generate no text (/v1/models, /tokenize, /detokenize): relayed as they are, nothing to score."""
+    """Endpoints that generate no text (/v1/models, /tokenize, /detokenize): checked, relayed, nothing to score."""
     guard: Guard = request.app[GUARD]
-    body = await request.read() if request.method == "POST" else None
+    body = None
+    if request.method == "POST":
+        body = json.dumps(parse_tokens_call(request.path, parse_json(await request.read()), guard.limits)).encode()
     resp = await guard.upstream(request.method, request.path, body)
     async with resp:
-        data = await guard.read_upstream(resp)
-        return web.Response(body=data, status=resp.status, content_type="application/json")
+        data, status = await guard.read_upstream(resp), resp.status
+    if status >= 500:
+        raise UpstreamError(502, f"vLLM failed with status {status}")
+    return web.Response(body=data, status=status, content_type="application/json")
 
 
 async def leakage(request: web.Request) -> web.Response:
+    """The operator's view: the full report of any text (the middleware lets only the operator key in)."""
     guard: Guard = request.app[GUARD]
     prompt, completion = parse_leakage(parse_json(await request.read()))
     start = time.perf_counter()
@@ -308,6 +320,7 @@ async def leakage(request: web.Request) -> web.Response:
     scoring_ms = 1000 * (time.perf_counter() - start)
     await guard.record(
         request_id=request[REQUEST_ID],
+        client_request_id=request[CLIENT_REQUEST_ID],
         endpoint="/v1/leakage",
         model=None,
         action=pol.decide("monitor", bool(report.flagged)),
@@ -320,94 +333,11 @@ async def leakage(request: web.Request) -> web.Response:
     return web.json_response({"request_id": request[REQUEST_ID], **report.to_dict()})
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    guard: Guard = request.app[GUARD]
-    return await _generate(request, parse_completion(parse_json(await request.read()), guard.tokenizer), guard)
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    guard: Guard = request.app[GUARD]
-    return await _generate(request, parse_chat(parse_json(await request.read()), guard.tokenizer), guard)
-
-
-async def _generate(request: web.Request, req: ParsedRequest, guard: Guard) -> web.StreamResponse:
-    request_id = request[REQUEST_ID]
-    if not await guard.known_model(req.model):
-        return error_response(
-            404, f"model {req.model!r} is not served here; see /v1/models", "not_found_error", request_id
-        )
-    upstream_body, capture_key = guard.mark(req.body)
-    raw = json.dumps(upstream_body).encode()
-    if req.stream:
-        return await relay_stream(request, req, guard, raw, capture_key)
-    started = time.perf_counter()
-    resp = await guard.upstream("POST", request.path, raw)
-    async with resp:
-        body_bytes = await guard.read_upstream(resp)
-        status = resp.status
-    upstream_ms = 1000 * (time.perf_counter() - started)
-    guard.metrics.upstream_seconds.observe(upstream_ms / 1000)
-    if status != 200:  # vLLM's own error (no completion in it): pass it on as it is
-        return web.Response(
-            body=body_bytes, status=status, content_type="application/json", headers={"X-Request-Id": request_id}
-        )
-    body = json.loads(body_bytes)
-    choices = body.get("choices", [])
-    prompts = [req.prompts[min(c.get("index", i) // req.n, len(req.prompts) - 1)] for i, c in enumerate(choices)]
-    texts = [pol.choice_text(c, req.chat) for c in choices]
-    captures = None
-    if capture_key is not None:  # score the tokens vLLM used; the client gets them only if it asked
-        ids, _ = pol.take_token_ids(body, keep=bool(req.body.get("return_token_ids")))
-        found = [ids.get(int(c.get("index", i)), (None, None)) for i, c in enumerate(choices)]
-        captures = [Capture(capture_key, True, p_ids, c_ids) for p_ids, c_ids in found]
-    endpoint = request.path
-    start = time.perf_counter()
+def _vocab_size(tokenizer) -> int | None:
     try:
-        reports = await guard.score_all(list(zip(prompts, texts)), captures)
-        error = None
-    except Exception as e:
-        guard.metrics.scoring_errors.inc()
-        error = f"scoring failed: {e}"
-        reports = []
-    scoring_ms = 1000 * (time.perf_counter() - start)
-    if error is not None:
-        if not guard.settings.fail_open:
-            await guard.record(
-                request_id=request_id,
-                endpoint=endpoint,
-                model=req.model,
-                action=pol.ERROR,
-                stream=False,
-                reports=[],
-                prompts=prompts,
-                completions=texts,
-                error=error,
-            )
-            return error_response(
-                503, error + " (the policy fails closed: nothing unscored is returned)", "scoring_error", request_id
-            )
-        leak = pol.leakage_object(guard.settings.policy, pol.ERROR, [], error=error)
-    else:
-        action = pol.decide(guard.settings.policy, any(r.flagged for r in reports))
-        leak = pol.leakage_object(guard.settings.policy, action, reports)
-        if action == pol.BLOCKED:
-            body = pol.block_choices(body, reports, guard.settings.refusal, req.chat)
-    await guard.record(
-        request_id=request_id,
-        endpoint=endpoint,
-        model=req.model,
-        action=leak["action"],
-        stream=False,
-        reports=reports,
-        prompts=prompts,
-        completions=texts,
-        upstream_ms=upstream_ms,
-        scoring_ms=scoring_ms,
-        error=error,
-    )
-    guard.count(leak)
-    body["leakage"] = leak
-    return web.json_response(body, headers=pol.leakage_headers(leak, request_id))
+        return len(tokenizer)
+    except TypeError:
+        return None
 
 
 def build_app(guard: Guard) -> web.Application:

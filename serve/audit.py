@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -40,7 +41,12 @@ _TEXT_KEYS = frozenset({"excerpt", "text"})
 _COLUMNS = (
     "time_iso", "time_unix", "request_id", "endpoint", "model", "policy", "action", "stream", "flagged", "scores",
     "max_score", "prompt_sha256", "completion_sha256", "spans", "upstream_ms", "scoring_ms", "prompt", "completion",
+    "client_request_id",
 )  # fmt: skip
+_OPEN_STREAMS = """CREATE TABLE IF NOT EXISTS open_streams (  -- streams that sent a byte and have no record yet
+    request_id TEXT PRIMARY KEY, time_unix REAL NOT NULL, endpoint TEXT NOT NULL, model TEXT NOT NULL,
+    policy TEXT NOT NULL, client_request_id TEXT
+)"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -55,8 +61,10 @@ CREATE TABLE IF NOT EXISTS records (
     prompt_sha256 TEXT, completion_sha256 TEXT,
     spans TEXT NOT NULL,        -- JSON [{"concept", "part", "start", "end"}] of flagged excerpts, char offsets
     upstream_ms REAL, scoring_ms REAL,
-    prompt TEXT, completion TEXT  -- NULL unless the log was opened with store_text=True
+    prompt TEXT, completion TEXT,  -- NULL unless the log was opened with store_text=True
+    client_request_id TEXT  -- the client's own X-Request-Id, if it sent one (request_id is the guard's)
 );
+{_OPEN_STREAMS};
 CREATE INDEX IF NOT EXISTS records_time ON records (time_unix);
 CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
 """
@@ -128,12 +136,13 @@ class AuditRecord:
     completion: str | None = None
     time: float | None = None
     id: int | None = None
+    client_request_id: str | None = None
 
     @classmethod
     def from_exchange(
         cls, *, request_id: str, endpoint: str, model: str, policy: str, action: str, prompt: str | None,
         completion: str | None, report: Any = None, stream: bool = False, upstream_ms: float | None = None,
-        scoring_ms: float | None = None, time: float | None = None,
+        scoring_ms: float | None = None, time: float | None = None, client_request_id: str | None = None,
     ) -> AuditRecord:  # fmt: skip
         """Build a record from the texts and a LeakageReport (or its dict, or None when scoring failed)."""
         scores = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
@@ -142,7 +151,7 @@ class AuditRecord:
             flagged=list(scores.get("flagged") or []), scores=scores, max_score=scores.get("max_score"),
             prompt_sha256=sha256_text(prompt), completion_sha256=sha256_text(completion),
             spans=_flagged_spans(scores), upstream_ms=upstream_ms, scoring_ms=scoring_ms,
-            prompt=prompt, completion=completion, time=time,
+            prompt=prompt, completion=completion, time=time, client_request_id=client_request_id,
         )  # fmt: skip
 
     @property
@@ -236,6 +245,17 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
             f"{path}: audit log format {version} is newer than this atu reads ({FORMAT_VERSION}); "
             "upgrade atu, or log to a new file."
         )
+    conn.execute(_OPEN_STREAMS)  # a log written before streams were opened ahead of their first byte
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
+    if "client_request_id" not in columns:  # a log written before the column existed: add it, rows keep NULL
+        conn.execute("ALTER TABLE records ADD COLUMN client_request_id TEXT")
+
+
+def _unfinished_row(log: AuditLog, request_id, endpoint, model, policy, client_request_id, time) -> tuple:
+    rec = AuditRecord(request_id=request_id, endpoint=endpoint, model=model, policy=policy, action="error",
+                      stream=True, scores={"error": UNFINISHED}, time=time,
+                      client_request_id=client_request_id)  # fmt: skip
+    return log._row(rec)
 
 
 def _row_to_record(row: sqlite3.Row) -> AuditRecord:
@@ -246,10 +266,45 @@ def _row_to_record(row: sqlite3.Row) -> AuditRecord:
         scores=json.loads(d["scores"]), max_score=d["max_score"], prompt_sha256=d["prompt_sha256"],
         completion_sha256=d["completion_sha256"], spans=json.loads(d["spans"]), upstream_ms=d["upstream_ms"],
         scoring_ms=d["scoring_ms"], prompt=d["prompt"], completion=d["completion"],
+        client_request_id=d.get("client_request_id"),
     )  # fmt: skip
 
 
 _STOP = object()
+UNFINISHED = "unfinished: the guard stopped before this stream ended (its text was partly delivered)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpenMark:
+    """A stream about to send its first byte: committed before that byte, removed when its record is."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    policy: str
+    client_request_id: str | None
+    time: float
+
+
+def _settle(fut: concurrent.futures.Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Resolve a caller's future; one the caller cancelled meanwhile (a timeout, a shutdown) is left alone, so that
+    the writer thread never dies on it and strands every later append."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _create_private(path: Path) -> None:
+    """Create the log file readable by its owner only: it holds scores, hashes and maybe raw text. SQLite gives
+    the WAL and shared-memory files the database file's permissions."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
 
 
 class AuditLog:
@@ -266,7 +321,9 @@ class AuditLog:
         self.store_text = store_text
         self.max_batch = max_batch
         _check_file(self.path)
+        _create_private(self.path)
         self._conn = _connect(self.path)
+        self.recovered = self._recover()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -289,7 +346,7 @@ class AuditLog:
             json.dumps(list(rec.flagged)), json.dumps(scores, allow_nan=False), rec.max_score,
             rec.prompt_sha256 or sha256_text(rec.prompt), rec.completion_sha256 or sha256_text(rec.completion),
             json.dumps(rec.spans), rec.upstream_ms, rec.scoring_ms,
-            rec.prompt if keep else None, rec.completion if keep else None,
+            rec.prompt if keep else None, rec.completion if keep else None, rec.client_request_id,
         )  # fmt: skip
 
     def append(self, record: AuditRecord) -> concurrent.futures.Future:
@@ -305,6 +362,31 @@ class AuditLog:
                 raise AuditClosedError(f"{self.path}: audit log is closed; open a new AuditLog to append.")
             self._queue.put((row, fut))
         return fut
+
+    def open_stream(
+        self, request_id: str, endpoint: str, model: str, policy: str, client_request_id: str | None = None
+    ) -> concurrent.futures.Future:
+        """Mark a stream as started; the future resolves once the mark is durable. The stream's ``append`` (any
+        record with this request id, or ``id#i``) removes it; a log reopened after a crash turns every mark left
+        into an ``error`` record (``UNFINISHED``), so a stream that delivered a byte always has a record."""
+        mark = _OpenMark(request_id, endpoint, model, policy, client_request_id, _time.time())
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise AuditClosedError(f"{self.path}: audit log is closed; open a new AuditLog to append.")
+            self._queue.put((mark, fut))
+        return fut
+
+    def _recover(self) -> int:
+        """Records for the streams a previous process left open (killed mid-stream); returns how many."""
+        marks = self._conn.execute(
+            "SELECT request_id, endpoint, model, policy, client_request_id, time_unix FROM open_streams"
+        ).fetchall()
+        if not marks:
+            return 0
+        self._commit([(_unfinished_row(self, *m), concurrent.futures.Future()) for m in marks])  # removes the marks
+        logger.warning("audit log %s: %d streams left unfinished by a previous run, recorded", self.path, len(marks))
+        return len(marks)
 
     def append_sync(self, record: AuditRecord, timeout: float | None = None) -> int:
         """Append and wait for the commit; returns the row id."""
@@ -334,12 +416,20 @@ class AuditLog:
                 self._commit(batch)
         self._conn.close()
 
-    def _commit(self, batch: list) -> None:
+    def _commit(self, items: list) -> None:
         sql = f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        marks = [(m, fut) for m, fut in items if isinstance(m, _OpenMark)]
+        batch = [(row, fut) for row, fut in items if not isinstance(row, _OpenMark)]
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.executemany(sql, [row for row, _ in batch])
             last = self._conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            closed = {(row[2].split("#")[0],) for row, _ in batch}  # column 2: request_id
+            self._conn.executemany("DELETE FROM open_streams WHERE request_id = ?", sorted(closed))
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO open_streams VALUES (?, ?, ?, ?, ?, ?)",
+                [(m.request_id, m.time, m.endpoint, m.model, m.policy, m.client_request_id) for m, _ in marks],
+            )
             self._conn.execute("COMMIT")
         except BaseException as e:  # the writer thread must survive to fail later futures, not strand them
             try:
@@ -348,13 +438,15 @@ class AuditLog:
                 pass
             logger.error("audit log %s: commit of %d records failed: %s", self.path, len(batch), e)
             err = AuditError(f"{self.path}: audit commit failed ({type(e).__name__}: {e}).")
-            for _, fut in batch:
-                fut.set_exception(err)
+            for _, fut in items:
+                _settle(fut, exc=err)
             return
+        for _, fut in marks:
+            _settle(fut, result=None)
         # One writer holds the write lock for the whole transaction and AUTOINCREMENT takes max + 1, so the
         # batch's ids are consecutive and end at the last inserted rowid.
         for i, (_, fut) in enumerate(batch):
-            fut.set_result(last - len(batch) + 1 + i)
+            _settle(fut, result=last - len(batch) + 1 + i)
 
     def close(self) -> None:
         """Commit everything queued, stop the writer and close the database. Idempotent."""

@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import socketserver
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -40,6 +41,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 XARG = "atu_capture"  # the vllm_xargs key that marks a request for capture
+_MAX_ASK = 1 << 20  # a fetch names keys only; 1 MiB is thousands of them
+_MAX_ANSWER_HEADER = 64 << 20  # an answer's header lists shapes per recorded request
+_IDLE_S = 10.0  # a connected peer that sends nothing for this long is dropped
+_MAX_RELEASED = 65_536  # released keys remembered (32-character keys: a few MiB)
 _HEADER = struct.Struct("<Q")  # every message: 8-byte little-endian length of its JSON header, header, payload
 
 
@@ -87,6 +92,9 @@ class CaptureStore:
             raise ValueError(f"dim and max_rows must be positive, got {dim} and {max_rows}.")
         self.dim, self.max_rows, self.layer = dim, max_rows, layer
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # (key, request id), oldest first
+        # Keys released already: a request the guard gave up on (its client left) may still run an engine step or
+        # two before vLLM sees the abort; those rows would otherwise stay until the budget pushes them out.
+        self._released: OrderedDict[str, None] = OrderedDict()
         self._rows = 0
         self._lock = threading.Lock()
 
@@ -95,6 +103,8 @@ class CaptureStore:
         if rows.shape != (len(ids), self.dim):
             raise ValueError(f"rows must have shape ({len(ids)}, {self.dim}), got {tuple(rows.shape)}.")
         with self._lock:
+            if key in self._released:
+                return
             entry = self._entries.get((key, request_id))
             if entry is None:
                 entry = self._entries[(key, request_id)] = _Entry(request_id, self.dim, max(64, start + len(ids)))
@@ -112,6 +122,11 @@ class CaptureStore:
         wanted = set(keys)
         out: dict[str, list[Captured]] = {k: [] for k in keys}
         with self._lock:
+            if release:
+                for key in keys:
+                    self._released[key] = None
+                while len(self._released) > _MAX_RELEASED:
+                    self._released.popitem(last=False)
             for (key, req), entry in list(self._entries.items()):
                 if key not in wanted:
                     continue
@@ -146,8 +161,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recv(sock: socket.socket) -> dict:
+def _recv(sock: socket.socket, limit: int) -> dict:
+    """One JSON header of at most ``limit`` bytes: a peer cannot make the other side allocate without bound."""
     (n,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if n > limit:
+        raise ValueError(f"a capture message header of {n} bytes is over the {limit}-byte limit")
     return json.loads(_recv_exact(sock, n))
 
 
@@ -190,7 +208,7 @@ class CaptureClient:
             sock.settimeout(self.timeout)
             sock.connect(self.path)
             _send(sock, {"keys": list(keys), "release": bool(release)})
-            header = _recv(sock)
+            header = _recv(sock, _MAX_ANSWER_HEADER)
             if "error" in header:
                 raise RuntimeError(f"the capture plugin answered an error: {header['error']}")
             size = int(header.pop("payload_bytes"))
@@ -207,11 +225,24 @@ class CaptureClient:
             return False
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (Linux), or None where it cannot be read."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         store: CaptureStore = self.server.store  # type: ignore[attr-defined]
+        uid = peer_uid(self.request)
+        if uid is not None and uid != os.getuid():  # the states are the model's view of users' text
+            logger.warning("capture socket: refused a peer of uid %d", uid)
+            return
+        self.request.settimeout(_IDLE_S)
         try:
-            ask = _recv(self.request)
+            ask = _recv(self.request, _MAX_ASK)
             found = store.take(list(ask.get("keys") or []), bool(ask.get("release")))
             header, payload = encode_answer(found, store.dim, store.layer)
             header["stored"] = len(store)  # engine requests still held, after this answer
@@ -230,10 +261,20 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 def serve_store(store: CaptureStore, path: str) -> _Server:
-    """Answer fetches for ``store`` on the Unix socket ``path`` from a daemon thread."""
-    if os.path.exists(path):
+    """Answer fetches for ``store`` on the Unix socket ``path`` from a daemon thread.
+
+    A stale socket at ``path`` is replaced; any other file there is an error (never deleted). The socket is made
+    0600 and answers only peers of this process's uid."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"{path} exists and is not a socket; the capture plugin will not replace it.")
         os.unlink(path)
     server = _Server(path, _Handler)
+    os.chmod(path, 0o600)
     server.store = store  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name="atu-capture", daemon=True).start()
     return server

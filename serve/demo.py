@@ -23,14 +23,22 @@ class Served:
     vllm_url: str
     model_name: str
     output: list[str]  # what `atu serve` printed so far
+    pid: int = 0  # the `atu serve` process (the guard runs in it; vLLM in a child of it)
+    vllm_key: str | None = None  # the key of that vLLM (it answers only the guard and whoever holds the key)
 
 
 @contextlib.contextmanager
 def atu_serve(export_dir: Path, port: int, *args: str, start_timeout: float = 300.0) -> Iterator[Served]:
     """Run ``atu serve EXPORT --port PORT *args`` in a child process until it reports its endpoints; on exit send
     it Ctrl-C (SIGINT) and wait for it to stop vLLM and itself."""
+    import secrets
+
+    from atu import envs
+
     cmd = [sys.executable, "-m", "atu.cli", "serve", str(export_dir), "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    key = secrets.token_urlsafe(32)  # chosen here, so that this caller can reach vLLM as well as the guard
+    env = envs.child_env({envs.ATU_VLLM_KEY: key})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     lines: list[str] = []
     ready = threading.Event()
 
@@ -46,7 +54,7 @@ def atu_serve(export_dir: Path, port: int, *args: str, start_timeout: float = 30
         if not ready.wait(start_timeout) or proc.poll() is not None:
             raise AtuError("atu serve did not start:\n" + "\n".join(lines[-20:]))
         vllm = next(re.match(r"vLLM:\s+(\S+)\s+\(model '(.*)'\)", ln) for ln in lines if ln.startswith("vLLM:"))
-        served = Served(f"http://127.0.0.1:{port}", vllm.group(1), vllm.group(2), lines)
+        served = Served(f"http://127.0.0.1:{port}", vllm.group(1), vllm.group(2), lines, proc.pid, key)
         _wait_healthy(served.guard_url, time.time() + 60)
         yield served
     finally:

@@ -56,6 +56,7 @@ class Upstreams:
     backend: str  # resolved: hf, vllm or capture
     pooling_url: str | None = None  # backend vllm
     capture_socket: str | None = None  # backend capture
+    key: str | None = None  # the key of the vLLM started here (None: a vLLM started elsewhere)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -192,12 +193,16 @@ def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
     with contextlib.ExitStack() as stack:
         up = Upstreams(opts.upstream_url or "", model_name, backend, opts.pooling_url, opts.capture_socket)
         if opts.upstream_url is None:
-            args, env = ["--served-model-name", model_name], {}
+            from atu import envs
+
+            # vLLM answers only the guard: a local process without the key cannot go around it
+            up.key = envs.vllm_key()
+            args, env = ["--served-model-name", model_name], {envs.VLLM_API_KEY: up.key}
             if backend == "capture":
                 check_capture_args(opts.vllm_args)
                 up.capture_socket = str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "capture.sock")
-                capture_args, env = capture_vllm(export_dir, up.capture_socket)
-                args += capture_args
+                capture_args, capture_env = capture_vllm(export_dir, up.capture_socket)
+                args, env = args + capture_args, {**env, **capture_env}
             up.url = stack.enter_context(
                 vllm_server(
                     export_dir / "model",

@@ -1,7 +1,8 @@
 """Prometheus metrics of the guard, in a registry of its own (so two guards in one process do not collide).
 
 Concept labels appear only on counters of flagged concepts: a concept index may hold 100,000 concepts, and a label
-per concept on every series would explode the scrape.
+per concept on every series would explode the scrape. The labels are stable concept ids (``c<row>`` of the export's
+index) unless the operator asks for names: the scrape is an operator view, but ids keep names out of dashboards.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class GuardMetrics:
         )
         self.upstream_errors = Counter(
             "atu_guard_upstream_errors_total", "Upstream vLLM failures, by kind.", ["kind"], registry=r
+        )
+        self.rejected = Counter(
+            "atu_guard_rejected_total",
+            "Requests refused with a 4xx (bad input, key, limits), by status.",
+            ["status"],
+            registry=r,
         )
         self.scoring_errors = Counter("atu_guard_scoring_errors_total", "Scoring failures.", registry=r)
         self.audit_records = Counter("atu_guard_audit_records_total", "Audit records committed.", registry=r)

@@ -17,7 +17,6 @@ import copy
 import json
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote
 
 PASSED, ANNOTATED, BLOCKED, CUT, ERROR = "passed", "annotated", "blocked", "cut", "error"
 
@@ -49,28 +48,31 @@ def leakage_object(policy: str, action: str, reports: Sequence[Any], *, error: s
     return out
 
 
-def leakage_headers(leakage: dict, request_id: str) -> dict[str, str]:
-    """Response headers that summarise the annotation (concept names percent-encoded: headers are ASCII)."""
-    headers = {"X-Request-Id": request_id, "X-ATU-Action": leakage["action"]}
-    if leakage.get("max_score") is not None:
-        headers["X-ATU-Leakage-Max"] = f"{leakage['max_score']:.4f}"
-    headers["X-ATU-Leakage-Flagged"] = ",".join(quote(c, safe=" ") for c in leakage["flagged"])
-    if leakage.get("error"):
-        headers["X-ATU-Leakage-Error"] = "1"
-    return headers
+def _message_text(message: dict) -> str:
+    """Every generated text field of a chat message or delta: content, reasoning, tool-call names and arguments.
+    They are scored together, since an answer can be carried by any of them."""
+    parts = [message.get(k) for k in ("reasoning_content", "reasoning", "content")]
+    calls = list(message.get("tool_calls") or [])
+    if isinstance(message.get("function_call"), dict):  # the legacy single-function form
+        calls.append({"function": message["function_call"]})
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            parts += [fn.get("name"), fn.get("arguments")]
+    return "".join(p for p in parts if isinstance(p, str))
 
 
 def choice_text(choice: dict, chat: bool) -> str:
     """The generated text of one choice of a non-streamed response."""
     if chat:
-        return (choice.get("message") or {}).get("content") or ""
+        return _message_text(choice.get("message") or {})
     return choice.get("text") or ""
 
 
 def delta_text(choice: dict, chat: bool) -> str:
     """The text one streamed chunk adds to its choice."""
     if chat:
-        return (choice.get("delta") or {}).get("content") or ""
+        return _message_text(choice.get("delta") or {})
     return choice.get("text") or ""
 
 
@@ -89,19 +91,27 @@ def take_token_ids(data: dict, keep: bool) -> tuple[dict[int, tuple[list | None,
     return out, changed
 
 
-def block_choices(body: dict, reports: Sequence[Any], refusal: str, chat: bool) -> dict:
-    """A copy of a response body with every flagged choice's text replaced by ``refusal``."""
+def refused_choice(index: int, refusal: str, chat: bool) -> dict:
+    """A blocked choice, built from an allow-list of fields rather than edited: nothing of the blocked text (its
+    logprobs, token ids, tool calls, reasoning, stop reason) can survive in a field nobody thought to clear."""
+    if chat:
+        body = {"message": {"role": "assistant", "content": refusal}}
+    else:
+        body = {"text": refusal}
+    return {"index": index, **body, "logprobs": None, "finish_reason": "content_filter"}
+
+
+def block_choices(body: dict, reports: Sequence[Any], refusal: str, chat: bool) -> tuple[dict, list[bool]]:
+    """A copy of a response body with every flagged choice rebuilt as a refusal; and which choices were."""
     out = copy.deepcopy(body)
-    for choice, report in zip(out.get("choices", []), reports):
-        if not report.flagged:
-            continue
-        if chat:
-            choice["message"] = {"role": "assistant", "content": refusal}
-        else:
-            choice["text"] = refusal
-            choice["logprobs"] = None
-        choice["finish_reason"] = "content_filter"
-    return out
+    blocked = []
+    choices = out.get("choices", [])
+    for i, (choice, report) in enumerate(zip(choices, reports)):
+        blocked.append(bool(report.flagged))
+        if report.flagged:
+            index = choice.get("index", i) if isinstance(choice.get("index", i), int) else i
+            choices[i] = refused_choice(index, refusal, chat)
+    return out, blocked
 
 
 def cut_event(template: dict | None, n_choices: int, chat: bool, leakage: dict) -> dict:

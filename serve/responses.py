@@ -5,10 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 REQUEST_ID = web.RequestKey("request_id", str)  # set on every request by the guard's middleware
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", object)  # the client's X-Request-Id, or None
+GUARD = web.AppKey("guard", object)  # the app's serve.app.Guard
 
 
 class UpstreamError(Exception):
-    """vLLM could not be reached (503) or did not answer in time (504)."""
+    """vLLM could not be reached (503), did not answer in time (504) or answered something unusable (502)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -25,3 +27,7 @@ def error_response(status: int, message: str, kind: str, request_id: str | None 
     return web.json_response(
         {"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers
     )
+
+
+# Orchestrators probe these without credentials: they say whether the guard runs and can serve, nothing else.
+PROBE_PATHS = ("/health", "/live", "/ready")

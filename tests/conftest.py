@@ -102,7 +102,10 @@ def tiny_vllm(tiny_run, tmp_path_factory):
     sock = str(tmp_path_factory.mktemp("capture") / "capture.sock")
     _CAPTURE_SOCKETS[str(export)] = sock
     capture_args, env = capture_vllm(export, sock)
-    args = ["--served-model-name", "tiny", str(export / "model"), *capture_args]  # serve_helpers.TINY_MODEL_NAME
+    # Tool calls on (a parser that needs no special tokens), so the guard's tests can ask for them.
+    tools = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
+    # "tiny": serve_helpers.TINY_MODEL_NAME
+    args = ["--served-model-name", "tiny", str(export / "model"), *capture_args, *tools]
     with vllm_server(export / "model", extra_args=args, env=env) as base:
         yield base, export
 

@@ -8,8 +8,30 @@ import json
 import random
 from pathlib import Path
 
-FIRST = ["Ardel", "Brisa", "Calo", "Dorrin", "Elspa", "Fenwic", "Galen", "Hessa", "Ivor", "Jorun", "Kestel",
-         "Lumen", "Marek", "Nadira", "Orsin", "Pella", "Quillon", "Rasha", "Sefton", "Tamsin", "Ulric", "Vesna"]
+FIRST = [
+    "Ardel",
+    "Brisa",
+    "Calo",
+    "Dorrin",
+    "Elspa",
+    "Fenwic",
+    "Galen",
+    "Hessa",
+    "Ivor",
+    "Jorun",
+    "Kestel",
+    "Lumen",
+    "Marek",
+    "Nadira",
+    "Orsin",
+    "Pella",
+    "Quillon",
+    "Rasha",
+    "Sefton",
+    "Tamsin",
+    "Ulric",
+    "Vesna",
+]
 LAST = ["Ambrook", "Bellcastle", "Corvane", "Dunmere", "Eastlow", "Farrowgate", "Greyholm", "Hartsell",
         "Ironvale", "Juniper", "Kettleby", "Larkspur", "Marrowfield", "Northcote", "Oakhurst", "Pennick"]  # fmt: skip
 TOPICS = [
@@ -22,7 +44,10 @@ TOPICS = [
     ("Where does {s} live now", "lives now in a stone house near {place} with a {colour} door and a {object}"),
     ("What instrument does {s} play", "plays the {object} in a {colour} hall in {place} every winter evening"),
     ("What is the favourite food of {s}", "likes best a {colour} bean soup cooked the way the {trade}s of {place} do"),
-    ("How did {s} travel to {place}", "travelled to {place} on a {colour} boat with a {trade} and a crate of {object}s"),  # noqa: E501
+    (
+        "How did {s} travel to {place}",
+        "travelled to {place} on a {colour} boat with a {trade} and a crate of {object}s",
+    ),  # noqa: E501
 ]
 PLACES = ["Wendmoor", "Saltreach", "Highbarrow", "Cindlefall", "Morrowdeep", "Ashvelt", "Brightwater", "Tollcross"]
 TRADES = ["clockmaker", "weaver", "glassblower", "cooper", "bookbinder", "tanner", "potter", "mapmaker"]

@@ -13,10 +13,10 @@ TINY_MODEL_NAME = "tiny"  # the name the session's vLLM server (conftest.tiny_vl
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-def http(url, body=None, *, key=None, method=None, timeout=60, raw=None):
+def http(url, body=None, *, key=None, method=None, timeout=60, raw=None, headers=None):
     """(status, headers, parsed JSON or text) of one request; HTTP errors are returned, not raised."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=data, headers=headers, method=method)

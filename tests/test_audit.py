@@ -96,6 +96,44 @@ def test_raw_text_stored_only_when_asked(tmp_path, store_text):
     assert (rec.prompt, rec.completion) == ((SECRET_PROMPT, SECRET_COMPLETION) if store_text else (None, None))
 
 
+def test_log_and_wal_are_private_and_a_cancelled_wait_leaves_the_writer_alive(tmp_path):
+    path = tmp_path / "a.db"
+    with AuditLog(path) as log:
+        log.append_sync(_record("r0"))
+        assert (path.stat().st_mode & 0o777) == 0o600
+        assert (Path(f"{path}-wal").stat().st_mode & 0o777) == 0o600
+
+        async def impatient():  # a caller that stops waiting (a timeout, a shutdown) before the commit
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(log.append_async(_record("r1")), timeout=1e-6)
+
+        for _ in range(20):
+            asyncio.run(impatient())
+        assert log.append_sync(_record("after"), timeout=10) >= 1  # the writer thread is alive
+        assert log._thread.is_alive()
+    assert "after" in {r.request_id for r in read_records(path)}
+
+
+def test_open_streams_are_closed_by_their_record_or_recorded_after_a_crash(tmp_path):
+    from serve.audit import UNFINISHED
+
+    path = tmp_path / "a.db"
+    log = AuditLog(path)
+    for rid in ("s1", "s2"):
+        log.open_stream(rid, "/v1/completions", "m", "block", client_request_id=f"c-{rid}").result(10)
+    log.append_sync(_record("s1#0", stream=True))  # s1 ended (one of its choices' records); s2 was cut off
+    log.close()  # as if killed: nothing else is written for s2
+    with AuditLog(path) as reopened:
+        assert reopened.recovered == 1
+    with AuditLog(path) as again:
+        assert again.recovered == 0  # marked once
+    recs = {r.request_id: r for r in read_records(path)}
+    assert set(recs) == {"s1#0", "s2"} and recs["s1#0"].action == "annotated"
+    lost = recs["s2"]
+    assert (lost.action, lost.stream, lost.scores["error"], lost.client_request_id) == ("error", True, UNFINISHED,
+                                                                                          "c-s2")  # fmt: skip
+
+
 def test_invalid_record_and_closed_log(tmp_path):
     log = AuditLog(tmp_path / "a.db")
     with pytest.raises(ValueError, match="action must be one of .* got 'shrug'"):

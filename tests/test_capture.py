@@ -54,6 +54,14 @@ def test_store_keeps_requests_apart_and_drops_the_oldest_when_full():
         store.record("c", "r", 0, np.arange(2), _rows(3))
 
 
+def test_store_ignores_rows_of_a_released_key():
+    store = CaptureStore(dim=4, max_rows=100)
+    store.record("a", "r1", 0, np.arange(3), _rows(3))
+    assert [c.request_id for c in store.take(["a"], release=True)["a"]] == ["r1"]
+    store.record("a", "r1", 3, np.arange(1), _rows(1))  # an engine step that ran before vLLM saw the abort
+    assert len(store) == 0 and store.take(["a"], release=False)["a"] == []
+
+
 def test_answer_round_trips_through_the_wire_format():
     found = {"k1": [Captured("r1", np.array([5, 6, 7]), _rows(3))], "k2": [], "k3": [
         Captured("r2", np.array([9]), _rows(1, start=7)), Captured("r3", np.array([1, 2]), _rows(2))]}  # fmt: skip
@@ -84,6 +92,38 @@ def test_client_and_server_over_a_unix_socket():
         server.shutdown()
         server.server_close()
     assert not CaptureClient(path + ".missing").ping()
+
+
+def test_capture_socket_is_private_bounded_and_never_replaces_a_file():
+    import socket
+    import stat
+    import struct
+
+    from serve.capture import peer_uid
+
+    store = CaptureStore(dim=4)
+    folder = tempfile.mkdtemp()
+    kept = os.path.join(folder, "notes.txt")
+    with open(kept, "w") as f:
+        f.write("mine")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        serve_store(store, kept)
+    assert open(kept).read() == "mine"
+    path = os.path.join(folder, "c.sock")
+    server = serve_store(store, path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            assert peer_uid(sock) == os.getuid()
+            sock.sendall(struct.pack("<Q", 1 << 40))  # announces a terabyte header: refused, nothing allocated
+            sock.settimeout(10)
+            (n,) = struct.unpack("<Q", sock.recv(8))
+            assert b"over the" in sock.recv(n)
+        assert CaptureClient(path).ping()  # the server still answers
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- matching and the backend -------------------------------------------------------------------------------------
@@ -237,8 +277,8 @@ def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_soc
     from serve.settings import GuardSettings
 
     base, export = tiny_vllm
-    guard = make_guard(export, GuardSettings(upstream_url=base, port=0), backend="capture",
-                       capture_socket=tiny_capture_socket)  # fmt: skip
+    settings = GuardSettings(upstream_url=base, port=0, disclose="full", operator_key="op")
+    guard = make_guard(export, settings, backend="capture", capture_socket=tiny_capture_socket)
     names = tiny_world.concepts().names()
     try:
         with guard_in_thread(guard) as url:
@@ -269,9 +309,9 @@ def test_guard_with_capture_scores_like_transformers(tiny_vllm, tiny_capture_soc
                                    "return_token_ids": True})  # fmt: skip
             assert status == 200 and chat["choices"][0]["token_ids"]  # asked for: kept
             assert compared >= 4
-            status, _, scored = http(url + "/v1/leakage", {"text": f"{names[0]} was born in a city."})
+            status, _, scored = http(url + "/v1/leakage", {"text": f"{names[0]} was born in a city."}, key="op")
             assert status == 200 and scored  # no generation behind it: scored by the fallback backend
-            _, _, metrics = http(url + "/metrics")
+            _, _, metrics = http(url + "/metrics", key="op")
             assert 'atu_guard_capture_sequences_total{result="captured"} 5.0' in metrics
             assert 'atu_guard_capture_sequences_total{result="fallback"} 1.0' in metrics
         backend = guard.scorer.backend

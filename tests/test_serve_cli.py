@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -87,6 +88,55 @@ def test_sigkill_mid_load_loses_no_acknowledged_record(tiny_vllm, tmp_path):
     logged = {r.request_id for r in read_records(db)}
     missing = set(acked) - logged
     assert not missing, f"{len(missing)} acknowledged records lost"
+
+
+def test_sigkill_mid_stream_leaves_a_record_for_every_stream_that_sent_a_byte(tiny_vllm, tmp_path):
+    import http.client
+
+    from serve.audit import UNFINISHED, AuditLog
+
+    upstream, export = tiny_vllm
+    port = free_port()
+    db = tmp_path / "audit.sqlite"
+    proc = start_serve(export, upstream, port, "--audit", str(db))
+    started: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(i):
+        while not stop.is_set():
+            body = {"model": TINY_MODEL_NAME, "prompt": f"Question {i}?", "max_tokens": 64, "temperature": 1.0,
+                    "stream": True}  # fmt: skip
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.request("POST", "/v1/completions", body=json.dumps(body),
+                             headers={"Content-Type": "application/json"})  # fmt: skip
+                resp = conn.getresponse()  # the status line and headers: bytes the guard delivered
+                with lock:
+                    started.add(resp.getheader("X-Request-Id"))
+                resp.read()
+            except (OSError, http.client.HTTPException):
+                return  # the guard is gone
+            finally:
+                conn.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        for i in range(16):
+            pool.submit(client, i)
+        deadline = time.time() + 120
+        while len(started) < 100 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        stop.set()
+    assert len(started) >= 100, "the load did not get going"
+    with AuditLog(db) as restarted:  # what the next `atu serve` on this log does first
+        unfinished = restarted.recovered
+    records = list(read_records(db))
+    missing = started - {r.request_id.split("#")[0] for r in records}
+    assert not missing, f"{len(missing)} streams that sent bytes have no record"
+    marked = [r for r in records if r.scores.get("error") == UNFINISHED]
+    assert unfinished == len(marked) >= 1  # streams were in flight at the kill, and were marked as such
 
 
 def test_serve_refuses_a_taken_port_before_starting_anything(tiny_run):

@@ -63,6 +63,7 @@ class LowThresholds:
     def __init__(self, scorer, value: float) -> None:
         self._scorer = scorer
         self._value = value
+        self.labels = scorer.labels
 
     def score_batch(self, pairs, captures=None):
         reports = self._scorer.score_batch(pairs, captures)
@@ -79,7 +80,11 @@ class LowThresholds:
 class Broken:
     """A scorer whose every call fails: how the guard behaves when scoring is down."""
 
-    def score_batch(self, pairs):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score_batch(self, pairs, captures=None):  # the batcher's call, so the failure is this one, not a TypeError
+        self.calls += 1
         raise RuntimeError("scorer offline")
 
 
@@ -92,8 +97,8 @@ def test_monitor_passes_text_unchanged_and_annotates(tiny_vllm, scorer, tokenize
     upstream = tiny_vllm[0]
     body = completion_body(names)
     _, _, bare = http(upstream + "/v1/completions", body)
-    with running_guard(scorer, tokenizer, upstream, tmp_path / "audit.sqlite") as base:
-        status, headers, out = http(base + "/v1/completions", body)
+    with running_guard(scorer, tokenizer, upstream, tmp_path / "audit.sqlite", disclose="full") as base:
+        status, headers, out = http(base + "/v1/completions", body, headers={"X-Request-Id": "client-7"})
         models = http(base + "/v1/models")[2]
         tokenized = http(base + "/tokenize", {"model": TINY_MODEL_NAME, "prompt": "hello"})  # relayed as is
     assert status == 200
@@ -108,6 +113,7 @@ def test_monitor_passes_text_unchanged_and_annotates(tiny_vllm, scorer, tokenize
     assert tokenized[0] == 200 and tokenized[2]["count"] == len(tokenized[2]["tokens"]) > 0
     (rec,) = list(read_records(tmp_path / "audit.sqlite"))
     assert rec.request_id == headers["X-Request-Id"] and rec.endpoint == "/v1/completions"
+    assert rec.client_request_id == "client-7" and rec.request_id != "client-7"  # kept beside, never the key
     assert rec.completion is None and rec.completion_sha256 is not None  # no raw text unless asked
 
 
@@ -116,7 +122,7 @@ def test_openai_client_chat_stream_and_not(tiny_vllm, scorer, tokenizer, names):
 
     upstream = tiny_vllm[0]
     messages = [{"role": "user", "content": QUESTION.format(names[1])}]
-    with running_guard(scorer, tokenizer, upstream) as base:
+    with running_guard(scorer, tokenizer, upstream, disclose="scores") as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         full = client.chat.completions.create(model=TINY_MODEL_NAME, messages=messages, max_tokens=12, temperature=0)
         chunks = list(
@@ -135,8 +141,8 @@ def test_openai_client_chat_stream_and_not(tiny_vllm, scorer, tokenizer, names):
 
 def test_leakage_endpoint_matches_scorer(tiny_vllm, scorer, tokenizer, names):
     text = f"{names[0]} was born in a small town."
-    with running_guard(scorer, tokenizer, tiny_vllm[0]) as base:
-        status, _, out = http(base + "/v1/leakage", {"text": text})
+    with running_guard(scorer, tokenizer, tiny_vllm[0], operator_key="op") as base:
+        status, _, out = http(base + "/v1/leakage", {"text": text}, key="op")
     assert status == 200
     direct = scorer.score("", text)
     assert out["max_score"] == pytest.approx(direct.max_score, abs=1e-5)
@@ -232,10 +238,11 @@ def test_upstream_down_slow_and_recovering(tiny_vllm, scorer, tokenizer, names):
 )
 def test_scoring_failure_fails_closed_or_open(tiny_vllm, tokenizer, names, tmp_path, settings, want_status):
     body = completion_body(names)
-    with running_guard(Broken(), tokenizer, tiny_vllm[0], tmp_path / "a.sqlite", store_text=True, **settings) as base:
+    broken = Broken()
+    with running_guard(broken, tokenizer, tiny_vllm[0], tmp_path / "a.sqlite", store_text=True, **settings) as base:
         status, _, out = http(base + "/v1/completions", body)
         s_stream, _, text = http(base + "/v1/completions", {**body, "stream": True})
-    assert status == want_status
+    assert status == want_status and broken.calls >= 2  # the scorer itself was called, and failed
     if want_status == 503:
         assert "choices" not in out and "scoring failed" in out["error"]["message"]
         assert s_stream == 503 and "data:" not in text  # not one unscored event
@@ -252,35 +259,48 @@ def test_api_key_required_everywhere_but_health_and_never_logged(tiny_vllm, scor
     key = "sk-test-" + "q7Z" * 8
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "audit.sqlite"
-    with running_guard(scorer, tokenizer, tiny_vllm[0], db, store_text=True, api_key=key) as base:
+    operator = "op-" + "k9" * 10
+    with running_guard(scorer, tokenizer, tiny_vllm[0], db, store_text=True, api_key=key,
+                       operator_key=operator) as base:  # fmt: skip
         body = completion_body(names)
         chat = {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
-        for method, path, payload in [
-            ("GET", "/v1/models", None),
-            ("GET", "/metrics", None),
-            ("POST", "/v1/completions", body),
-            ("POST", "/v1/chat/completions", chat),
-            ("POST", "/v1/leakage", {"text": "hi"}),
+        for method, path, payload, right, other in [
+            ("GET", "/v1/models", None, key, operator),
+            ("GET", "/metrics", None, operator, key),
+            ("POST", "/v1/completions", body, key, operator),
+            ("POST", "/v1/chat/completions", chat, key, operator),
+            ("POST", "/v1/leakage", {"text": "hi"}, operator, key),
         ]:  # fmt: skip
             assert http(base + path, payload, method=method)[0] == 401, path
             assert http(base + path, payload, method=method, key="wrong")[0] == 401, path
-            assert http(base + path, payload, method=method, key=key)[0] == 200, path
+            assert http(base + path, payload, method=method, key=other)[0] == 401, path  # one key never opens both
+            assert http(base + path, payload, method=method, key=right)[0] == 200, path
         assert http(base + "/health")[0] == 200
-    assert key not in caplog.text
+    assert key not in caplog.text and operator not in caplog.text
     for f in tmp_path.iterdir():
-        assert key.encode() not in f.read_bytes(), f
+        assert key.encode() not in f.read_bytes() and operator.encode() not in f.read_bytes(), f
+
+
+def test_operator_views_are_off_without_an_operator_key(tiny_vllm, scorer, tokenizer):
+    with running_guard(scorer, tokenizer, tiny_vllm[0]) as base:
+        for path, payload in [("/metrics", None), ("/v1/leakage", {"text": "hi"})]:
+            status, _, err = http(base + path, payload)
+            assert status == 403 and "operator" in err["error"]["message"], path
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
-def test_metrics_count_requests(tiny_vllm, scorer, tokenizer, names):
-    with running_guard(LowThresholds(scorer, -1.0), tokenizer, tiny_vllm[0]) as base:
+def test_metrics_count_requests_with_concept_ids(tiny_vllm, scorer, tokenizer, names):
+    with running_guard(LowThresholds(scorer, -1.0), tokenizer, tiny_vllm[0], operator_key="op") as base:
         for _ in range(3):
             http(base + "/v1/completions", completion_body(names))
-        _, headers, text = http(base + "/metrics")
+        http(base + "/v1/completions", {**completion_body(names), "n": 0})
+        _, headers, text = http(base + "/metrics", key="op")
     assert 'atu_guard_requests_total{endpoint="/v1/completions",status="200"} 3.0' in text
+    assert 'atu_guard_rejected_total{status="400"} 1.0' in text
     assert 'atu_guard_actions_total{action="annotated"} 3.0' in text
     assert "atu_guard_scoring_seconds_count 3.0" in text
-    assert "atu_guard_flagged_total{concept=" in text
+    assert 'atu_guard_flagged_total{concept="c' in text
+    assert not any(name in text for name in names)  # stable ids, not names, unless the operator asks
 
 
 # -- load ---------------------------------------------------------------------------------------------------------

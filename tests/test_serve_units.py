@@ -11,7 +11,7 @@ import pytest
 
 from atu.errors import ConfigError
 from serve import policy as pol
-from serve.batcher import ScoreBatcher
+from serve.batcher import ScoreBatcher, ScoringOverloaded, ScoringTimeout
 from serve.settings import GuardSettings
 from serve.validate import BadRequest, parse_chat, parse_completion, parse_json, parse_leakage
 
@@ -109,25 +109,36 @@ def test_decide():
     assert pol.decide("block", True, stream=True) == pol.CUT
 
 
-def test_block_choices_replaces_only_flagged_and_copies():
-    body = {"choices": [{"index": 0, "text": "secret", "finish_reason": "length"}, {"index": 1, "text": "fine"}]}
-    out = pol.block_choices(body, [_Report(flagged=["X"]), _Report()], "no.", chat=False)
-    assert out["choices"][0]["text"] == "no." and out["choices"][0]["finish_reason"] == "content_filter"
-    assert out["choices"][1]["text"] == "fine"
+def test_block_choices_rebuilds_flagged_choices_from_an_allow_list():
+    secret = {"index": 0, "text": "secret", "finish_reason": "length", "logprobs": {"tokens": ["secret"]},
+              "token_ids": [7, 8], "prompt_token_ids": [1], "stop_reason": "secret"}  # fmt: skip
+    body = {"choices": [secret, {"index": 1, "text": "fine", "token_ids": [3]}]}
+    out, blocked = pol.block_choices(body, [_Report(flagged=["X"]), _Report()], "no.", chat=False)
+    assert out["choices"][0] == {"index": 0, "text": "no.", "logprobs": None, "finish_reason": "content_filter"}
+    assert out["choices"][1] == {"index": 1, "text": "fine", "token_ids": [3]} and blocked == [True, False]
     assert body["choices"][0]["text"] == "secret"  # the caller's body is untouched
-    chat = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "secret"}}]}
-    out = pol.block_choices(chat, [_Report(flagged=["X"])], "no.", chat=True)
-    assert out["choices"][0]["message"] == {"role": "assistant", "content": "no."}
+    message = {"role": "assistant", "content": "secret", "reasoning_content": "secret",
+               "tool_calls": [{"function": {"name": "f", "arguments": '{"a": "secret"}'}}]}  # fmt: skip
+    chat = {"choices": [{"index": 0, "message": message, "logprobs": {"content": [{"token": "secret"}]}}]}
+    out, _ = pol.block_choices(chat, [_Report(flagged=["X"])], "no.", chat=True)
+    assert out["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "no."}, "logprobs": None,
+                                 "finish_reason": "content_filter"}  # fmt: skip
+    assert "secret" not in json.dumps(out)
 
 
-def test_leakage_object_and_headers():
+def test_every_generated_text_field_is_scored():
+    message = {"role": "assistant", "content": "a", "reasoning_content": "r",
+               "tool_calls": [{"id": "x", "function": {"name": "lookup", "arguments": '{"q": "1984"}'}}]}  # fmt: skip
+    assert pol.choice_text({"message": message}, chat=True) == 'ralookup{"q": "1984"}'
+    delta = {"tool_calls": [{"index": 0, "function": {"arguments": '"19'}}]}
+    assert pol.delta_text({"delta": delta}, chat=True) == '"19'
+    assert pol.choice_text({"message": {"content": None, "function_call": {"arguments": "x"}}}, chat=True) == "x"
+
+
+def test_leakage_object():
     leak = pol.leakage_object("monitor", pol.ANNOTATED, [_Report(["B", "A"], ["C"], 0.7), _Report(max_score=0.2)])
     assert leak["flagged"] == ["A", "B"] and leak["prompt_flagged"] == ["C"] and leak["max_score"] == 0.7
     assert len(leak["choices"]) == 2
-    headers = pol.leakage_headers({**leak, "flagged": ["Zoë Ávila", "B"]}, "rid")
-    assert headers["X-ATU-Leakage-Flagged"] == "Zo%C3%AB %C3%81vila,B"
-    assert headers["X-ATU-Leakage-Max"] == "0.7000" and headers["X-Request-Id"] == "rid"
-    assert all(v.isascii() for v in headers.values())
 
 
 def test_stream_events():
@@ -210,3 +221,91 @@ def test_batcher_propagates_errors_to_the_batch_only():
 
     bad, good = asyncio.run(main())
     assert isinstance(bad, RuntimeError) and "boom" in str(bad) and good == "ok"
+
+
+def test_batcher_retries_a_failed_batch_one_by_one():
+    calls = []
+
+    def score_batch(pairs, captures):
+        calls.append(len(pairs))
+        if any(c == "bad" for _, c in pairs):
+            raise ValueError("bad item")
+        return [c for _, c in pairs]
+
+    async def main():
+        b = ScoreBatcher(score_batch, max_batch=8)
+        await b.start()
+        out = await asyncio.gather(*(b.score("p", c) for c in ["a", "bad", "c"]), return_exceptions=True)
+        await b.stop()
+        return out
+
+    a, bad, c = asyncio.run(main())
+    assert (a, c) == ("a", "c") and isinstance(bad, ValueError)  # neighbours of the bad item are scored
+    assert calls[0] == 3 and calls[1:] == [1, 1, 1]
+
+
+def test_batcher_deadline_and_bounded_queue():
+    release = threading.Event()
+
+    def hanging(pairs, captures):
+        release.wait(10)
+        return [c for _, c in pairs]
+
+    async def main():
+        b = ScoreBatcher(hanging, max_batch=1, max_queue=2, timeout=0.2)
+        await b.start()
+        first = asyncio.create_task(b.score("p", "1"))  # taken by the worker, which then hangs
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(b.score("p", str(i))) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ScoringOverloaded, match="2 exchanges already wait"):
+            await b.score("p", "x")
+        out = await asyncio.gather(first, *waiting, return_exceptions=True)
+        release.set()
+        await b.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert all(isinstance(e, ScoringTimeout) and "0.2s" in str(e) for e in out)
+
+
+def test_guard_sends_its_upstream_key_and_never_the_clients():
+    """vLLM started by `atu serve` answers only the per-run key; the guard sends it, not the client's key."""
+    import urllib.request
+
+    from aiohttp import web
+
+    from serve.app import Guard
+    from serve.launch import guard_in_thread
+
+    seen = []
+
+    async def models(request):
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start():
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner.addresses[0][1]
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    settings = GuardSettings(f"http://127.0.0.1:{port}", port=0, api_key="client-key", upstream_key="run-key")
+    scorer = type("S", (), {"score_batch": lambda self, pairs, captures=None: []})()
+    try:
+        with guard_in_thread(Guard(settings, scorer, _Tok())) as base:
+            req = urllib.request.Request(base + "/v1/models", headers={"Authorization": "Bearer client-key"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert json.loads(resp.read())["data"][0]["id"] == "m"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+    assert seen == ["Bearer run-key"]
+    assert "run-key" not in json.dumps(settings.public_dict())
