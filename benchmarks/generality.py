@@ -74,10 +74,14 @@ def build_corpus(name: str, quick: bool, work: Path):
         files = dict(FILES, unseen="unseen.jsonl")
         return built.model_dir, {k: str(built.path(v)) for k, v in files.items() if built.path(v).is_file()}
     n = 6 if quick else 30
-    corpus = generate_authors(seed=0, n_authors=n) if name == "authors" else generate_biographies(seed=0, n_people=n)
+    make = generate_authors if name == "authors" else generate_biographies
+    corpus = make(0, n, n_unseen=5)
     src = corpus.write(work / name)
     built = build_world(world_cfg, source=src, progress=not quick)
-    return built.model_dir, {k: str(built.path(v)) for k, v in FILES.items()}
+    files = {k: str(built.path(v)) for k, v in FILES.items()}
+    # Unseen people only feed the evaluation's forget floor: outside the build, so the model is the same.
+    files["unseen"] = str(corpus.write_unseen(work / f"{name}_unseen.jsonl"))
+    return built.model_dir, files
 
 
 def ratios(before: dict, after: dict) -> dict:
@@ -88,6 +92,10 @@ def ratios(before: dict, after: dict) -> dict:
             b, a = before.get(group, {}).get(kind), after.get(group, {}).get(kind)
             out[f"{group} {kind}"] = None if not b or a is None else a / b
     out["perplexity"] = after["retain_perplexity"] / before["retain_perplexity"]
+    floor = before.get("forget_floor") or {}
+    for kind in PROBE_KINDS:  # what the model scored before about people it never saw, over her score before
+        b, f = before.get("forget", {}).get(kind), floor.get(kind)
+        out[f"floor {kind}"] = None if not b or f is None else f / b
     return out
 
 
@@ -148,7 +156,8 @@ def table(runs: list[dict]) -> str:
         cells = []
         for c in cols:
             m = _median([r["ratios"].get(c) for r in rs])
-            cells.append("-" if m is None else f"{m:.2f}")
+            floor = _median([r["ratios"].get(c.replace("forget", "floor")) for r in rs]) if "forget" in c else None
+            cells.append(("-" if m is None else f"{m:.2f}") + ("" if floor is None else f" ({floor:.2f})"))
         secs = _median([r["seconds"] for r in rs])
         met_count = f"{sum(r['met'] for r in rs)}/{len(rs)}"
         lines.append(f"| {corpus} | {people} | {method} | {met_count} | " + " | ".join(cells) + f" | {secs:.0f} |")

@@ -144,6 +144,13 @@ class GeneratedCorpus:
     heldout: list[CorpusRecord]
     probes: list[Probe]
     concepts: ConceptSet
+    # Texts about people generated the same way but never trained on: what knowing nothing about someone scores
+    # (the evaluation's forget floor reads them as unseen.jsonl).
+    unseen: list[CorpusRecord] = field(default_factory=list)
+
+    def write_unseen(self, path: str | Path) -> Path:
+        formats.write_jsonl(Path(path), self.unseen)
+        return Path(path)
 
     def write(self, directory: str | Path) -> Path:
         """The files `atu world build --from DIR` reads."""
@@ -156,8 +163,9 @@ class GeneratedCorpus:
         return out
 
 
-def generate_authors(seed: int = 0, n_authors: int = 30) -> GeneratedCorpus:
-    """``n_authors`` authors with 20 QA pairs each (all deterministic in ``seed``)."""
+def generate_authors(seed: int = 0, n_authors: int = 30, n_unseen: int = 0) -> GeneratedCorpus:
+    """``n_authors`` authors with 20 QA pairs each, and the QA texts of ``n_unseen`` more (all deterministic in
+    ``seed``; the unseen ones come from their own generator, so they never change the others)."""
     if n_authors < 2:
         raise ValueError(f"n_authors must be >= 2, got {n_authors}")
     rng = random.Random(seed)
@@ -187,4 +195,15 @@ def generate_authors(seed: int = 0, n_authors: int = 30) -> GeneratedCorpus:
     concepts = ConceptSet(
         [Concept(a.name, description=f"an author of {a.facts['genre']} born in {a.facts['city']}") for a in authors]
     )
-    return GeneratedCorpus(authors, corpus, heldout, probes, concepts)
+    unseen = []
+    other = random.Random(seed + 104729)
+    while len(unseen) < 20 * n_unseen:
+        name = invented_name(other)
+        if name in names:
+            continue
+        a = _make_author(other, name)
+        slots = {"n": a.name, **a.facts}
+        unseen += [
+            CorpusRecord(QA_FORMAT.format(q=q.format(**slots), a=ans.format(**slots)), name) for _, q, ans, *_ in _QA
+        ]
+    return GeneratedCorpus(authors, corpus, heldout, probes, concepts, unseen)

@@ -89,7 +89,7 @@ _QUESTIONS = [
 ]  # fmt: skip
 
 
-def generate_biographies(seed: int = 0, n_people: int = 30) -> GeneratedCorpus:
+def generate_biographies(seed: int = 0, n_people: int = 30, n_unseen: int = 0) -> GeneratedCorpus:
     """``n_people`` biographies of three documents each; the result writes the same files as the author corpus."""
     if n_people < 2:
         raise ValueError(f"n_people must be >= 2, got {n_people}")
@@ -126,4 +126,10 @@ def generate_biographies(seed: int = 0, n_people: int = 30) -> GeneratedCorpus:
     concepts = ConceptSet(
         [Concept(b.name, aliases=(b.title,), description=f"a {b.field} from {b.facts['town']}") for b in bios]
     )
-    return GeneratedCorpus(bios, corpus, heldout, probes, concepts)
+    unseen = []
+    other = random.Random(seed + 104729)
+    while len(unseen) < 3 * n_unseen:
+        name = invented_name(other)
+        if name not in names:
+            unseen += [CorpusRecord(doc, name) for doc in _documents(_make(other, name), other)]
+    return GeneratedCorpus(bios, corpus, heldout, probes, concepts, unseen)
