@@ -47,3 +47,13 @@ def test_biographies_tell_facts_away_from_the_name():
         assert all(t.count(name) <= 1 for t in own)  # named once at most per document
         assert any(name not in t and t.startswith("The author of") for t in own)  # one never names them
     assert all(len(c.concepts.get(n).aliases) == 1 for n in c.concepts.names())  # the title, an alias
+
+
+@pytest.mark.parametrize("make", [generate_authors, generate_biographies])
+def test_unseen_people_leave_the_trained_ones_unchanged(make, tmp_path):
+    plain, with_unseen = make(0, 6), make(0, 6, n_unseen=2)
+    assert [r.text for r in with_unseen.corpus] == [r.text for r in plain.corpus]
+    unseen = {r.concept for r in with_unseen.unseen}
+    assert len(unseen) == 2 and not unseen & set(plain.concepts.names())
+    path = with_unseen.write_unseen(tmp_path / "unseen.jsonl")
+    assert {r.concept for r in formats.read_corpus(path)} == unseen
