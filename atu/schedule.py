@@ -313,7 +313,9 @@ def _plan(model, predictor, tokenizer, inputs: ScheduleInputs, cfg: UnlearnConfi
     forget_cos = forget_cosines(model, predictor, batches, rows, layer)
     retain_cos = text_cosines(model, predictor, tokenizer, retain_texts, rows, layer, max_length)
     model.train(was_training)
-    placement = place_thresholds(forget_cos, retain_cos, cfg.stages, cfg.start_quantile, cfg.floor_quantile)
+    placement = place_thresholds(
+        forget_cos, retain_cos, cfg.stages, cfg.start_quantile, cfg.floor_quantile, cap_quantile=cfg.floor_cap_quantile
+    )
     idle = [inputs.concepts.names()[r % len(inputs.concepts.concepts)] for r in placement.idle.nonzero().flatten()]
     if idle:
         logger.warning("the aligned predictor does not single out %s on its own texts: little to push", idle)

@@ -9,7 +9,10 @@ its texts peaks at 0.66, so stages at 0.9 and 0.8 push nothing; on another the t
   unlearning has to push);
 - floor: the ``floor_quantile`` of the row's cosines on retain positions (where the texts of everything that is
   kept already sit: below it, a forget position is no longer told apart from them, and pushing further only
-  moves the model away from what it must keep);
+  moves the model away from what it must keep), but never above the ``cap_quantile`` of the row's own forget
+  cosines: where the top of the retain texts reaches the top of the concept's own (a name the encoder finds close
+  to every other name, documents that share one template), the retain texts alone would leave nothing to push,
+  so the stages push at least the upper part of the concept's own positions;
 
 and the stages step down evenly from the start to the floor, the last stage at the floor.
 
@@ -51,12 +54,14 @@ def place_thresholds(
     start_quantile: float,
     floor_quantile: float,
     min_gap: float = 0.02,
+    cap_quantile: float = 1.0,
 ) -> Placement:
     """Thresholds per stage and target row.
 
     ``forget_cos[r]``: (N_r,) cosines of row r at the positions of the forget texts about its concept.
     ``retain_cos``: (M, R) cosines of every row at retain positions.
-    A row whose start is not above its floor by ``min_gap`` is idle: its threshold stays at the start in every
+    The floor is capped at the ``cap_quantile`` of the row's forget cosines (1.0: no cap). A row whose start is not
+    above its floor by ``min_gap`` is idle: its threshold stays at the start in every
     stage, so it pushes only the positions above that quantile (the data gives nothing to push towards).
     """
     if stages < 1:
@@ -71,6 +76,8 @@ def place_thresholds(
         raise ValueError("every row needs at least one forget position to place its start")
     start = torch.tensor([quantile(f.float(), start_quantile) for f in forget_cos])  # (R,)
     floor = torch.tensor([quantile(retain_cos[:, r].float(), floor_quantile) for r in range(len(forget_cos))])
+    cap = torch.tensor([quantile(f.float(), cap_quantile) for f in forget_cos])
+    floor = torch.minimum(floor, cap)
     idle = start <= floor + min_gap
     fraction = torch.arange(1, stages + 1, dtype=torch.float32)[:, None] / stages  # (S, 1)
     taus = start[None, :] - (start - floor)[None, :] * fraction  # (S, R)

@@ -51,6 +51,9 @@ class UnlearnConfig:
     stages: int = 6  # stages of the placed schedule (taus: None)
     start_quantile: float = 0.99  # placed schedule: quantile of a row's forget-text cosines it starts from
     floor_quantile: float = 0.99  # placed schedule: quantile of a row's retain-text cosines it ends at
+    # Placed schedule: the floor never lies above this quantile of the row's own forget-text cosines, so a concept
+    # whose texts do not stand out at the top still has its upper half pushed (1.0: no cap).
+    floor_cap_quantile: float = 0.5
     # Placed schedule: at most this many stages past the floor, at the same step, each only while the retain budget
     # holds and held-out forget perplexity rose by progress_min in the stage before (forgetting still progresses).
     extra_stages: int = 6
@@ -121,7 +124,7 @@ class UnlearnConfig:
                 f"unlearn.stage_epochs must be > 0 and budget_retries >= 0, got {self.stage_epochs}, "
                 f"{self.budget_retries}"
             )
-        for name in ("start_quantile", "floor_quantile"):
+        for name in ("start_quantile", "floor_quantile", "floor_cap_quantile"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"unlearn.{name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.lr, self.grad_clip, self.baseline_lr, self.npo_beta) <= 0:

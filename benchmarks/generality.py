@@ -111,8 +111,7 @@ def met(r: dict) -> bool:
     return all(x >= RETAIN_MIN for x in retain) and r["perplexity"] <= PPL_MAX
 
 
-def one_run(model_dir, files: dict, forget: list[str], method: str, seed: int, device: str) -> dict:
-    settings = shipped_settings()
+def one_run(model_dir, files: dict, forget: list[str], method: str, seed: int, device: str, settings: dict) -> dict:
     unlearn = dict(settings.get("unlearn") or {}, algorithm=method, seed=seed)
     with tempfile.TemporaryDirectory(prefix="atu_generality_") as out:
         raw = {**settings, "model": str(model_dir), "data": {**files, "forget": forget}, "unlearn": unlearn,
@@ -191,7 +190,8 @@ def main(argv=None) -> dict:
     json_path = args.out_dir / f"{args.name}.json"
     # A long run is resumable: runs already in the JSON file (same settings) are kept, the rest are added.
     done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
-    runs = [r for r in done if r.get("settings") == shipped_settings()]
+    settings = shipped_settings()  # read once: what every run of this invocation runs and records
+    runs = [r for r in done if r.get("settings") == settings]
     with tempfile.TemporaryDirectory(prefix="atu_corpora_") as work:
         for corpus in args.corpora:
             model_dir, files = build_corpus(corpus, args.quick, Path(work))
@@ -204,8 +204,8 @@ def main(argv=None) -> dict:
                         if any((r["corpus"], r["people"], r["seed"], r["method"]) == key for r in runs):
                             continue
                         print(f"{corpus}: {people} people, {method}, seed {seed} ...", flush=True)
-                        r = one_run(model_dir, files, forget, method, seed, args.device)
-                        r.update(corpus=corpus, settings=shipped_settings())
+                        r = one_run(model_dir, files, forget, method, seed, args.device, settings)
+                        r.update(corpus=corpus, settings=settings)
                         runs.append(r)
                         shown = {k: round(v, 3) for k, v in r["ratios"].items() if v is not None}
                         print(f"  met={r['met']} {json.dumps(shown)}")

@@ -74,3 +74,13 @@ def test_a_placed_plan_steps_past_the_floor_at_the_same_rate():
     assert plan.stage(3)[1].item() == pytest.approx(0.3)  # an idle row stays at its start
     assert plan.stage(5) is None
     assert Plan(list(p.taus), ["name"], None).stage(3) is None  # the absolute schedule has no extra stages
+
+
+def test_the_floor_is_capped_by_the_concepts_own_cosines():
+    # the retain texts reach as high as her texts: uncapped, nothing to push; capped at her median, the upper half
+    forget = [torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])]
+    retain = torch.tensor([[0.5], [0.1]])
+    assert place_thresholds(forget, retain, 2, 1.0, 1.0).idle.tolist() == [True]
+    p = place_thresholds(forget, retain, 2, 1.0, 1.0, cap_quantile=0.5)
+    assert not p.idle.any() and p.floor.item() == pytest.approx(0.3)
+    torch.testing.assert_close(p.taus[:, 0], torch.tensor([0.4, 0.3]))
