@@ -1,0 +1,46 @@
+"""The pure functions of benchmarks/generality.py, on hand-made evaluations."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import eval_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import generality as bench  # noqa: E402
+
+
+def _eval(forget, retain=(1.0, 0.7, 0.5), ppl=10.0, floor=None):
+    ev = eval_result(forget, retain, ppl)
+    ev["forget_floor"] = floor
+    return ev
+
+
+def test_ratios_and_the_floor_over_her_score_before():
+    before = _eval((1.0, 0.8, 0.5), floor={"direct": 0.6, "paraphrase": 0.4, "adversarial": 0.1})
+    after = _eval((0.5, 0.2, 0.0), retain=(0.9, 0.7, 0.5), ppl=11.0)
+    r = bench.ratios(before, after)
+    assert r["forget direct"] == pytest.approx(0.5) and r["forget paraphrase"] == pytest.approx(0.25)
+    assert r["floor direct"] == pytest.approx(0.6) and r["floor paraphrase"] == pytest.approx(0.5)
+    assert r["retain direct"] == pytest.approx(0.9) and r["perplexity"] == pytest.approx(1.1)
+    assert r["neighbour direct"] is None  # no neighbour probes in a hand-made evaluation
+
+
+def test_met_needs_direct_and_one_other_kind_and_every_retain_figure():
+    good = {"forget direct": 0.2, "forget paraphrase": 0.3, "forget adversarial": 0.25, "retain direct": 0.95,
+            "retain paraphrase": 0.9, "retain adversarial": None, "perplexity": 1.05}  # fmt: skip
+    assert bench.met(good)
+    assert not bench.met({**good, "forget direct": 0.26})
+    assert not bench.met({**good, "forget adversarial": 0.3})  # neither paraphrase nor adversarial at 0.25
+    assert not bench.met({**good, "retain paraphrase": 0.89})
+    assert not bench.met({**good, "perplexity": 1.11})
+
+
+def test_table_takes_medians_over_seeds_and_counts_the_seeds_met():
+    def run(seed, direct, met):
+        return {"corpus": "authors", "people": 1, "method": "atu", "seed": seed, "seconds": 10.0 * (seed + 1),
+                "met": met, "ratios": {"forget direct": direct, "floor direct": 0.6, "perplexity": 1.0}}  # fmt: skip
+
+    md = bench.table([run(0, 0.1, True), run(1, 0.3, False), run(2, 0.2, True)])
+    row = md.splitlines()[-1]
+    assert row.startswith("| authors | 1 | atu | 2/3 | 0.20 (0.60) |") and row.endswith("| 20 |")
