@@ -39,6 +39,7 @@ import torch
 import yaml
 
 from atu import __version__
+from atu.config_tools import apply_overrides
 from atu.formats import PROBE_KINDS
 from atu.pipeline import RunConfig
 from atu.run import run as run_job
@@ -185,12 +186,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
     ap.add_argument("--name", default="generality", help="file stem of the results")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="change a setting of configs/default.yaml for every run (e.g. stop_signal=retain_corpus)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"{args.name}.json"
     # A long run is resumable: runs already in the JSON file (same settings) are kept, the rest are added.
     done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
-    settings = shipped_settings()  # read once: what every run of this invocation runs and records
+    # read once: what every run of this invocation runs and records
+    settings = apply_overrides(shipped_settings(), args.overrides)
     runs = [r for r in done if r.get("settings") == settings]
     with tempfile.TemporaryDirectory(prefix="atu_corpora_") as work:
         for corpus in args.corpora:
