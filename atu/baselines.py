@@ -99,6 +99,22 @@ def _logprob(model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Ten
     return sequence_logprob(logits, ids, attn), attn[:, 1:].sum().clamp(min=1)
 
 
+def objective(model, ref, forget_batch, retain_batch, cfg: BaselineConfig) -> tuple[torch.Tensor, dict]:
+    """(loss, {"forget_nll", and "retain_nll" for gd}) of one step of ``cfg.method`` on one forget batch (and, for gd,
+    one retain batch); ``ref`` is the frozen model before unlearning (npo)."""
+    logp, n_tok = _logprob(model, forget_batch)
+    rec = {"forget_nll": -logp.sum() / n_tok}
+    if cfg.method == "ga":
+        return -rec["forget_nll"], rec
+    if cfg.method == "gd":
+        r_logp, r_tok = _logprob(model, retain_batch)
+        rec["retain_nll"] = -r_logp.sum() / r_tok
+        return -rec["forget_nll"] + cfg.retain_weight * rec["retain_nll"], rec
+    with torch.no_grad():
+        ref_logp, _ = _logprob(ref, forget_batch)
+    return -(2 / cfg.beta) * F.logsigmoid(-cfg.beta * (logp - ref_logp)).mean(), rec
+
+
 def _batches(texts: list[str], tokenizer, cfg: BaselineConfig, seed: int, device) -> list[tuple]:
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
@@ -155,20 +171,9 @@ def run_baseline(
     model.train()
     for step in tqdm(range(cfg.steps), desc=f"baseline {cfg.method}", disable=not progress, unit="step"):
         # lr: constant (cfg.lr, set in the optimizer); forward and loss:
-        fb = forget[step % len(forget)]
-        logp, n_tok = _logprob(model, fb)
-        forget_nll = -logp.sum() / n_tok
-        rec = {"forget_nll": forget_nll}
-        if cfg.method == "ga":
-            loss = -forget_nll
-        elif cfg.method == "gd":
-            r_logp, r_tok = _logprob(model, retain[step % len(retain)])
-            rec["retain_nll"] = -r_logp.sum() / r_tok
-            loss = -forget_nll + cfg.retain_weight * rec["retain_nll"]
-        else:
-            with torch.no_grad():
-                ref_logp, _ = _logprob(ref, fb)
-            loss = -(2 / cfg.beta) * F.logsigmoid(-cfg.beta * (logp - ref_logp)).mean()
+        loss, rec = objective(
+            model, ref, forget[step % len(forget)], retain[step % len(retain)] if retain else None, cfg
+        )
         if retain and "retain_nll" not in rec:
             with torch.no_grad():
                 r_logp, r_tok = _logprob(model, retain[step % len(retain)])
@@ -217,21 +222,12 @@ def baseline_stage(
     for i in tqdm(range(cfg.steps), desc=f"{cfg.method} stage {stage}", disable=not progress, unit="step"):
         step = stage * cfg.steps + i
         fb = tuple(t.to(device) for t in forget[step % len(forget)])
-        logp, n_tok = _logprob(model, fb)
-        forget_nll = -logp.sum() / n_tok
-        if cfg.method == "ga":
-            loss = -forget_nll
-        elif cfg.method == "gd":
-            r_logp, r_tok = _logprob(model, tuple(t.to(device) for t in retain[step % len(retain)]))
-            loss = -forget_nll + cfg.retain_weight * (-r_logp.sum() / r_tok)
-        else:
-            with torch.no_grad():
-                ref_logp, _ = _logprob(ref, fb)
-            loss = -(2 / cfg.beta) * F.logsigmoid(-cfg.beta * (logp - ref_logp)).mean()
+        rb = tuple(t.to(device) for t in retain[step % len(retain)]) if cfg.method == "gd" else None
+        loss, rec = objective(model, ref, fb, rb, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        logged.append({"loss": loss.detach(), "forget_nll": forget_nll.detach()})
+        logged.append({"loss": loss.detach(), "forget_nll": rec["forget_nll"].detach()})
     model.eval()
     return [{"step": stage * cfg.steps + i, **{k: float(v) for k, v in r.items()}} for i, r in enumerate(logged)]

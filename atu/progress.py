@@ -61,23 +61,20 @@ class HeldOut:
 
     forget: list[tuple[torch.Tensor, torch.Tensor]]  # token batches of held-out texts about forgotten concepts
     retain: list[tuple[torch.Tensor, torch.Tensor]]  # token batches of held-out retain texts (the stop signal's)
-    forget_texts: list[str]
-    retain_texts: list[str]
 
     @classmethod
     def build(cls, forget_texts: list[str], retain_texts: list[str], tokenizer, max_length: int) -> HeldOut:
         def batches(texts):
             return [tokenize_texts(texts[i : i + 32], tokenizer, max_length) for i in range(0, len(texts), 32)]
 
-        return cls(batches(forget_texts), batches(retain_texts), forget_texts, retain_texts)
+        return cls(batches(forget_texts), batches(retain_texts))
 
+    def retain_perplexity(self, model) -> float:
+        return perplexity(model, self.retain)
 
-def separation(forget: torch.Tensor, retain: torch.Tensor) -> float:
-    """How far texts about a concept stand out: mean cosine on its held-out forget positions minus the mean on
-    retain positions (1-D tensors of one row)."""
-    if forget.numel() == 0 or retain.numel() == 0:
-        return float("nan")
-    return float(forget.float().mean() - retain.float().mean())
+    def forget_perplexity(self, model) -> float | None:
+        """None when there are no held-out forget texts."""
+        return perplexity(model, self.forget) if self.forget else None
 
 
 def forgetting_verdict(forget_ppl_ratio: float | None, retain_ppl_ratio: float, stages_kept: int) -> tuple[bool, str]:
@@ -95,8 +92,3 @@ def forgetting_verdict(forget_ppl_ratio: float | None, retain_ppl_ratio: float, 
         )
     rose = f"held-out forget perplexity rose {forget_ppl_ratio - 1:+.1%}"
     return False, f"{rose} against {retain_ppl_ratio - 1:+.1%} on retain texts"
-
-
-def perplexities(model, held: HeldOut) -> tuple[float | None, float]:
-    """(held-out forget perplexity or None, held-out retain perplexity)."""
-    return (perplexity(model, held.forget) if held.forget else None), perplexity(model, held.retain)

@@ -33,7 +33,7 @@ from atu.errors import AtuError, ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import attach_lora, decoder_layers, enable_checkpointing, freeze_above
 from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
-from atu.progress import HeldOut, forget_cosines, forgetting_verdict, perplexities, text_cosines
+from atu.progress import HeldOut, forget_cosines, forgetting_verdict, text_cosines
 from atu.thresholds import Placement, place_thresholds
 from atu.unlearn import (
     UnlearnConfig,
@@ -399,8 +399,8 @@ def run_schedule(
         ref = copy.deepcopy(model).eval().requires_grad_(False) if unlearn_cfg.algorithm == "npo" else None
         model, params = _trainable(model, layer, unlearn_cfg)
         dist.broadcast_(params.values())  # LoRA's adapters start random
-        before = dist.from_main(perplexities(model, held)[1] if dist.main else 0.0)  # the first one decides
-        forget_before = perplexities(model, held)[0] if dist.main else None
+        before = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)  # the first one decides
+        forget_before = held.forget_perplexity(model) if dist.main else None
 
         stages: list[dict] = []
         driving: EmbeddingPredictor | None = None
@@ -438,7 +438,7 @@ def run_schedule(
                     )  # fmt: skip
                 else:
                     records = _baseline_stage(model, params, batches, retain, ref, cfg, layer, steps, stage, progress)
-                val_ppl = dist.from_main(perplexities(model, held)[1] if dist.main else 0.0)
+                val_ppl = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)
                 rise = val_ppl / before - 1
                 log({"event": "validated", "stage": stage, "lr": _rate(cfg), "val_ppl": val_ppl, "rise": rise})
                 if rise <= unlearn_cfg.retain_budget:
@@ -464,7 +464,7 @@ def run_schedule(
             )  # fmt: skip
             dist.broadcast_(predictor.state_dict().values())
             driving = frozen
-            forget_ppl = perplexities(model, held)[0] if dist.main else None
+            forget_ppl = held.forget_perplexity(model) if dist.main else None
             stages.append(
                 {
                     "stage": stage,

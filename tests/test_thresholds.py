@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atu.progress import FORGET_MARGIN, forgetting_verdict, separation
+from atu.progress import FORGET_MARGIN, forgetting_verdict
 from atu.thresholds import place_thresholds, quantile
 
 
@@ -56,11 +56,6 @@ def test_verdict_needs_forget_texts_to_get_harder_than_retain_texts():
     assert failed and "unchanged" in why
     failed, why = forgetting_verdict(None, 1.0, stages_kept=2)
     assert not failed and "no held-out forget texts" in why
-
-
-def test_separation_is_the_difference_of_means():
-    assert separation(torch.tensor([0.5, 0.7]), torch.tensor([0.1, 0.3])) == pytest.approx(0.4)
-    assert separation(torch.empty(0), torch.tensor([0.1])) != separation(torch.empty(0), torch.tensor([0.1]))  # NaN
 
 
 def test_a_placed_plan_steps_past_the_floor_at_the_same_rate():
