@@ -65,8 +65,8 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-# The pipeline's figures (issue 3), as ratios of after to before: forget recall falls to at most 25% of before on each
-# kind, retain recall stays at 90% or more on each kind, held-out perplexity rises at most 10%; and (issue 4) the
+# The pipeline's figures, as ratios of after to before: forget recall falls to at most 25% of before on each
+# kind, retain recall stays at 90% or more on each kind, held-out perplexity rises at most 10%; and the
 # share of fluent retained answers falls by at most 5 points.
 FORGET_RATIO, RETAIN_RATIO, PERPLEXITY_RATIO, FLUENCY_DROP = 0.25, 0.90, 1.10, 0.05
 _EPS = 1e-9  # a ratio of recalls that equals a bound (1/7 over 4/7) must not miss it by a rounding error
@@ -109,7 +109,7 @@ def unlearning_criteria(
     return out
 
 
-# The pipeline's figure on the predictor that drove the unlearning (issue 3): the mean cosine to each concept on its
+# The pipeline's figure on the predictor that drove the unlearning: the mean cosine to each concept on its
 # forget texts falls below the final threshold, and on retain texts stays within this of its value before.
 SIMILARITY_SHIFT = 0.10
 # After the final re-alignment, how far the concept may still stand out on its texts, as a share of how far it stood

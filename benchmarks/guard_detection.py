@@ -14,7 +14,7 @@ completion text as a server would return it, leading space included, cut at end 
 the forgotten concept: its completion score (the guard's per-response score), its prompt score, and the max of the
 two. For each: AUROC (``atu.metrics.auroc``) of forgotten-person probes against the other people's probes, and the
 flagged rate (score > the concept's threshold) on both groups, overall and per probe kind, before and after.
-Targets (issue 5): completion-score AUROC >= 0.9 before; the flagged rate on the forgotten person's probes falls
+Targets: completion-score AUROC >= 0.9 before; the flagged rate on the forgotten person's probes falls
 after.
 
 A diagnostic section scores, with the same scorer, the forgotten person's own corpus texts and other people's (as
