@@ -96,14 +96,23 @@ def ratios(before: dict, after: dict) -> dict:
     floor = before.get("forget_floor") or {}
     for kind in PROBE_KINDS:  # what the model scored before about people it never saw, over her score before
         b, f = before.get("forget", {}).get(kind), floor.get(kind)
+        a = after.get("forget", {}).get(kind)
         out[f"floor {kind}"] = None if not b or f is None else f / b
+        # The share of what she scored above that floor which is still there: 0 is "as if never seen". ROUGE-L on a
+        # whole-sentence answer gives a model that never saw her a high score for the answer's shared words, so the
+        # plain ratio cannot reach 0; this one can, and both are reported.
+        known = None if b is None or f is None else b - f
+        out[f"above-floor {kind}"] = None if a is None or not known or known <= 0 else max(0.0, a - f) / known
     return out
 
 
-def met(r: dict) -> bool:
+def met(r: dict, forget_key: str = "forget") -> bool:
     """Forget at most 0.25 of before on direct and on one of paraphrase / adversarial (the kind the data has),
-    retain at least 0.90 on every kind, perplexity at most 1.10x."""
-    forget = [r.get(f"forget {k}") for k in PROBE_KINDS]
+    retain at least 0.90 on every kind, perplexity at most 1.10x. ``forget_key="above-floor"`` judges forgetting by
+    the share above the never-seen floor instead (where a kind has no floor, its plain ratio)."""
+    forget = [r.get(f"{forget_key} {k}") for k in PROBE_KINDS]
+    if forget_key != "forget":
+        forget = [r.get(f"forget {k}") if x is None else x for k, x in zip(PROBE_KINDS, forget)]
     if forget[0] is None or forget[0] > FORGET_MAX:
         return False
     if not any(x is not None and x <= FORGET_MAX for x in forget[1:]):
@@ -130,6 +139,7 @@ def one_run(model_dir, files: dict, forget: list[str], method: str, seed: int, d
         "seconds": round(seconds, 1),
         "ratios": r,
         "met": met(r),
+        "met_above_floor": met(r, "above-floor"),
         "stop_reason": summary["stop_reason"],
         "forgetting": summary.get("forgetting"),
         "stages": summary["stages"],
@@ -146,7 +156,7 @@ def _median(values):
 def table(runs: list[dict]) -> str:
     cols = ["forget direct", "forget paraphrase", "forget adversarial", "neighbour direct", "retain direct",
             "retain paraphrase", "perplexity"]  # fmt: skip
-    head = ["corpus", "people", "method", "seeds met", *cols, "seconds"]
+    head = ["corpus", "people", "method", "seeds met (above floor)", *cols, "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = sorted(
         {(r["corpus"], r["people"], r["method"]) for r in runs}, key=lambda k: (k[0], k[1], "agn".find(k[2][0]))
@@ -156,10 +166,15 @@ def table(runs: list[dict]) -> str:
         cells = []
         for c in cols:
             m = _median([r["ratios"].get(c) for r in rs])
-            floor = _median([r["ratios"].get(c.replace("forget", "floor")) for r in rs]) if "forget" in c else None
-            cells.append(("-" if m is None else f"{m:.2f}") + ("" if floor is None else f" ({floor:.2f})"))
+            floor = above = None
+            if "forget" in c:
+                floor = _median([r["ratios"].get(c.replace("forget", "floor")) for r in rs])
+                above = _median([r["ratios"].get(c.replace("forget", "above-floor")) for r in rs])
+            cell = ("-" if m is None else f"{m:.2f}") + ("" if floor is None else f" ({floor:.2f})")
+            cells.append(cell + ("" if above is None else f" [{above:.2f}]"))
         secs = _median([r["seconds"] for r in rs])
-        met_count = f"{sum(r['met'] for r in rs)}/{len(rs)}"
+        above_met = sum(r.get("met_above_floor", met(r["ratios"], "above-floor")) for r in rs)
+        met_count = f"{sum(r['met'] for r in rs)}/{len(rs)} ({above_met}/{len(rs)})"
         lines.append(f"| {corpus} | {people} | {method} | {met_count} | " + " | ".join(cells) + f" | {secs:.0f} |")
     return "\n".join(lines)
 
@@ -221,7 +236,9 @@ def main(argv=None) -> dict:
         "# Generality: after/before ratios (medians over seeds)\n\n"
         f"Written by `python benchmarks/generality.py{' --quick' if args.quick else ''}`; a run meets the figures "
         f"when forget <= {FORGET_MAX} of before on direct and on paraphrase or adversarial, retain >= {RETAIN_MIN} "
-        f"on every kind and perplexity <= {PPL_MAX}x.\n\n" + md + "\n"
+        f"on every kind and perplexity <= {PPL_MAX}x. Forget cells: the ratio, (the floor: what the model scored "
+        "before about people it never saw, over her score), [the share of her score above that floor still there]; "
+        "'above floor' counts the seeds that meet the figures with that share in place of the ratio.\n\n" + md + "\n"
     )
     print(md)
     return {"runs": runs}

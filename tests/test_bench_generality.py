@@ -24,6 +24,20 @@ def test_ratios_and_the_floor_over_her_score_before():
     assert r["floor direct"] == pytest.approx(0.6) and r["floor paraphrase"] == pytest.approx(0.5)
     assert r["retain direct"] == pytest.approx(0.9) and r["perplexity"] == pytest.approx(1.1)
     assert r["neighbour direct"] is None  # no neighbour probes in a hand-made evaluation
+    # above the never-seen floor: direct (0.5 - 0.6) is under it, paraphrase kept (0.2 - 0.4) < 0 too,
+    # adversarial kept (0.0 - 0.1) -> 0; with a higher score after, the share of her lead that is left
+    assert r["above-floor direct"] == 0.0 and r["above-floor adversarial"] == 0.0
+    later = bench.ratios(before, _eval((0.7, 0.6, 0.3)))
+    assert later["above-floor direct"] == pytest.approx(0.25) and later["above-floor paraphrase"] == pytest.approx(0.5)
+    assert bench.ratios(_eval((1.0, 0.8, 0.5)), after)["above-floor direct"] is None  # no unseen people, no floor
+
+
+def test_met_above_the_floor_uses_the_share_of_her_lead_and_falls_back_to_the_ratio():
+    r = {"forget direct": 0.6, "above-floor direct": 0.05, "forget paraphrase": 0.2, "above-floor paraphrase": None,
+         "forget adversarial": None, "retain direct": 0.95, "perplexity": 1.0}  # fmt: skip
+    assert not bench.met(r) and bench.met(r, "above-floor")
+    assert not bench.met({**r, "forget paraphrase": 0.3}, "above-floor")  # no floor there: the plain ratio counts
+    assert not bench.met({**r, "retain direct": 0.8}, "above-floor")
 
 
 def test_met_needs_direct_and_one_other_kind_and_every_retain_figure():
@@ -39,8 +53,9 @@ def test_met_needs_direct_and_one_other_kind_and_every_retain_figure():
 def test_table_takes_medians_over_seeds_and_counts_the_seeds_met():
     def run(seed, direct, met):
         return {"corpus": "authors", "people": 1, "method": "atu", "seed": seed, "seconds": 10.0 * (seed + 1),
-                "met": met, "ratios": {"forget direct": direct, "floor direct": 0.6, "perplexity": 1.0}}  # fmt: skip
+                "met": met, "met_above_floor": True,
+                "ratios": {"forget direct": direct, "floor direct": 0.6, "perplexity": 1.0}}  # fmt: skip
 
     md = bench.table([run(0, 0.1, True), run(1, 0.3, False), run(2, 0.2, True)])
     row = md.splitlines()[-1]
-    assert row.startswith("| authors | 1 | atu | 2/3 | 0.20 (0.60) |") and row.endswith("| 20 |")
+    assert row.startswith("| authors | 1 | atu | 2/3 (3/3) | 0.20 (0.60) |") and row.endswith("| 20 |")
