@@ -1,11 +1,12 @@
-# Quick start: `make demo` runs the whole job on the embedded world; `make test` runs the test suite.
+# Quick start: `make demo` runs the whole job on the embedded world; `make test` runs the test suite
+# (`make test-fast`: the tests not marked slow).
 # Both install into .venv first when needed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -24,6 +25,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The tests not marked slow: no vLLM server, no process group, no long training (docs/testing.md).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check atu serve tests benchmarks

@@ -117,3 +117,18 @@ _CAPTURE_SOCKETS: dict[str, str] = {}
 def tiny_capture_socket(tiny_vllm) -> str:
     """The capture plugin's Unix socket inside the ``tiny_vllm`` server."""
     return _CAPTURE_SOCKETS[str(tiny_vllm[1])]
+
+
+# Tests that are slow by what they do, marked here rather than one by one: a module that starts torchrun and
+# accelerate process groups (each test spawns Python processes that import torch), and every test that uses the
+# session's real vLLM server. `pytest -m "not slow"` (`make test-fast`) leaves them out; docs/testing.md says how
+# long each tier takes.
+SLOW_MODULES = {"test_distributed"}
+SLOW_FIXTURES = {"tiny_vllm", "tiny_capture_socket"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
