@@ -31,7 +31,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check atu serve tests benchmarks
+	$(VENV)/bin/ruff check atu serve tests benchmarks docs
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
