@@ -28,8 +28,8 @@ FORMAT_VERSION = 1
 INDEX_NAME = "concepts.faiss"
 META_NAME = "concepts.json"
 KINDS = ("auto", "flat", "hnsw")
-# Measured by benchmarks/index_scale.py (2 cores, 128 queries of dim 384): exact scoring costs about 1 ms per
-# 1,000 concepts, so flat stays under 10 ms up to about 10,000.
+# Exact scoring grows linearly with the number of concepts; up to about this many it meets the guard's 10 ms target
+# for 128 query vectors on a small CPU (benchmarks/index_scale.py; figures in docs/serving.md).
 AUTO_FLAT_MAX = 10_000  # above this many concepts, "auto" picks hnsw
 HNSW_M = 16
 HNSW_EF_SEARCH = 32

@@ -129,14 +129,13 @@ def world_settings(n_forget: int) -> dict[str, Any]:
     concept) and `configs/world_three.yaml` (three) write them; `atu demo` runs these.
 
     One concept: a retain term keeps the predictor's cosine to the concept on other texts within 0.1 of where it
-    was (over unlearning seeds 0-4 every criterion held in 4 of 5 runs with it, 3 of 5 at a margin of 0.08, 1 of 5
-    without: the push on a name lowered every other text's cosine by 0.10-0.12).
+    was: without it, the push on a name lowers every other text's cosine too, since a name's embedding is close to
+    every other name's.
 
     More than one concept: a retain term keeps the other people's hook-layer states where they were, the retain
     budget is measured on the retained people's own texts (the held-out phrasings stopped three-person runs early),
-    and every stage takes 20 more steps per extra concept (three people: 80). At 40 steps per person (120 a stage)
-    three people forgot about as much over three seeds (paraphrase 0.31 / 0.26 / 0.23 of before, against 0.26 /
-    0.30 / 0.26 at 80) in 1.6x the time; at 40 a stage, held-out perplexity rose 13%.
+    and every stage takes 20 more steps per extra concept (three people: 80): 40 a stage cost the retained people
+    too much, and 40 per person forgot no more in more time. The runs behind each choice: docs/experiments.md.
     """
     if n_forget < 1:
         raise ConfigError(f"forget at least one concept, got {n_forget}")

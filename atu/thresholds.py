@@ -2,8 +2,9 @@
 
 An absolute schedule (the paper's tau = 0.9, 0.8, ... 0.2) assumes that a concept's cosine on its own texts starts
 near 1 and that everything under some fixed value is harmless. Neither travels: on one corpus a name's cosine on
-its texts peaks at 0.66, so stages at 0.9 and 0.8 push nothing; on another the texts of everyone else already reach
-0.4, so pushing below it wrecks them. The adaptive schedule reads both ends off the data, per target row:
+its texts never reaches 0.8, so stages at 0.9 and 0.8 push nothing; on another the texts of everyone else already
+sit above the schedule's last thresholds, so pushing there wrecks them (docs/generality.md). The adaptive schedule
+reads both ends off the data, per target row:
 
 - start: the ``start_quantile`` of the row's cosines on the positions of its own forget texts (the top of what the
   unlearning has to push);

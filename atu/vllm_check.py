@@ -30,17 +30,15 @@ logger = logging.getLogger(__name__)
 
 
 # vLLM's default multiprocess engine keeps a core busy-polling shared memory for a second after every message
-# (distributed/device_communicators/shm_broadcast.py, busy_loop_s=1, not configurable in 0.32). On a 2-core machine
-# that starves whatever runs beside it (the guard's scorer went from 50 to 430 ms); the in-process engine does not
-# poll and served 27-28 req/s against 21-25 with the multiprocess one (benchmarks, 4-layer model, 32 clients).
+# (distributed/device_communicators/shm_broadcast.py, busy_loop_s=1, not configurable in 0.32). On a machine with few
+# cores that starves whatever runs beside it (the guard's scorer); the in-process engine does not poll, and served
+# more requests a second, not fewer (docs/serving.md has the figures).
 IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # OpenMP threads that finish a parallel region spin before they sleep: libgomp's default is 300,000 spins. When
 # the cores are shared (the guard, vLLM's own API server, a client), a spinning thread burns a core that another
-# process needed, and a descheduled one stalls the others. Measured here (32 clients through the guard, one run
-# each, +-15% noise): the guarded/bare throughput ratio was 0.64-0.66 with the default, 0.79 with 1,000 spins,
-# 0.81-0.85 with no spinning (OMP_WAIT_POLICY=PASSIVE), bare throughput unchanged; but no spinning slowed a lone
-# request by about a third (the threads sleep between the many small parallel regions of one decoding step),
-# 1,000 spins by about 5%.
+# process needed, and a descheduled one stalls the others. A short spin keeps most of what no spinning at all
+# (OMP_WAIT_POLICY=PASSIVE) gains under load without its cost to a lone request, whose threads would sleep between
+# the many small parallel regions of one decoding step (docs/serving.md has the figures).
 SHORT_OPENMP_SPIN = {"GOMP_SPINCOUNT": "1000"}
 
 

@@ -136,8 +136,7 @@ def kv_cache_bytes(config: dict[str, Any], max_model_len: int, seqs: int = KV_CA
     """Bytes of float32 KV cache for ``seqs`` sequences of ``max_model_len`` tokens of the model ``config``.
 
     Per token: 2 (K and V) x layers x kv heads x head dim x 4 bytes. Rounded up to MiB, at least 16 MiB. vLLM's
-    default on CPU would reserve 30% of the node's memory (about 8 GiB here) for a cache a prefill-only pooling
-    model hardly uses.
+    default on CPU would reserve 30% of the node's memory for a cache a prefill-only pooling model hardly uses.
     """
     heads = config.get("num_attention_heads")
     kv_heads = config.get("num_key_value_heads") or heads
@@ -166,9 +165,9 @@ def pooling_server_args(probe_dir: Path, max_model_len: int | None = None) -> li
 # Environment of the pooling server's process (on top of a copy of ours). With vLLM's default multiprocess
 # executor, the worker process busy-polls its shared-memory queue for 1 s after every request
 # (distributed/device_communicators/shm_broadcast.py, SpinCondition busy_loop_s=1, not configurable): on a 2-core
-# machine that takes a core from the scorer's predictor and from the generation server, and made a 32-pair
-# score_batch 5-9x slower. The in-process ("uni") executor has no such queue; platforms/cpu.py keeps it only when
-# VLLM_ENABLE_V1_MULTIPROCESSING is "0".
+# machine that takes a core from the scorer's predictor and from the generation server, and slowed score_batch
+# several times over (docs/serving.md). The in-process ("uni") executor has no such queue; platforms/cpu.py keeps it
+# only when VLLM_ENABLE_V1_MULTIPROCESSING is "0".
 POOLING_ENV = IN_PROCESS_ENGINE  # the same setting as the generation server (atu.vllm_check)
 
 
