@@ -95,6 +95,20 @@ def mean(values: Iterable[Any]) -> float | None:
 
 # --- one renderer per benchmark ------------------------------------------------------------------------------------
 
+# A column: its header, and where its cell comes from: a key path into the row's item, or a function of the item.
+Column = tuple[str, Any]
+
+
+def columns(items: Iterable[Any], spec: list[Column]) -> str:
+    """A table with one row per item of ``items``."""
+    rows = [[c(item) if callable(c) else get(item, *c) for _, c in spec] for item in items]
+    return table([head for head, _ in spec], rows)
+
+
+def by_kind(*path: str) -> Callable[[Any], str]:
+    """A cell with the three probe kinds under ``path``, as "direct / paraphrase / adversarial"."""
+    return lambda item: slash(*(get(item, *path, k) for k in KINDS))
+
 
 def eval_table(before: dict, after: dict) -> str:
     """An `atu eval` result before and after: recall per group and kind, perplexity, fluency, AUROCs."""
@@ -119,68 +133,39 @@ def render_run(name: str, d: dict) -> str:
     out = [f"Forget: {fmt(d.get('forget'))}. Stop: {fmt(d.get('stop_reason'))}. Seconds: {fmt(d.get('seconds'))}.\n"]
     why = get(d, "forgetting", "why")
     if why is not None:
-        failed = get(d, "forgetting", "failed")
-        out.append(
-            f"Forgetting ({fmt(get(d, 'forgetting', 'schedule'))} schedule): "
-            f"{'FAILED' if failed else 'ok'}: {fmt(why)}.\n"
-        )
+        verdict = "FAILED" if get(d, "forgetting", "failed") else "ok"
+        out.append(f"Forgetting ({fmt(get(d, 'forgetting', 'schedule'))} schedule): {verdict}: {fmt(why)}.\n")
     out.append(eval_table(d.get("before") or {}, d.get("after") or {}))
-    stages = d.get("stages") or []
-    if stages and isinstance(stages, list):
-        out.append("\n" + stage_table(stages))
+    stages = [s for s in d.get("stages") or [] if isinstance(s, dict)]
+    if stages:
+        spec = [("stage", ("stage",)), ("tau", ("tau",)), ("held-out retain perplexity", ("val_ppl",)),
+                ("rise", ("rise",)), ("seconds", ("stage_seconds",))]  # fmt: skip
+        out.append("\n" + columns(stages, spec))
     return "\n".join(out)
 
 
-def stage_table(stages: list[dict]) -> str:
-    rows = [
-        [get(s, "stage"), get(s, "tau"), get(s, "val_ppl"), get(s, "rise"), get(s, "stage_seconds")]
-        for s in stages
-        if isinstance(s, dict)
-    ]
-    return table(["stage", "tau", "held-out retain perplexity", "rise", "seconds"], rows)
+def with_floor(kind: str) -> Callable[[Any], str]:
+    """A generality run's forget ratio on ``kind``, with the never-seen floor in brackets."""
+
+    def cell(run: Any) -> str:
+        value, floor = get(run, "ratios", f"forget {kind}"), get(run, "ratios", f"floor {kind}")
+        return fmt(value) if floor is None else f"{fmt(value)} ({fmt(floor)})"
+
+    return cell
 
 
 def render_generality(name: str, d: dict) -> str:
     """benchmarks/generality.py: one row per run; ratios with the never-seen floor in brackets."""
     runs = [r for r in d.get("runs") or [] if isinstance(r, dict)]
-
-    def with_floor(r: dict, kind: str) -> str:
-        value, floor = get(r, "ratios", f"forget {kind}"), get(r, "ratios", f"floor {kind}")
-        return fmt(value) if floor is None else f"{fmt(value)} ({fmt(floor)})"
-
-    rows = [
-        [
-            get(r, "corpus"),
-            get(r, "people"),
-            get(r, "method"),
-            get(r, "seed"),
-            *(with_floor(r, k) for k in KINDS),
-            slash(*(get(r, "ratios", f"retain {k}") for k in KINDS)),
-            get(r, "ratios", "perplexity"),
-            get(r, "forgetting", "failed"),
-            get(r, "met"),
-            get(r, "seconds"),
-        ]
-        for r in runs
-    ]
-    head = [
-        "corpus",
-        "people",
-        "method",
-        "seed",
-        "forget direct (floor)",
-        "forget paraphrase (floor)",
-        "forget adversarial (floor)",
-        "retain d / p / a",
-        "perplexity",
-        "forgetting failed",
-        "all met",
-        "s",
-    ]
-    out = [table(head, rows)]
-    stops = [[i, get(r, "method"), get(r, "people"), get(r, "stop_reason")] for i, r in enumerate(runs)]
-    out.append(table(["run", "method", "people", "stop reason"], stops))
-    return "\n".join(out)
+    spec = [
+        ("corpus", ("corpus",)), ("people", ("people",)), ("method", ("method",)), ("seed", ("seed",)),
+        *((f"forget {k} (floor)", with_floor(k)) for k in KINDS),
+        ("retain d / p / a", lambda r: slash(*(get(r, "ratios", f"retain {k}") for k in KINDS))),
+        ("perplexity", ("ratios", "perplexity")), ("forgetting failed", ("forgetting", "failed")),
+        ("all met", ("met",)), ("s", ("seconds",)),
+    ]  # fmt: skip
+    stops = [("method", ("method",)), ("people", ("people",)), ("stop reason", ("stop_reason",))]
+    return columns(runs, spec) + "\n" + columns(runs, stops)
 
 
 def render_seeds(name: str, d: dict) -> str:
@@ -191,14 +176,10 @@ def render_seeds(name: str, d: dict) -> str:
         overrides = fmt(c.get("overrides")) if c.get("overrides") else "none"
         out.append(f"**{fmt(c.get('name'))}** (overrides: {overrides}; {fmt(c.get('seconds'))} s)\n")
         rows = [
-            [
-                get(k, "name"),
-                get(k, "target"),
-                *(get(k, "values", s) for s in seeds),
-                f"{fmt(get(k, 'met'))} of {fmt(get(k, 'seeds'))}",
-            ]
+            [get(k, "name"), get(k, "target"), *(get(k, "values", s) for s in seeds),
+             f"{fmt(get(k, 'met'))} of {fmt(get(k, 'seeds'))}"]
             for k in c.get("criteria") or []
-        ]
+        ]  # fmt: skip
         rows.append(["every criterion", "", *(get(c, "all_met", s) for s in seeds), ""])
         rows.append(["seconds", "", *(get(c, "runs", s) for s in seeds), ""])
         out.append(table(["criterion", "target", *(f"seed {s}" for s in seeds), "met"], rows))
@@ -211,369 +192,159 @@ def render_serving(name: str, d: dict) -> str:
         f"Backend {fmt(d.get('backend'))}, {fmt(d.get('input_len'))}-token prompts, "
         f"{fmt(d.get('output_len'))} output tokens, {fmt(d.get('machine'))}, {fmt(d.get('wall_seconds'))} s.\n"
     ]
-    rows = [
-        [
-            get(r, "concurrency"),
-            get(r, "bare", "output_throughput"),
-            get(r, "guarded", "output_throughput"),
-            get(r, "throughput_ratio"),
-            get(r, "bare", "median_ttft_ms"),
-            get(r, "guarded", "median_ttft_ms"),
-            get(r, "bare", "failed"),
-            get(r, "guarded", "failed"),
-        ]
-        for r in d.get("load") or []
-    ]
-    out.append(
-        table(
-            [
-                "concurrency",
-                "bare output tok/s",
-                "guarded output tok/s",
-                "guarded / bare",
-                "TTFT p50 bare ms",
-                "TTFT p50 guarded ms",
-                "failed bare",
-                "failed guarded",
-            ],
-            rows,
-        )
-    )
-    single = d.get("single")
-    if isinstance(single, dict):
-        out.append(
-            table(
-                ["requests", "max tokens", "bare p50 ms", "guarded p50 ms", "added p50 ms", "paired added p50 ms"],
-                [
-                    [
-                        get(single, "n"),
-                        get(single, "max_tokens"),
-                        get(single, "bare_p50_ms"),
-                        get(single, "guarded_p50_ms"),
-                        get(single, "added_p50_ms"),
-                        get(single, "added_paired_p50_ms"),
-                    ]
-                ],
-            )
-        )
+    load = [
+        ("concurrency", ("concurrency",)), ("bare output tok/s", ("bare", "output_throughput")),
+        ("guarded output tok/s", ("guarded", "output_throughput")), ("guarded / bare", ("throughput_ratio",)),
+        ("TTFT p50 bare ms", ("bare", "median_ttft_ms")), ("TTFT p50 guarded ms", ("guarded", "median_ttft_ms")),
+        ("failed bare", ("bare", "failed")), ("failed guarded", ("guarded", "failed")),
+    ]  # fmt: skip
+    out.append(columns(d.get("load") or [], load))
+    if isinstance(d.get("single"), dict):
+        single = [
+            ("requests", ("n",)), ("max tokens", ("max_tokens",)), ("bare p50 ms", ("bare_p50_ms",)),
+            ("guarded p50 ms", ("guarded_p50_ms",)), ("added p50 ms", ("added_p50_ms",)),
+            ("paired added p50 ms", ("added_paired_p50_ms",)),
+        ]  # fmt: skip
+        out.append(columns([d["single"]], single))
     return "\n".join(out)
 
 
-def threshold_recall(entry: dict, thresholds: list) -> list[Any]:
-    return [get(entry, "threshold_recall", str(t), "exact_match") for t in thresholds]
-
-
-def render_index(name: str, d: dict) -> str:
-    """benchmarks/index_scale.py: index kinds by size, the sweep, and what it recommends."""
-    meta = d.get("meta") or {}
-    thresholds = meta.get("thresholds") or [0.6, 0.7, 0.8]
-    out = [
-        f"Vectors: {fmt(meta.get('vectors'))}; {fmt(meta.get('batch'))} query vectors of dim {fmt(meta.get('dim'))} "
-        f"a search; {fmt(meta.get('machine'))}; FAISS threads {fmt(meta.get('faiss_threads'))}.\n"
-    ]
-    recall_head = [f"recall at t {t}" for t in thresholds]
-    rows = [
-        [
-            get(k, "concepts"),
-            get(k, "kind"),
-            get(k, "resolved"),
-            get(k, "build_s"),
-            mib(get(k, "index_bytes")),
-            get(k, "concept_scores_ms", "p50"),
-            get(k, "concept_scores_ms", "p99"),
-            get(k, "search_ms", "p50"),
-            get(k, "recall_at_10"),
-            *threshold_recall(k, thresholds),
-        ]
-        for k in d.get("kinds") or []
-    ]
-    out.append(
-        table(
-            [
-                "concepts",
-                "kind",
-                "resolved",
-                "build s",
-                "index MiB",
-                "concept_scores p50 ms",
-                "p99 ms",
-                "search p50 ms",
-                "recall@10",
-                *recall_head,
-            ],
-            rows,
-        )
-    )
-    sweep = d.get("sweep") or []
-    if sweep:
-        rows = [
-            [
-                get(s, "variant"),
-                fmt(get(s, "params")),
-                get(s, "concepts"),
-                get(s, "build_s"),
-                get(s, "concept_scores_ms", "p50"),
-                get(s, "concept_scores_ms", "p99"),
-                *threshold_recall(s, thresholds),
-            ]
-            for s in sweep
-        ]
-        out.append("Sweep at the largest size:\n")
-        out.append(table(["variant", "params", "concepts", "build s", "p50 ms", "p99 ms", *recall_head], rows))
-    rec = d.get("recommendation") or {}
-    rows = [
-        [
-            key,
-            get(r, "variant"),
-            fmt(get(r, "params")),
-            get(r, "concept_scores_p50_ms"),
-            get(r, "concept_scores_p99_ms"),
-            get(r, "meets_target"),
-            *threshold_recall(r, thresholds),
-        ]
-        for key, r in rec.items()
-        if isinstance(r, dict)
-    ]
-    if rows:
-        out.append(
-            table(["recommendation", "variant", "params", "p50 ms", "p99 ms", "meets target", *recall_head], rows)
-        )
-    return "\n".join(out)
+def recall_columns(thresholds: list) -> list[Column]:
+    """Share of the concepts above each threshold that the index finds exactly."""
+    return [(f"recall at t {t}", ("threshold_recall", str(t), "exact_match")) for t in thresholds]
 
 
 def mib(n: Any) -> float | None:
     return n / 2**20 if isinstance(n, (int, float)) else None
 
 
+def render_index(name: str, d: dict) -> str:
+    """benchmarks/index_scale.py: index kinds by size, the sweep, and what it recommends."""
+    meta = d.get("meta") or {}
+    recall = recall_columns(meta.get("thresholds") or [0.6, 0.7, 0.8])
+    out = [
+        f"Vectors: {fmt(meta.get('vectors'))}; {fmt(meta.get('batch'))} query vectors of dim {fmt(meta.get('dim'))} "
+        f"a search; {fmt(meta.get('machine'))}; FAISS threads {fmt(meta.get('faiss_threads'))}.\n"
+    ]
+    kinds = [
+        ("concepts", ("concepts",)), ("kind", ("kind",)), ("resolved", ("resolved",)), ("build s", ("build_s",)),
+        ("index MiB", lambda k: mib(get(k, "index_bytes"))), ("concept_scores p50 ms", ("concept_scores_ms", "p50")),
+        ("p99 ms", ("concept_scores_ms", "p99")), ("search p50 ms", ("search_ms", "p50")),
+        ("recall@10", ("recall_at_10",)), *recall,
+    ]  # fmt: skip
+    out.append(columns(d.get("kinds") or [], kinds))
+    if d.get("sweep"):
+        sweep = [
+            ("variant", ("variant",)), ("params", lambda s: fmt(get(s, "params"))), ("concepts", ("concepts",)),
+            ("build s", ("build_s",)), ("p50 ms", ("concept_scores_ms", "p50")),
+            ("p99 ms", ("concept_scores_ms", "p99")), *recall,
+        ]  # fmt: skip
+        out.append("Sweep at the largest size:\n")
+        out.append(columns(d["sweep"], sweep))
+    rec = [(key, r) for key, r in (d.get("recommendation") or {}).items() if isinstance(r, dict)]
+    if rec:
+        spec = [
+            ("recommendation", lambda kr: kr[0]), ("variant", (1, "variant")),
+            ("params", lambda kr: fmt(get(kr[1], "params"))), ("p50 ms", (1, "concept_scores_p50_ms")),
+            ("p99 ms", (1, "concept_scores_p99_ms")), ("meets target", (1, "meets_target")),
+            *((head, (1, *path)) for head, path in recall),
+        ]  # fmt: skip
+        out.append(columns([list(kr) for kr in rec], spec))
+    return "\n".join(out)
+
+
 def render_guard_detection(name: str, d: dict) -> str:
     """benchmarks/guard_detection.py: how well the guard's score separates the forgotten person's answers."""
-    out = [
-        table(
-            ["target", "measured", "met"],
-            [[get(t, "what"), get(t, "measured"), get(t, "met")] for t in d.get("targets") or []],
-        )
-    ]
+    out = [columns(d.get("targets") or [], [("target", ("what",)), ("measured", ("measured",)), ("met", ("met",))])]
+    spec = [
+        ("score", (0,)), ("probes", (1,)), ("AUROC", (2, "auroc")), ("flagged, forgotten", (2, "flagged", "forget")),
+        ("flagged, others", (2, "flagged", "others")), ("mean, forgotten", (2, "mean", "forget")),
+        ("mean, others", (2, "mean", "others")),
+        ("n forgotten / others", lambda r: slash(get(r, 2, "n", "forget"), get(r, 2, "n", "others"))),
+    ]  # fmt: skip
     for export in ("before", "after"):
         part = d.get(export)
         if not isinstance(part, dict):
             continue
         out.append(f"**{export} unlearning** (threshold {fmt(part.get('threshold'))}):\n")
-        rows = []
-        for score, by_kind in (part.get("summary") or {}).items():
-            for kind, s in (by_kind or {}).items():
-                if not isinstance(s, dict) or not ("auroc" in s or "flagged" in s):
-                    continue  # a breakdown of another shape (by answer, by row): in the JSON only
-                rows.append(
-                    [
-                        score,
-                        kind,
-                        get(s, "auroc"),
-                        get(s, "flagged", "forget"),
-                        get(s, "flagged", "others"),
-                        get(s, "mean", "forget"),
-                        get(s, "mean", "others"),
-                        slash(get(s, "n", "forget"), get(s, "n", "others")),
-                    ]
-                )
-        out.append(
-            table(
-                [
-                    "score",
-                    "probes",
-                    "AUROC",
-                    "flagged, forgotten",
-                    "flagged, others",
-                    "mean, forgotten",
-                    "mean, others",
-                    "n forgotten / others",
-                ],
-                rows,
-            )
-        )
+        rows = [
+            [score, kind, s]
+            for score, kinds in (part.get("summary") or {}).items()
+            for kind, s in (kinds or {}).items()
+            # breakdowns of another shape (by answer, by row) stay in the JSON
+            if isinstance(s, dict) and ("auroc" in s or "flagged" in s)
+        ]
+        out.append(columns(rows, spec))
     return "\n".join(out)
 
 
 def render_unlearning(name: str, d: dict) -> str:
     """benchmarks/unlearning.py: ATU and the baselines at three strengths each."""
-    out = []
-    before = d.get("before") or {}
-    rows = []
-    for people, b in sorted(before.items()):
-        rows.append(
-            [
-                people,
-                "before",
-                "-",
-                "-",
-                "",
-                slash(*(get(b, "forget", k) for k in KINDS)),
-                mean(get(b, "neighbour", k) for k in KINDS),
-                slash(*(get(b, "retain", k) for k in KINDS)),
-                get(b, "retain_perplexity"),
-                get(b, "leakage_auroc"),
-                get(b, "mia_auroc"),
-                None,
-            ]
-        )
-    for r in d.get("rows") or []:
-        e = r.get("eval") or {}
-        rows.append(
-            [
-                get(r, "people"),
-                get(r, "method"),
-                get(r, "strength"),
-                get(r, "steps"),
-                get(r, "chosen"),
-                slash(*(get(e, "forget", k) for k in KINDS)),
-                mean(get(e, "neighbour", k) for k in KINDS),
-                slash(*(get(e, "retain", k) for k in KINDS)),
-                get(e, "retain_perplexity"),
-                get(e, "leakage_auroc"),
-                get(e, "mia_auroc"),
-                get(r, "seconds"),
-            ]
-        )
-    out.append(
-        table(
-            [
-                "people",
-                "method",
-                "strength",
-                "steps",
-                "chosen",
-                "forget d / p / a",
-                "neighbour mean",
-                "retain d / p / a",
-                "retain perplexity",
-                "leakage AUROC",
-                "MIA AUROC",
-                "s",
-            ],
-            rows,
-        )
-    )
-    claims = [[get(c, "people"), get(c, "holds"), get(c, "why")] for c in d.get("claims") or []]
-    if claims:
+    before = [{"people": people, "method": "before", "strength": "-", "steps": "-", "chosen": "", "eval": b}
+              for people, b in sorted((d.get("before") or {}).items())]  # fmt: skip
+    spec = [
+        ("people", ("people",)), ("method", ("method",)), ("strength", ("strength",)), ("steps", ("steps",)),
+        ("chosen", ("chosen",)), ("forget d / p / a", by_kind("eval", "forget")),
+        ("neighbour mean", lambda r: mean(get(r, "eval", "neighbour", k) for k in KINDS)),
+        ("retain d / p / a", by_kind("eval", "retain")), ("retain perplexity", ("eval", "retain_perplexity")),
+        ("leakage AUROC", ("eval", "leakage_auroc")), ("MIA AUROC", ("eval", "mia_auroc")), ("s", ("seconds",)),
+    ]  # fmt: skip
+    out = [columns(before + [r for r in d.get("rows") or [] if isinstance(r, dict)], spec)]
+    if d.get("claims"):
         out.append("The claim (ATU forgets at least as much as GA / NPO at an equal retain score):\n")
-        out.append(table(["people", "holds", "why"], claims))
+        out.append(columns(d["claims"], [("people", ("people",)), ("holds", ("holds",)), ("why", ("why",))]))
     return "\n".join(out)
 
 
 def render_robustness(name: str, d: dict) -> str:
     """benchmarks/robustness.py: each method under quantization and relearning, with the guard beside it."""
     out = [f"Plan: {fmt(d.get('plan'))}.\n"]
+    precision = [
+        ("method", (0,)), ("precision", (1,)), ("forget ratio", (2, "forget_ratio")),
+        ("retain ratio", (2, "retain_ratio")), ("guard catch (own states)", (2, "guard", "own", "catch_rate")),
+        ("false flags (own)", (2, "guard", "own", "false_flag_rate")),
+        ("catch (attacked states)", (2, "guard", "attacked", "catch_rate")),
+        ("false flags (attacked)", (2, "guard", "attacked", "false_flag_rate")),
+        ("leaking answers", (2, "guard", "own", "leaks")),
+    ]  # fmt: skip
+    collapse = [
+        ("method", (0,)), ("precision", (1,)),
+        ("layers collapsed", lambda r: f"{fmt(get(r, 2, 'layers_collapsed'))} of {fmt(get(r, 2, 'layers_updated'))}"),
+        ("share of updated weights that change code", (2, "flipped")),
+    ]  # fmt: skip
+    relearn = [
+        ("method", (0,)), ("relearning steps", (1,)), ("recovery, facts given", (2, "recovery", "given")),
+        ("recovery, held out", (2, "recovery", "held_out")),
+        ("recovery, other forgotten", (2, "recovery", "other_forgotten")),
+    ]  # fmt: skip
     for g in d.get("groups") or []:
-        people = get(g, "people")
-        out.append(f"**{fmt(people)} forgotten** ({fmt(get(g, 'forget'))}, seed {fmt(get(g, 'seed'))}):\n")
-        rows, collapse, relearn = [], [], []
-        for method, m in (g.get("methods") or {}).items():
-            for precision, p in (get(m, "precisions") or {}).items():
-                rows.append(
-                    [
-                        method,
-                        precision,
-                        get(p, "forget_ratio"),
-                        get(p, "retain_ratio"),
-                        get(p, "guard", "own", "catch_rate"),
-                        get(p, "guard", "own", "false_flag_rate"),
-                        get(p, "guard", "attacked", "catch_rate"),
-                        get(p, "guard", "attacked", "false_flag_rate"),
-                        get(p, "guard", "own", "leaks"),
-                    ]
-                )
-            for precision, c in (get(m, "collapse") or {}).items():
-                collapse.append(
-                    [
-                        method,
-                        precision,
-                        f"{fmt(get(c, 'layers_collapsed'))} of {fmt(get(c, 'layers_updated'))}",
-                        get(c, "flipped"),
-                    ]
-                )
-            for steps, r in (get(m, "relearn") or {}).items():
-                if get(r, "recovery") is None:
-                    continue
-                relearn.append(
-                    [
-                        method,
-                        steps,
-                        get(r, "recovery", "given"),
-                        get(r, "recovery", "held_out"),
-                        get(r, "recovery", "other_forgotten"),
-                    ]
-                )
-        out.append(
-            table(
-                [
-                    "method",
-                    "precision",
-                    "forget ratio",
-                    "retain ratio",
-                    "guard catch (own states)",
-                    "false flags (own)",
-                    "catch (attacked states)",
-                    "false flags (attacked)",
-                    "leaking answers",
-                ],
-                rows,
-            )
-        )
-        out.append(
-            table(["method", "precision", "layers collapsed", "share of updated weights that change code"], collapse)
-        )
-        out.append(
-            table(
-                [
-                    "method",
-                    "relearning steps",
-                    "recovery, facts given",
-                    "recovery, held out",
-                    "recovery, other forgotten",
-                ],
-                relearn,
-            )
-        )
+        out.append(f"**{fmt(get(g, 'people'))} forgotten** ({fmt(get(g, 'forget'))}, seed {fmt(get(g, 'seed'))}):\n")
+        methods = (get(g, "methods") or {}).items()
+
+        def items(key: str, methods=methods) -> list[list[Any]]:
+            return [[m, k, v] for m, per in methods for k, v in (get(per, key) or {}).items()]
+
+        out.append(columns(items("precisions"), precision))
+        out.append(columns(items("collapse"), collapse))
+        out.append(columns([r for r in items("relearn") if get(r, 2, "recovery") is not None], relearn))
     return "\n".join(out)
 
 
 def render_train_speed(files: list[tuple[str, dict]]) -> str:
     """benchmarks/train_speed.py: one row per file."""
-    rows = [
-        [
-            name,
-            get(d, "device"),
-            get(d, "dtype"),
-            get(d, "model", "kind"),
-            get(d, "model", "layers"),
-            get(d, "model", "hidden"),
-            get(d, "model", "parameters"),
-            get(d, "hook_layer"),
-            get(d, "align_epoch_speedup"),
-            get(d, "unlearn_step_speedup"),
-            slash(get(d, "unlearn_step_seconds", "ours"), get(d, "unlearn_step_seconds", "reference")),
-            slash(get(d, "peak_gpu_memory_gib", "ours"), get(d, "peak_gpu_memory_gib", "reference")),
-            get(d, "torch"),
-        ]
-        for name, d in files
-    ]
-    return table(
-        [
-            "file",
-            "device",
-            "dtype",
-            "model",
-            "layers",
-            "width",
-            "parameters",
-            "hook layer",
-            "alignment epoch speed-up",
-            "unlearning step speed-up",
-            "step s ours / reference",
-            "peak GPU GiB ours / reference",
-            "torch",
-        ],
-        rows,
-    )
+    spec = [
+        ("file", (0,)), ("device", (1, "device")), ("dtype", (1, "dtype")), ("model", (1, "model", "kind")),
+        ("layers", (1, "model", "layers")), ("width", (1, "model", "hidden")),
+        ("parameters", (1, "model", "parameters")), ("hook layer", (1, "hook_layer")),
+        ("alignment epoch speed-up", (1, "align_epoch_speedup")),
+        ("unlearning step speed-up", (1, "unlearn_step_speedup")),
+        ("step s ours / reference", lambda f: slash(get(f, 1, "unlearn_step_seconds", "ours"),
+                                                     get(f, 1, "unlearn_step_seconds", "reference"))),
+        ("peak GPU GiB ours / reference", lambda f: slash(get(f, 1, "peak_gpu_memory_gib", "ours"),
+                                                           get(f, 1, "peak_gpu_memory_gib", "reference"))),
+        ("torch", (1, "torch")),
+    ]  # fmt: skip
+    return columns([list(f) for f in files], spec)
 
 
 def render_unknown(name: str, d: Any) -> str:
