@@ -126,42 +126,18 @@ class RunConfig:
 
 def world_settings(n_forget: int) -> dict[str, Any]:
     """The embedded world's run settings (besides model, data.forget and out), as `configs/world.yaml` (one
-    concept) and `configs/world_three.yaml` (three) write them; `atu demo` runs these.
-
-    One concept: a retain term keeps the predictor's cosine to the concept on other texts within 0.1 of where it
-    was: without it, the push on a name lowers every other text's cosine too, since a name's embedding is close to
-    every other name's.
-
-    More than one concept: a retain term keeps the other people's hook-layer states where they were, the retain
-    budget is measured on the retained people's own texts (the held-out phrasings stopped three-person runs early),
-    and every stage takes 20 more steps per extra concept (three people: 80): 40 a stage cost the retained people
-    too much, and 40 per person forgot no more in more time. The runs behind each choice: docs/experiments.md.
-    """
+    concept) and `configs/world_three.yaml` (three) write them; `atu demo` runs these. The unlearning settings are
+    the library's defaults (placed schedule, name+contrast targets, retain term), the same for any number of
+    concepts: the schedule scales its steps with the forget texts."""
     if n_forget < 1:
         raise ConfigError(f"forget at least one concept, got {n_forget}")
-    unlearn: dict[str, Any] = {
-        "taus": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
-        "steps_per_stage": 40 + 20 * (n_forget - 1),
-        "optimizer": "sgd",
-        "lr": 0.3,
-        "grad_clip": 1.0,
-        "method": "full",
-        "target": "name",
-        "retain_budget": 0.10,
-    }
-    settings: dict[str, Any] = {
+    return {
         "encoder": DEFAULT_ENCODER,
         "align": {"hook_layer": 3, "window": 8, "epochs": 20, "realign_epochs": 5},
-        "unlearn": unlearn,
+        "unlearn": {},
         "guard_target": "centroid",
         "device": "auto",
     }
-    if n_forget == 1:
-        unlearn.update(retain_similarity_weight=1.0, retain_similarity_margin=0.1)
-    else:
-        unlearn.update(retain_weight=1.0, retain_loss="hidden")
-        settings["stop_signal"] = "retain_corpus"
-    return settings
 
 
 def demo_settings(n_forget: int, tiny: bool = False) -> dict[str, Any]:

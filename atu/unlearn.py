@@ -74,7 +74,10 @@ class UnlearnConfig:
     # contrast (that centroid minus the mean window), or several joined by "+" (one target row each): the name
     # alone misses facts that sit far from it; facts alone leave the name to be recalled from a description.
     target: str = "name+contrast"
-    retain_weight: float = 0.0  # weight of a retain term added to each step (0: off, the paper)
+    # Weight of a retain term added to each step (0: off, the paper's hinge alone). 1 puts the hinge and the retain
+    # states' relative drift in the same units. Without it, a push on one concept's texts moves what the model says
+    # about the people it keeps while held-out perplexity, the budget's signal, can even fall.
+    retain_weight: float = 1.0
     retain_loss: str = "hidden"  # hidden: keep layer-L states of retain texts where they were; lm: their LM loss
     # Weight of a second retain term (0: off): keep the stage's predictor's similarity to each concept on retain
     # texts where the aligned predictor put it on the original model, so that the push away from the concept stays

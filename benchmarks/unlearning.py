@@ -6,11 +6,11 @@ and the texts naming them, as ATU's `data.mentions`; gd's retain texts: all the 
 (decoder layers 0..L-1 fully trained, L = ATU's hook layer) and the same number of optimizer steps.
 
 Strengths come from one training run per method, scored part way:
-- ATU: the schedule cut after the stage at each tau of `Plan.atu_taus`. A schedule that stops after that stage is
-  the same computation (the stages run in order, each from the model the previous one left), so one run gives every
-  cut; the last is the chosen setting.
-- Baselines: the model after the same number of optimizer steps as ATU at each cut (stage k ends after
-  (k + 1) x steps_per_stage steps), at the Adam learning rate(s) of `Plan.baseline_lrs`.
+- ATU: the schedule scored after every stage it kept. A schedule that stops after that stage is the same
+  computation (the stages run in order, each from the model the previous one left), so one run gives every cut;
+  the last stage kept is the chosen setting.
+- Baselines: the model after the same number of optimizer steps as ATU at `Plan.baseline_cuts` of those cuts,
+  evenly spread and always the last, at the Adam learning rate(s) of `Plan.baseline_lrs`.
 Every model is scored by `atu.evaluate.evaluate_model` on the inputs `atu run` uses. Leakage AUROC needs ATU's
 predictor, so the baselines report none. Seconds: the wall time to reach that strength (loading, training and, for
 ATU, the evaluation before and the alignment), scoring excluded.
@@ -65,23 +65,24 @@ class Plan:
 
     tiny: bool  # the tiny world (--quick) or the default one
     people: tuple[int, ...]  # forget the first n people of concepts.yaml, for each n
-    atu_taus: tuple[float, ...]  # ATU strengths: its schedule cut after the stage at each of these taus
     baseline_lrs: dict[str, tuple[float, ...]]  # per baseline, its Adam learning rates (one run each)
+    baseline_cuts: int = 3  # ATU cuts whose step counts the baselines are scored at (evenly spread, the last kept)
 
     def world(self) -> WorldConfig:
         return WorldConfig.tiny() if self.tiny else WorldConfig()
 
     def atu_config(self, forget: list[str], out: str, device: str) -> RunConfig:
         raw = {**demo_settings(len(forget), self.tiny), "data": {"forget": forget}, "out": out, "device": device}
-        cfg = RunConfig.from_dict(raw, "benchmark config")
-        missing = [t for t in self.atu_taus if t not in cfg.unlearn.taus]
-        if missing:
-            raise ValueError(f"atu_taus {missing} are not stages of ATU's schedule {cfg.unlearn.taus}")
-        return cfg
+        return RunConfig.from_dict(raw, "benchmark config")
 
-    def cut_steps(self, cfg: RunConfig) -> dict[float, int]:
-        """Optimizer steps ATU has taken at the end of each cut stage: what the baselines get at that strength."""
-        return {t: (cfg.unlearn.taus.index(t) + 1) * cfg.unlearn.steps_per_stage for t in self.atu_taus}
+    def cut_steps(self, atu_steps: list[int]) -> list[int]:
+        """Of ATU's optimizer steps at the end of each stage it kept (rising), the ``baseline_cuts`` the baselines
+        are scored at: evenly spread, the last always among them."""
+        if not atu_steps:
+            return []
+        n = len(atu_steps)
+        picks = {round((n - 1) * (k + 1) / self.baseline_cuts) for k in range(self.baseline_cuts)}
+        return [atu_steps[i] for i in sorted(picks)]
 
 
 # Learning rates, measured with this script's scoring at hook layer 3 (forget recall direct/paraphrase/adversarial,
@@ -97,13 +98,10 @@ class Plan:
 FULL = Plan(
     tiny=False,
     people=(1, 3),
-    atu_taus=(0.6, 0.5, 0.4),
     baseline_lrs={"ga": (1e-5,), "gd": (1e-4,), "npo": (1e-5,)},
 )
 # --quick: two people of the tiny world's four, not three, so that held-out texts of a retained person remain.
-QUICK = Plan(
-    tiny=True, people=(1, 2), atu_taus=(0.5, 0.4), baseline_lrs={"ga": (3e-5,), "gd": (1e-4,), "npo": (3e-4,)}
-)
+QUICK = Plan(tiny=True, people=(1, 2), baseline_lrs={"ga": (3e-5,), "gd": (1e-4,), "npo": (3e-4,)}, baseline_cuts=2)
 
 
 # ------------------------------------------------------------------------------------------- one run each
@@ -146,30 +144,30 @@ def atu_rows(plan: Plan, data: RunData, tokenizer, device: str) -> tuple[list[di
     rows: list[dict] = []
     clock = _Clock()
 
+    steps = [0]
+
     def on_stage(record, *, model, predictor, concept_vectors, hook_layer) -> None:
-        if record["tau"] not in plan.atu_taus:
-            return
+        steps[0] += record["steps"]
         seconds = clock.training()
         ev = clock.score(_evaluate, model, tokenizer, data, guard=(predictor, hook_layer, concept_vectors))
-        rows.append({"tau": record["tau"], "seconds": round(seconds, 1), "eval": ev})
+        rows.append({"stage": record["stage"], "tau": record["tau"], "steps": steps[0], "seconds": round(seconds, 1),
+                     "eval": ev})  # fmt: skip
 
     # A fresh run directory: `run` resumes from a checkpoint it finds there.
     with tempfile.TemporaryDirectory(prefix="atu_bench_") as out:
         cfg = plan.atu_config(forget, out, device)
         summary = run_atu(cfg, progress=False, export=False, on_stage=on_stage)
-    steps = plan.cut_steps(cfg)
-    taus = cfg.unlearn.taus
     out_rows = [
         {
             "method": "atu",
-            "strength": f"taus {taus[0]}..{r['tau']}",
+            "strength": f"stage {r['stage']} (tau {r['tau']:.2f})",
             "people": len(forget),
-            "steps": steps[r["tau"]],
+            "steps": r["steps"],
             "seconds": r["seconds"],
-            "chosen": r["tau"] == taus[-1],
+            "chosen": i == len(rows) - 1,
             "eval": r["eval"],
         }
-        for r in rows
+        for i, r in enumerate(rows)
     ]
     run_info = {
         "method": "atu",
@@ -186,11 +184,11 @@ def atu_rows(plan: Plan, data: RunData, tokenizer, device: str) -> tuple[list[di
 
 
 def baseline_rows(
-    built: BuiltWorld, data: RunData, method: str, lr: float, hook_layer: int, steps: dict[float, int], device: str
+    built: BuiltWorld, data: RunData, method: str, lr: float, hook_layer: int, steps: list[int], device: str
 ) -> tuple[list[dict], dict]:
     """One baseline run for max(steps) steps, scored after each step count in ``steps``: (rows, run info)."""
-    cfg = BaselineConfig(method=method, hook_layer=hook_layer, steps=max(steps.values()), lr=lr)
-    at = set(steps.values())
+    cfg = BaselineConfig(method=method, hook_layer=hook_layer, steps=max(steps), lr=lr)
+    at = set(steps)
     rows: list[dict] = []
     clock = _Clock()
     model, tokenizer = load_lm(built.model_dir, device=device)
@@ -463,9 +461,10 @@ def main(argv=None) -> dict:
         result["rows"] += rows
         result["runs"].append(info)
         print(f"  atu  {info['seconds']:6.1f} s  {info['stop_reason']}", flush=True)
-        steps = plan.cut_steps(RunConfig.from_dict(info["config"]))
-        # A cut ATU never reached (its retain budget stopped the schedule) still gets its baseline points.
-        for method, lrs in plan.baseline_lrs.items():
+        steps = plan.cut_steps([r["steps"] for r in rows])
+        if not steps:
+            print("  ATU kept no stage: no step counts to give the baselines", flush=True)
+        for method, lrs in (plan.baseline_lrs if steps else {}).items():
             for lr in lrs:
                 rows, info = baseline_rows(built, data, method, lr, hook_layer, steps, device)
                 result["rows"] += rows

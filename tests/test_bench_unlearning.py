@@ -3,8 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import unlearning as bench  # noqa: E402
 
@@ -45,10 +43,8 @@ def test_claim_is_untested_without_a_chosen_atu_row_or_a_comparable_point():
     assert got["holds"] is None and "no ga or npo point" in got["why"]
 
 
-def test_cut_steps_match_the_schedule_and_unknown_taus_are_refused():
-    cfg = bench.FULL.atu_config(["X"], "out", "cpu")
-    per = cfg.unlearn.steps_per_stage
-    assert bench.FULL.cut_steps(cfg) == {0.6: 4 * per, 0.5: 5 * per, 0.4: 6 * per}
-    bad = bench.Plan(tiny=False, people=(1,), atu_taus=(0.45,), baseline_lrs={})
-    with pytest.raises(ValueError, match="not stages"):
-        bad.atu_config(["X"], "out", "cpu")
+def test_baselines_get_evenly_spread_atu_step_counts_and_always_the_last():
+    assert bench.FULL.atu_config(["X"], "out", "cpu").unlearn.taus is None  # the demo's placed schedule
+    assert bench.FULL.cut_steps([40, 80, 120, 160, 200, 240]) == [120, 160, 240]
+    assert bench.FULL.cut_steps([40, 80]) == [40, 80]
+    assert bench.FULL.cut_steps([40]) == [40] and bench.FULL.cut_steps([]) == []

@@ -161,13 +161,13 @@ def test_retain_set_reference_is_the_model_before_training(tiny_lm, tiny_world, 
         fake = {"retain_loss": torch.tensor(0.5), "retain_similarity_loss": torch.tensor(0.25)}
         assert weighted_retain(fake, cfg).item() == pytest.approx(1.0)
     assert build_retain_set([], tok, 128, cfg, model, 1) is None
-    bare = build_retain_set(texts, tok, 128, UnlearnConfig(), model, 1)
+    bare = build_retain_set(texts, tok, 128, UnlearnConfig(retain_weight=0.0), model, 1)
     assert bare.reference is None and bare.similarity is None  # weights 0: no references taken
     with pytest.raises(ValueError, match="predictor and the concept vectors"):
         build_retain_set(texts, tok, 128, UnlearnConfig(retain_similarity_weight=1.0), model, 1)
     with pytest.raises(ConfigError, match="retain_loss"):
         UnlearnConfig(retain_loss="kl")
-    with pytest.raises(ConfigError, match="must be a number >= 0, got 0.0, -1.0, 0.0"):
+    with pytest.raises(ConfigError, match="must be a number >= 0, got 1.0, -1.0, 0.0"):
         UnlearnConfig(retain_similarity_weight=-1.0)
 
 
@@ -183,7 +183,9 @@ def test_similarity_retain_term_keeps_retain_similarity_closer(tiny_lm, tiny_wor
     shift, forget_drop = {}, {}
     for weight in (0.0, 10.0):
         model, predictor, vectors, params, batches = _stage_inputs(tiny_lm, tiny_world, encoder)
-        cfg = UnlearnConfig(taus=[-1.0], steps_per_stage=10, lr=0.3, retain_similarity_weight=weight, log_every=9)
+        cfg = UnlearnConfig(
+            taus=[-1.0], steps_per_stage=10, lr=0.3, retain_weight=0.0, retain_similarity_weight=weight, log_every=9
+        )
         _, tok = tiny_lm
         rs = build_retain_set(
             retain_texts, tok, 128, UnlearnConfig(retain_similarity_weight=1.0), model, 1, predictor, vectors
