@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,11 +24,12 @@ import sqlite3
 import threading
 import time as _time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from atu.errors import AtuError, FormatError
+from serve.audit_record import AuditRecord, iso_time, sha256_text
 
 logger = logging.getLogger(__name__)
 
@@ -82,114 +82,11 @@ class AuditClosedError(AuditError):
     """``append`` was called after ``close``."""
 
 
-def sha256_text(text: str | None) -> str | None:
-    """Hex SHA-256 of the UTF-8 text, or None for None."""
-    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _iso(unix: float) -> str:
-    return datetime.fromtimestamp(unix, tz=timezone.utc).isoformat(timespec="microseconds")
-
-
 def _strip_text(obj: Any) -> Any:
     """A copy of a JSON-like value without the text-bearing keys, at any depth."""
     if isinstance(obj, dict):
         return {k: _strip_text(v) if isinstance(v, (dict, list)) else v for k, v in obj.items() if k not in _TEXT_KEYS}
     return [_strip_text(v) if isinstance(v, (dict, list)) else v for v in obj]
-
-
-def _flagged_spans(scores: dict) -> list[dict]:
-    """Spans of the flagged concepts' excerpts, from a LeakageReport dict (parts "prompt" and "completion")."""
-    spans = []
-    for part in ("prompt", "completion"):
-        for s in scores.get(part) or []:
-            if isinstance(s, dict) and s.get("flagged") and s.get("span") is not None:
-                start, end = s["span"]
-                spans.append({"concept": s.get("concept"), "part": part, "start": int(start), "end": int(end)})
-    return spans
-
-
-@dataclasses.dataclass
-class AuditRecord:
-    """One scored exchange. ``prompt``/``completion`` are the raw texts; the log stores them only if asked to.
-
-    ``scores`` is ``LeakageReport.to_dict()``; ``spans`` are the flagged excerpts' ``[start, end)`` character
-    offsets in their part's text. ``time`` is a unix timestamp (filled in at append when None); ``id`` is set
-    by the log.
-    """
-
-    request_id: str
-    endpoint: str = ""
-    model: str = ""
-    policy: str = ""
-    action: str = "passed"
-    stream: bool = False
-    flagged: list[str] = dataclasses.field(default_factory=list)
-    scores: dict = dataclasses.field(default_factory=dict)
-    max_score: float | None = None
-    prompt_sha256: str | None = None
-    completion_sha256: str | None = None
-    spans: list[dict] = dataclasses.field(default_factory=list)
-    upstream_ms: float | None = None
-    scoring_ms: float | None = None
-    prompt: str | None = None
-    completion: str | None = None
-    time: float | None = None
-    id: int | None = None
-    client_request_id: str | None = None
-
-    @classmethod
-    def from_exchange(
-        cls, *, request_id: str, endpoint: str, model: str, policy: str, action: str, prompt: str | None,
-        completion: str | None, report: Any = None, stream: bool = False, upstream_ms: float | None = None,
-        scoring_ms: float | None = None, time: float | None = None, client_request_id: str | None = None,
-    ) -> AuditRecord:  # fmt: skip
-        """Build a record from the texts and a LeakageReport (or its dict, or None when scoring failed)."""
-        scores = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
-        return cls(
-            request_id=request_id, endpoint=endpoint, model=model, policy=policy, action=action, stream=stream,
-            flagged=list(scores.get("flagged") or []), scores=scores, max_score=scores.get("max_score"),
-            prompt_sha256=sha256_text(prompt), completion_sha256=sha256_text(completion),
-            spans=_flagged_spans(scores), upstream_ms=upstream_ms, scoring_ms=scoring_ms,
-            prompt=prompt, completion=completion, time=time, client_request_id=client_request_id,
-        )  # fmt: skip
-
-    @property
-    def has_text(self) -> bool:
-        """Whether the completion text is available (so the record can be re-scored)."""
-        return self.completion is not None
-
-    def to_dict(self) -> dict:
-        """JSON-safe dict; also the line shape of a JSONL audit file."""
-        out = dataclasses.asdict(self)
-        out["time_iso"] = None if self.time is None else _iso(self.time)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "record") -> AuditRecord:
-        """A record from a JSONL line: the full record shape or a traffic line {prompt, completion, ...}."""
-        if not isinstance(data, dict):
-            raise FormatError(f"{where}: expected a JSON object, got {type(data).__name__}.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in data.items() if k in fields}
-        kw.setdefault("request_id", "" if data.get("id") is None else str(data["id"]))
-        for key in ("prompt", "completion"):
-            if kw.get(key) is not None and not isinstance(kw[key], str):
-                raise FormatError(f"{where}: {key!r} must be a string, got {type(kw[key]).__name__}.")
-        if kw.get("completion") is None and not kw.get("completion_sha256") and not kw.get("scores"):
-            raise FormatError(f"{where}: no 'completion' text, hash or scores; a traffic line needs 'completion'.")
-        t = kw.get("time")
-        if isinstance(t, str):
-            try:
-                kw["time"] = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                raise FormatError(f"{where}: 'time' {t!r} is neither a unix number nor an ISO date.") from None
-        elif t is not None and not isinstance(t, (int, float)):
-            raise FormatError(f"{where}: 'time' must be a unix number or an ISO string, got {t!r}.")
-        rec = cls(**kw)
-        rec.prompt_sha256 = rec.prompt_sha256 or sha256_text(rec.prompt)
-        rec.completion_sha256 = rec.completion_sha256 or sha256_text(rec.completion)
-        return rec
 
 
 def _check_file(path: Path) -> None:
@@ -228,7 +125,7 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
         for stmt in filter(str.strip, _SCHEMA.split(";")):
             conn.execute(stmt)
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (_iso(_time.time()),))
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (iso_time(_time.time()),))
         conn.execute("COMMIT")
         return
     if "meta" not in tables or "records" not in tables:
@@ -342,7 +239,7 @@ class AuditLog:
         scores = rec.scores if self.store_text else _strip_text(dict(rec.scores))
         keep = self.store_text
         return (
-            _iso(t), t, rec.request_id, rec.endpoint, rec.model, rec.policy, rec.action, int(bool(rec.stream)),
+            iso_time(t), t, rec.request_id, rec.endpoint, rec.model, rec.policy, rec.action, int(bool(rec.stream)),
             json.dumps(list(rec.flagged)), json.dumps(scores, allow_nan=False), rec.max_score,
             rec.prompt_sha256 or sha256_text(rec.prompt), rec.completion_sha256 or sha256_text(rec.completion),
             json.dumps(rec.spans), rec.upstream_ms, rec.scoring_ms,
