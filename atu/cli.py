@@ -511,11 +511,10 @@ def serve_cmd(
     Everything after `--` goes to the vLLM started here unchanged, after atu's own arguments, so it may override
     them: `atu serve EXPORT -- --tensor-parallel-size 2 --max-model-len 8192 --quantization fp8`."""
     from atu import envs
-    from atu.export import load_export
     from serve.launch import ServeOptions, check_port_free, make_guard, run_forever, upstream_servers
     from serve.settings import GuardSettings
 
-    load_export(export_dir)  # refuse a tampered or incomplete export before starting anything
+    # A tampered or incomplete export is refused by upstream_servers before vLLM reads it, and by the scorer.
     check_port_free(host, port)
     opts = ServeOptions(
         export_dir=export_dir,
