@@ -96,16 +96,26 @@ class Upstream:
 
     async def events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[list[tuple[bytes, dict | str]]]:
         """Per upstream read, the (raw event bytes, JSON object or ``DONE``) it completed; comments and keep-alives
-        are skipped. Events that arrive together are yielded together, so the relay writes once per read."""
+        are skipped. Events that arrive together are yielded together, so the relay writes once per read; the events
+        before a malformed one are yielded before it raises, however the reads split them."""
         buf = b""
         try:
             async for chunk in resp.content.iter_any():
                 buf += chunk
                 *complete, buf = buf.split(b"\n\n")
-                batch = [(event + b"\n\n", self.parse_event(event)) for event in complete]
-                batch = [(event, data) for event, data in batch if data is not None]
+                batch, error = [], None
+                for event in complete:
+                    try:
+                        data = self.parse_event(event)
+                    except UpstreamError as e:
+                        error = e
+                        break
+                    if data is not None:
+                        batch.append((event + b"\n\n", data))
                 if batch:
                     yield batch
+                if error is not None:
+                    raise error
         except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
             raise self.failure(e, "stream") from None
 

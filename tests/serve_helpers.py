@@ -63,8 +63,7 @@ class Relay:
         try:
             while data := await reader.read(65536):
                 if delayed and self.delay:
-                    await asyncio.sleep(self.delay)
-                writer.write(data)
+                    writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -98,7 +97,7 @@ class FakeOpenAI:
     (streamed as server-sent events, or whole) with ``self.chunks`` joined, ``/v1/models`` with ``model`` and
     ``/health``. Switches: ``status`` (answer every generation with that status and an OpenAI error body),
     ``malformed_after`` (send a malformed event after that many chunks), ``cut_after`` (close the connection after
-    that many chunks), ``delay`` (seconds between chunks). ``requests`` keeps the bodies it received."""
+    that many chunks). ``requests`` keeps the bodies it received."""
 
     def __init__(self, chunks: list[str], model: str = "m") -> None:
         from aiohttp import web
@@ -107,7 +106,6 @@ class FakeOpenAI:
         self.status = 200
         self.malformed_after: int | None = None
         self.cut_after: int | None = None
-        self.delay = 0.0
         self.requests: list[dict] = []
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
@@ -161,7 +159,6 @@ class FakeOpenAI:
         await out.prepare(request)
         kind = "chat.completion.chunk" if chat else "text_completion"
         for i, text in enumerate(self.chunks):
-            await asyncio.sleep(self.delay)
             if i == self.malformed_after:
                 await out.write(b"data: {not json\n\n")
             if i == self.cut_after:

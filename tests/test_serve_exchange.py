@@ -79,6 +79,8 @@ def test_monitor_passes_a_clean_answer(upstream, tmp_path):
         status, _, out = ask(base)
     assert status == 200 and out["leakage"]["action"] == "passed" and out["choices"][0]["text"] == "".join(CLEAN)
     assert actions(path) == ["passed"]
+    (sent,) = upstream.requests  # forwarded as asked: no capture backend, so not marked for it
+    assert sent["prompt"] == "Tell me a story." and "vllm_xargs" not in sent and "return_token_ids" not in sent
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -183,7 +185,7 @@ def test_malformed_event_before_anything_was_sent_is_a_502(upstream, tmp_path):
 
 
 def test_malformed_event_mid_stream_ends_it_with_an_error_event(upstream, tmp_path):
-    upstream.malformed_after, upstream.delay = 3, 0.05  # the first events arrive (and are relayed) on their own
+    upstream.malformed_after = 3
     with guard(upstream, tmp_path) as (base, path):  # monitor: the first events were relayed already
         status, _, text = ask(base, stream=True)
     events = sse_events(text)
