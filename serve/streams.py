@@ -23,7 +23,7 @@ from aiohttp import web
 
 from serve import policy as pol
 from serve.exchange import Exchange
-from serve.responses import CLIENT_REQUEST_ID, UpstreamError, error_response
+from serve.responses import CLIENT_REQUEST_ID, UpstreamError, error_body
 from serve.scoring import Capture
 from serve.upstream import DONE
 from serve.validate import ParsedRequest
@@ -122,10 +122,9 @@ async def _relay(stream: Relay, raw: bytes) -> web.StreamResponse:
         except UpstreamError as e:
             await stream.record(pol.ERROR, str(e))
             if not stream.out.prepared:
-                return error_response(e.status, str(e), "upstream_error", ex.request_id)
-            error = {"error": {"message": str(e), "type": "upstream_error", "code": e.status}}
-            with contextlib.suppress(ClientGone):
-                await stream.send(pol.sse(error))
+                raise  # answered as every upstream failure is (serve.middleware)
+            with contextlib.suppress(ClientGone):  # too late for a status: the stream ends with an error event
+                await stream.send(pol.sse(error_body(e.status, str(e), "upstream_error")))
             return stream.out
 
 
