@@ -63,7 +63,8 @@ class Relay:
         try:
             while data := await reader.read(65536):
                 if delayed and self.delay:
-                    writer.write(data)
+                    await asyncio.sleep(self.delay)
+                writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
