@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -12,22 +11,9 @@ from pathlib import Path
 import click
 
 from atu import __version__
-from atu.errors import AtuError, ConfigError
+from atu.cli_errors import friendly
+from atu.errors import ConfigError
 from atu.formats import PROBE_KINDS
-
-
-def _friendly(fn):
-    """Turn a user-fixable error into one line on stderr and a non-zero exit, instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AtuError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -110,7 +96,7 @@ def _world_config(config: Path | None, tiny: bool, seed: int | None, people: int
     help="Also write a run config for this world (its model and files, answers as long as its longest answer).",
 )
 @click.option("--forget", multiple=True, help="With --run-config: a concept to forget (repeatable).")
-@_friendly
+@friendly
 def world_build(config, source, tiny, seed, people, force, run_eval, sets, run_config, forget) -> None:
     """Generate the world (or read yours), train its tokenizer and model, cache them, and print the cache path."""
     from atu.world.build import build_world
@@ -223,7 +209,7 @@ def _config_and_run_dir(fn):
     help=f"Exit with status {STRICT_EXIT} when a criterion (the config's eval section) is missed or none could be "
     "checked (no probes): a gate for pipelines.",
 )
-@_friendly
+@friendly
 def run_cmd(config: Path, out: Path | None, sets: tuple[str, ...], no_export: bool, strict: bool) -> None:
     """Align, unlearn, export and evaluate, as CONFIG (YAML) says. A killed run resumes from its last stage."""
     from atu.run import run
@@ -256,7 +242,7 @@ def _load_config(config: Path, out: Path | None, sets: tuple[str, ...] = ()):
 
 @main.command("align")
 @_config_and_run_dir
-@_friendly
+@friendly
 def align_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
     """Align the embedding predictor to the model (LM frozen); `atu unlearn` and `atu run` of CONFIG reuse it."""
     from atu.run import align
@@ -274,7 +260,7 @@ def align_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
 
 @main.command("unlearn")
 @_config_and_run_dir
-@_friendly
+@friendly
 def unlearn_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
     """Run the unlearning schedule of CONFIG (aligning first unless `atu align` did); no evaluation, no export."""
     from atu.run import unlearn
@@ -293,7 +279,7 @@ def unlearn_cmd(config: Path, out: Path | None, sets: tuple[str, ...]) -> None:
     "--to", "dest", type=click.Path(file_okay=False, path_type=Path), help="Export here (default: RUN/export)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing export at --to.")
-@_friendly
+@friendly
 def export_cmd(config: Path, out: Path | None, sets: tuple[str, ...], dest: Path | None, overwrite: bool) -> None:
     """Export what `atu unlearn CONFIG` left: the model for `vllm serve`, the predictor and the concept index."""
     from atu.run import export_unlearned
@@ -335,7 +321,7 @@ def _print_eval(ev: dict) -> None:
 @click.option("--forget", "forget", multiple=True, help="A forgotten concept (repeatable); default: the export's.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON here.")
 @click.option("--device", default="cpu", show_default=True)
-@_friendly
+@friendly
 def eval_cmd(target, world_kind, probes, concepts, corpus, heldout, unseen, forget, out, device) -> None:
     """Evaluate TARGET (a model id or path, or an export) on probes: forget/neighbour/retain recall and more."""
     from atu.eval_run import EvalData, evaluate_target, world_eval_data
@@ -355,7 +341,7 @@ def eval_cmd(target, world_kind, probes, concepts, corpus, heldout, unseen, forg
 
 @main.command("verify")
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_friendly
+@friendly
 def verify_cmd(export_dir: Path) -> None:
     """Check an export: every file's sha256 against the manifest, and the dimensions of model, predictor, index."""
     from atu.export import load_export
@@ -394,7 +380,7 @@ def _check_vllm(
     "--probes", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Questions (probes.jsonl)."
 )
 @click.option("-n", "count", default=5, show_default=True, help="How many questions to compare.")
-@_friendly
+@friendly
 def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
     """Serve EXPORT/model with a real vLLM server and compare greedy outputs with transformers."""
     rows = _check_vllm(export_dir, probes, count)
@@ -489,7 +475,7 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
     show_default=True,
     help="block: score a stream every N chunks (nothing unscored is sent).",
 )
-@_friendly
+@friendly
 def serve_cmd(
     export_dir,
     vllm_args,
@@ -525,11 +511,10 @@ def serve_cmd(
     Everything after `--` goes to the vLLM started here unchanged, after atu's own arguments, so it may override
     them: `atu serve EXPORT -- --tensor-parallel-size 2 --max-model-len 8192 --quantization fp8`."""
     from atu import envs
-    from atu.export import load_export
     from serve.launch import ServeOptions, check_port_free, make_guard, run_forever, upstream_servers
     from serve.settings import GuardSettings
 
-    load_export(export_dir)  # refuse a tampered or incomplete export before starting anything
+    # A tampered or incomplete export is refused by upstream_servers before vLLM reads it, and by the scorer.
     check_port_free(host, port)
     opts = ServeOptions(
         export_dir=export_dir,
@@ -607,7 +592,7 @@ def serve_cmd(
     default=True,
     help="Serve the export with `atu serve` (vLLM + guard): compare with transformers, ask through the guard.",
 )
-@_friendly
+@friendly
 def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
     """The whole job on the embedded world: build it (cached), forget people, export, evaluate, serve it with vLLM
     behind the guard."""
@@ -680,7 +665,7 @@ def data_group() -> None:
     "{answer}', the small model's chat form).",
 )
 @click.option("--heldout-template", default=None, help="The held-out phrasing (default: '{question} {answer}').")
-@_friendly
+@friendly
 def data_import_qa(source, out, question_column, answer_column, subject_column, split, template, heldout_template):
     """Turn a QA dataset (SOURCE: .jsonl, .csv, or a local Hugging Face datasets directory) into corpus.jsonl,
     probes.jsonl, heldout.jsonl and concepts.yaml in OUT, ready for `atu world build --from OUT`."""
@@ -700,7 +685,7 @@ def config_group() -> None:
 @config_group.command("show")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@_friendly
+@friendly
 def config_show(config: Path, sets: tuple[str, ...]) -> None:
     """Print CONFIG resolved: every key, defaults filled in, values as they will be used, one line of help each."""
     from atu.config_tools import show
@@ -713,7 +698,7 @@ def config_show(config: Path, sets: tuple[str, ...]) -> None:
 
 @config_group.command("reference")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here (else print).")
-@_friendly
+@friendly
 def config_reference(out: Path | None) -> None:
     """The Markdown reference of every key of the run and world configs (docs/config.md)."""
     from atu.config_tools import reference, reference_sections
@@ -784,7 +769,7 @@ def _print_guard(label: str, g: dict) -> None:
 @click.option("--bits", type=click.Choice(["8", "4"]), required=True, help="RTN bits (symmetric).")
 @click.option("--group-size", type=int, default=None, help="One step per G input columns (default: per channel).")
 @click.option("--int8-kernel/--no-int8-kernel", default=True, help="Also run torch's CPU int8 kernels.")
-@_friendly
+@friendly
 def attack_quantize_cmd(export_dir, original, world_kind, probes, concepts, corpus, heldout, unseen, guard, out,
                         bits, group_size, int8_kernel) -> None:  # fmt: skip
     """Quantize EXPORT's model and its original the same way; `atu eval`'s probes on each, and bucket collapse."""
@@ -830,7 +815,7 @@ def attack_quantize_cmd(export_dir, original, world_kind, probes, concepts, corp
 )
 @click.option("--steps", type=int, default=10, show_default=True, help="Optimizer steps (K).")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
-@_friendly
+@friendly
 def attack_relearn_cmd(export_dir, original, world_kind, probes, concepts, corpus, heldout, unseen, guard, out,
                        on_file, steps, lr) -> None:  # fmt: skip
     """Fine-tune EXPORT's model for K steps on some facts; recall of the facts not given, and how much came back."""

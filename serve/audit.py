@@ -7,8 +7,8 @@ text removed. API keys and request headers have no field here and are never writ
 Writes go through one writer thread that commits many queued records per transaction (group commit).
 ``AuditLog.append`` returns a ``concurrent.futures.Future`` that resolves to the row id only after the transaction
 holding the record has committed, so a caller that replies to its client after the future resolves never
-acknowledges a record a crash could lose. ``read_records`` reads such a log, or a JSONL file of the same record
-shape, or a JSONL traffic file of ``{"prompt", "completion", "request_id"?, "time"?}`` lines, for ``atu audit``.
+acknowledges a record a crash could lose. ``serve.audit_file`` holds the file's schema and ``read_records``, which
+reads such a log (or a JSONL file) back, for ``atu audit``; both are importable from here too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,70 +24,38 @@ import sqlite3
 import threading
 import time as _time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from atu.errors import AtuError, FormatError
+from serve.audit_file import (
+    ACTIONS,
+    COLUMNS,
+    FORMAT_VERSION,
+    SQLITE_MAGIC,
+    AuditError,
+    AuditFormatError,
+    check_file,
+    connect,
+    iter_jsonl,
+    iter_sqlite,
+    read_records,
+)
+from serve.audit_record import AuditRecord, iso_time, sha256_text
+
+__all__ = [
+    "ACTIONS", "FORMAT_VERSION", "SQLITE_MAGIC", "UNFINISHED", "AuditClosedError", "AuditError", "AuditFormatError",
+    "AuditLog", "AuditRecord", "iter_jsonl", "iter_sqlite", "read_records", "sha256_text",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-ACTIONS = ("passed", "annotated", "blocked", "cut", "error")
-SQLITE_MAGIC = b"SQLite format 3\x00"
 # Keys holding text the model or the user produced; dropped from stored scores unless store_text.
 _TEXT_KEYS = frozenset({"excerpt", "text"})
-_COLUMNS = (
-    "time_iso", "time_unix", "request_id", "endpoint", "model", "policy", "action", "stream", "flagged", "scores",
-    "max_score", "prompt_sha256", "completion_sha256", "spans", "upstream_ms", "scoring_ms", "prompt", "completion",
-    "client_request_id",
-)  # fmt: skip
-_OPEN_STREAMS = """CREATE TABLE IF NOT EXISTS open_streams (  -- streams that sent a byte and have no record yet
-    request_id TEXT PRIMARY KEY, time_unix REAL NOT NULL, endpoint TEXT NOT NULL, model TEXT NOT NULL,
-    policy TEXT NOT NULL, client_request_id TEXT
-)"""
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time_iso TEXT NOT NULL, time_unix REAL NOT NULL,
-    request_id TEXT NOT NULL, endpoint TEXT NOT NULL, model TEXT NOT NULL, policy TEXT NOT NULL,
-    action TEXT NOT NULL CHECK (action IN ({", ".join(repr(a) for a in ACTIONS)})),
-    stream INTEGER NOT NULL,
-    flagged TEXT NOT NULL,      -- JSON list of concepts flagged in the completion
-    scores TEXT NOT NULL,       -- JSON LeakageReport.to_dict(), excerpt text removed unless store_text
-    max_score REAL,
-    prompt_sha256 TEXT, completion_sha256 TEXT,
-    spans TEXT NOT NULL,        -- JSON [{"concept", "part", "start", "end"}] of flagged excerpts, char offsets
-    upstream_ms REAL, scoring_ms REAL,
-    prompt TEXT, completion TEXT,  -- NULL unless the log was opened with store_text=True
-    client_request_id TEXT  -- the client's own X-Request-Id, if it sent one (request_id is the guard's)
-);
-{_OPEN_STREAMS};
-CREATE INDEX IF NOT EXISTS records_time ON records (time_unix);
-CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
-"""
-
-
-class AuditError(AtuError):
-    """The audit log cannot be opened or written."""
-
-
-class AuditFormatError(AuditError, FormatError):
-    """The file is not an audit log this version can read (corrupt, another database, or a newer format)."""
 
 
 class AuditClosedError(AuditError):
     """``append`` was called after ``close``."""
-
-
-def sha256_text(text: str | None) -> str | None:
-    """Hex SHA-256 of the UTF-8 text, or None for None."""
-    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _iso(unix: float) -> str:
-    return datetime.fromtimestamp(unix, tz=timezone.utc).isoformat(timespec="microseconds")
 
 
 def _strip_text(obj: Any) -> Any:
@@ -98,176 +65,11 @@ def _strip_text(obj: Any) -> Any:
     return [_strip_text(v) if isinstance(v, (dict, list)) else v for v in obj]
 
 
-def _flagged_spans(scores: dict) -> list[dict]:
-    """Spans of the flagged concepts' excerpts, from a LeakageReport dict (parts "prompt" and "completion")."""
-    spans = []
-    for part in ("prompt", "completion"):
-        for s in scores.get(part) or []:
-            if isinstance(s, dict) and s.get("flagged") and s.get("span") is not None:
-                start, end = s["span"]
-                spans.append({"concept": s.get("concept"), "part": part, "start": int(start), "end": int(end)})
-    return spans
-
-
-@dataclasses.dataclass
-class AuditRecord:
-    """One scored exchange. ``prompt``/``completion`` are the raw texts; the log stores them only if asked to.
-
-    ``scores`` is ``LeakageReport.to_dict()``; ``spans`` are the flagged excerpts' ``[start, end)`` character
-    offsets in their part's text. ``time`` is a unix timestamp (filled in at append when None); ``id`` is set
-    by the log.
-    """
-
-    request_id: str
-    endpoint: str = ""
-    model: str = ""
-    policy: str = ""
-    action: str = "passed"
-    stream: bool = False
-    flagged: list[str] = dataclasses.field(default_factory=list)
-    scores: dict = dataclasses.field(default_factory=dict)
-    max_score: float | None = None
-    prompt_sha256: str | None = None
-    completion_sha256: str | None = None
-    spans: list[dict] = dataclasses.field(default_factory=list)
-    upstream_ms: float | None = None
-    scoring_ms: float | None = None
-    prompt: str | None = None
-    completion: str | None = None
-    time: float | None = None
-    id: int | None = None
-    client_request_id: str | None = None
-
-    @classmethod
-    def from_exchange(
-        cls, *, request_id: str, endpoint: str, model: str, policy: str, action: str, prompt: str | None,
-        completion: str | None, report: Any = None, stream: bool = False, upstream_ms: float | None = None,
-        scoring_ms: float | None = None, time: float | None = None, client_request_id: str | None = None,
-    ) -> AuditRecord:  # fmt: skip
-        """Build a record from the texts and a LeakageReport (or its dict, or None when scoring failed)."""
-        scores = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
-        return cls(
-            request_id=request_id, endpoint=endpoint, model=model, policy=policy, action=action, stream=stream,
-            flagged=list(scores.get("flagged") or []), scores=scores, max_score=scores.get("max_score"),
-            prompt_sha256=sha256_text(prompt), completion_sha256=sha256_text(completion),
-            spans=_flagged_spans(scores), upstream_ms=upstream_ms, scoring_ms=scoring_ms,
-            prompt=prompt, completion=completion, time=time, client_request_id=client_request_id,
-        )  # fmt: skip
-
-    @property
-    def has_text(self) -> bool:
-        """Whether the completion text is available (so the record can be re-scored)."""
-        return self.completion is not None
-
-    def to_dict(self) -> dict:
-        """JSON-safe dict; also the line shape of a JSONL audit file."""
-        out = dataclasses.asdict(self)
-        out["time_iso"] = None if self.time is None else _iso(self.time)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "record") -> AuditRecord:
-        """A record from a JSONL line: the full record shape or a traffic line {prompt, completion, ...}."""
-        if not isinstance(data, dict):
-            raise FormatError(f"{where}: expected a JSON object, got {type(data).__name__}.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in data.items() if k in fields}
-        kw.setdefault("request_id", "" if data.get("id") is None else str(data["id"]))
-        for key in ("prompt", "completion"):
-            if kw.get(key) is not None and not isinstance(kw[key], str):
-                raise FormatError(f"{where}: {key!r} must be a string, got {type(kw[key]).__name__}.")
-        if kw.get("completion") is None and not kw.get("completion_sha256") and not kw.get("scores"):
-            raise FormatError(f"{where}: no 'completion' text, hash or scores; a traffic line needs 'completion'.")
-        t = kw.get("time")
-        if isinstance(t, str):
-            try:
-                kw["time"] = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                raise FormatError(f"{where}: 'time' {t!r} is neither a unix number nor an ISO date.") from None
-        elif t is not None and not isinstance(t, (int, float)):
-            raise FormatError(f"{where}: 'time' must be a unix number or an ISO string, got {t!r}.")
-        rec = cls(**kw)
-        rec.prompt_sha256 = rec.prompt_sha256 or sha256_text(rec.prompt)
-        rec.completion_sha256 = rec.completion_sha256 or sha256_text(rec.completion)
-        return rec
-
-
-def _check_file(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise AuditError(f"{path}: directory {path.parent} does not exist; create it or pass another audit path.")
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-        if head != SQLITE_MAGIC:
-            raise AuditFormatError(
-                f"{path}: not an SQLite audit log (starts with {head[:8]!r}); pass a new path or the guard's log."
-            )
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # in WAL mode: the WAL is fsynced at every commit
-        _check_schema(conn, path)
-    except sqlite3.DatabaseError as e:
-        conn.close()
-        raise AuditFormatError(f"{path}: unreadable SQLite database ({e}); pass a new path or the guard's log.") from e
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the schema in an empty database; refuse other databases and newer formats."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    tables.discard("sqlite_sequence")
-    if not tables:
-        conn.execute("BEGIN IMMEDIATE")
-        for stmt in filter(str.strip, _SCHEMA.split(";")):
-            conn.execute(stmt)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (_iso(_time.time()),))
-        conn.execute("COMMIT")
-        return
-    if "meta" not in tables or "records" not in tables:
-        raise AuditFormatError(
-            f"{path}: an SQLite database but not an atu audit log (tables {sorted(tables)}); pass another path."
-        )
-    row = conn.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()
-    try:
-        version = int(row[0])
-    except (TypeError, ValueError):
-        raise AuditFormatError(f"{path}: audit log without a valid format_version (got {row!r}).") from None
-    if version > FORMAT_VERSION:
-        raise AuditFormatError(
-            f"{path}: audit log format {version} is newer than this atu reads ({FORMAT_VERSION}); "
-            "upgrade atu, or log to a new file."
-        )
-    conn.execute(_OPEN_STREAMS)  # a log written before streams were opened ahead of their first byte
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
-    if "client_request_id" not in columns:  # a log written before the column existed: add it, rows keep NULL
-        conn.execute("ALTER TABLE records ADD COLUMN client_request_id TEXT")
-
-
 def _unfinished_row(log: AuditLog, request_id, endpoint, model, policy, client_request_id, time) -> tuple:
     rec = AuditRecord(request_id=request_id, endpoint=endpoint, model=model, policy=policy, action="error",
                       stream=True, scores={"error": UNFINISHED}, time=time,
                       client_request_id=client_request_id)  # fmt: skip
     return log._row(rec)
-
-
-def _row_to_record(row: sqlite3.Row) -> AuditRecord:
-    d = dict(row)
-    return AuditRecord(
-        id=d["id"], time=d["time_unix"], request_id=d["request_id"], endpoint=d["endpoint"], model=d["model"],
-        policy=d["policy"], action=d["action"], stream=bool(d["stream"]), flagged=json.loads(d["flagged"]),
-        scores=json.loads(d["scores"]), max_score=d["max_score"], prompt_sha256=d["prompt_sha256"],
-        completion_sha256=d["completion_sha256"], spans=json.loads(d["spans"]), upstream_ms=d["upstream_ms"],
-        scoring_ms=d["scoring_ms"], prompt=d["prompt"], completion=d["completion"],
-        client_request_id=d.get("client_request_id"),
-    )  # fmt: skip
 
 
 _STOP = object()
@@ -320,9 +122,9 @@ class AuditLog:
         self.path = Path(path)
         self.store_text = store_text
         self.max_batch = max_batch
-        _check_file(self.path)
+        check_file(self.path)
         _create_private(self.path)
-        self._conn = _connect(self.path)
+        self._conn = connect(self.path)
         self.recovered = self._recover()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -342,7 +144,7 @@ class AuditLog:
         scores = rec.scores if self.store_text else _strip_text(dict(rec.scores))
         keep = self.store_text
         return (
-            _iso(t), t, rec.request_id, rec.endpoint, rec.model, rec.policy, rec.action, int(bool(rec.stream)),
+            iso_time(t), t, rec.request_id, rec.endpoint, rec.model, rec.policy, rec.action, int(bool(rec.stream)),
             json.dumps(list(rec.flagged)), json.dumps(scores, allow_nan=False), rec.max_score,
             rec.prompt_sha256 or sha256_text(rec.prompt), rec.completion_sha256 or sha256_text(rec.completion),
             json.dumps(rec.spans), rec.upstream_ms, rec.scoring_ms,
@@ -417,7 +219,7 @@ class AuditLog:
         self._conn.close()
 
     def _commit(self, items: list) -> None:
-        sql = f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        sql = f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         marks = [(m, fut) for m, fut in items if isinstance(m, _OpenMark)]
         batch = [(row, fut) for row, fut in items if not isinstance(row, _OpenMark)]
         try:
@@ -469,60 +271,3 @@ class AuditLog:
     def iter_records(self, since: float | datetime | None = None) -> Iterator[AuditRecord]:
         """Committed records in id order, those at or after ``since`` (unix time or datetime) if given."""
         return iter_sqlite(self.path, since)
-
-
-def iter_sqlite(path: str | Path, since: float | datetime | None = None) -> Iterator[AuditRecord]:
-    """Records of an SQLite audit log in id order (a reader connection; safe while a writer is appending)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"{path}: no such audit log file.")
-    _check_file(path)
-    conn = _connect(path)  # opened now, so a bad file fails here rather than at the first next()
-    conn.row_factory = sqlite3.Row
-    since_unix = since.timestamp() if isinstance(since, datetime) else since
-    if since_unix is None:
-        cur = conn.execute("SELECT * FROM records ORDER BY id")
-    else:
-        cur = conn.execute("SELECT * FROM records WHERE time_unix >= ? ORDER BY id", (float(since_unix),))
-    return _rows(conn, cur)
-
-
-def _rows(conn: sqlite3.Connection, cur: sqlite3.Cursor) -> Iterator[AuditRecord]:
-    try:
-        for row in cur:
-            yield _row_to_record(row)
-    finally:
-        conn.close()
-
-
-def iter_jsonl(path: str | Path) -> Iterator[AuditRecord]:
-    """Records of a JSONL file: audit records (``AuditRecord.to_dict`` shape) or traffic lines."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}).") from None
-            rec = AuditRecord.from_dict(data, where=f"{path}:{n}")
-            rec.request_id = rec.request_id or f"{path.name}:{n}"  # traffic lines may carry no id: name the line
-            yield rec
-
-
-def read_records(path: str | Path) -> Iterator[AuditRecord]:
-    """Records of an SQLite audit log or a JSONL file, told apart by the SQLite magic bytes, then the suffix."""
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"{path}: no such file; pass an audit log (.db) or a JSONL traffic file.")
-    with open(path, "rb") as f:
-        head = f.read(len(SQLITE_MAGIC))
-    if head == SQLITE_MAGIC:
-        return iter_sqlite(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson", ".json") or head.lstrip()[:1] in (b"{", b""):
-        return iter_jsonl(path)
-    raise AuditFormatError(
-        f"{path}: neither an SQLite audit log nor JSONL (starts with {head[:8]!r}); "
-        "pass the guard's log or a .jsonl traffic file with prompt and completion fields."
-    )

@@ -18,11 +18,13 @@ from typing import Any
 
 import click
 
+from atu.cli_errors import friendly
 from serve.audit import AuditError, AuditRecord, read_records
 
 logger = logging.getLogger(__name__)
 
 MAX_PLOTS = 24  # concepts drawn in histograms.png (the most flagged first); report.json has them all
+RESCORE_BATCH = 16  # records re-scored per scorer call
 
 
 class _ConceptStats:
@@ -132,7 +134,6 @@ def audit_report(
     threshold_override: float | None = None,
     top: int = 5,
     device: str = "cpu",
-    batch_size: int = 16,
     scorer: Any = None,
 ) -> dict:
     """Re-score the records at ``records_path`` against the export and write report.json and histograms.png.
@@ -152,28 +153,16 @@ def audit_report(
 
         scorer = Scorer.from_export(export_dir, backend=backend, device=device, top_k=None)
     try:
-        labels = list(scorer.labels)
-        thresholds = [float(t) for t in scorer.thresholds]
-        if threshold_override is not None:
-            thresholds = [float(threshold_override)] * len(labels)
-        stats = {lab: _ConceptStats(thr, top) for lab, thr in zip(labels, thresholds)}
-        with_text = [r for r in records if r.has_text]
-        logged = [r for r in records if not r.has_text and isinstance(r.scores.get("completion"), list)]
-        counts = {"rescored": 0, "logged": 0}
-        for rec, rep in zip(with_text, _rescore(scorer, with_text, batch_size)):
-            counts["rescored"] += _add(stats, rec, "rescored", rep, threshold_override)
+        labels, stats, counts = _tally(scorer, records, top, threshold_override)
     finally:
         if own:
             scorer.close()
-    for rec in logged:
-        counts["logged"] += _add(stats, rec, "logged", rec.scores, threshold_override)
-    unscorable = len(records) - counts["rescored"] - counts["logged"]
-
     concepts = {lab: stats[lab].summary(counts["rescored"], counts["logged"]) for lab in labels}
     order = sorted(labels, key=lambda c: (-concepts[c]["flagged"], -(concepts[c]["max_score"] or -2.0), c))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plotted = _plot(stats, order, out / "histograms.png")
+    unscorable = len(records) - counts["rescored"] - counts["logged"]
     report = {
         "source": str(records_path),
         "export": str(export_dir),
@@ -195,6 +184,23 @@ def audit_report(
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     report["report"] = str(out / "report.json")
     return report
+
+
+def _tally(scorer, records: list[AuditRecord], top: int, override: float | None):
+    """(labels, per-concept stats, counts of records re-scored and read from logged scores)."""
+    labels = list(scorer.labels)
+    thresholds = [float(t) for t in scorer.thresholds]
+    if override is not None:
+        thresholds = [float(override)] * len(labels)
+    stats = {lab: _ConceptStats(thr, top) for lab, thr in zip(labels, thresholds)}
+    with_text = [r for r in records if r.has_text]
+    counts = {"rescored": 0, "logged": 0}
+    for rec, rep in zip(with_text, _rescore(scorer, with_text, RESCORE_BATCH)):
+        counts["rescored"] += _add(stats, rec, "rescored", rep, override)
+    for rec in records:
+        if not rec.has_text and isinstance(rec.scores.get("completion"), list):
+            counts["logged"] += _add(stats, rec, "logged", rec.scores, override)
+    return labels, stats, counts
 
 
 def _add(stats: dict[str, _ConceptStats], rec: AuditRecord, source: str, rep: dict, override: float | None) -> bool:
@@ -285,9 +291,7 @@ def format_report(report: dict) -> str:
 @click.option("--threshold", type=float, default=None, help="Use this threshold for every concept.")
 def audit_command(records, export_dir, out_dir, backend, device, top, threshold) -> None:
     """Re-score an audit log or a JSONL traffic file offline and print the residual leakage per concept."""
-    from atu.cli import _friendly  # imported here: atu.cli registers this command, so not at module level
-
-    _friendly(_audit_cli)(records, export_dir, out_dir, backend, device, top, threshold)
+    friendly(_audit_cli)(records, export_dir, out_dir, backend, device, top, threshold)
 
 
 def _audit_cli(records, export_dir, out_dir, backend, device, top, threshold) -> None:

@@ -1,9 +1,10 @@
 """Hidden-state backends for the guard: token ids in, the hook layer's per-token states out.
 
-Every backend has one method, ``hidden_states(list_of_token_id_lists) -> list[np.ndarray (T_i, H)]``, float32,
-one array per sequence, row ``t`` the state after the first ``L`` decoder layers at token ``t``. Backends may
-return the states at any positive scale per token (vLLM returns them L2-normalised): the predictor L2-normalises
-its input, so its output does not change.
+Every backend is a ``StateBackend``: ``hidden_states(list_of_token_id_lists, captures=None) -> list[np.ndarray
+(T_i, H)]``, float32, one array per sequence, row ``t`` the state after the first ``L`` decoder layers at token
+``t``. Backends may return the states at any positive scale per token (vLLM returns them L2-normalised): the
+predictor L2-normalises its input, so its output does not change. ``captures`` matters only to a backend that
+``uses_captures``; so do ``capture_status`` and ``release``. ``make_backend`` builds any of them for an export.
 
 - ``HFBackend``: transformers, any device; the export's model with the decoder layers above ``L`` dropped, run
   through ``atu.hidden.hidden_at`` in right-padded batches.
@@ -22,7 +23,9 @@ import logging
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ import torch
 from atu.errors import AtuError
 from atu.hidden import check_hook_layer, decoder_layers, hidden_at
 from atu.loading import load_lm
+
+if TYPE_CHECKING:
+    from atu.export import Export
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,27 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-class HFBackend:
+class StateBackend:
+    """What the scorer and the guard may ask of a backend; the defaults are those of a backend without captures."""
+
+    uses_captures = False  # hidden_states reads the captures it is given (and counts them to ``listener``)
+    listener = None  # called with (captured, fell back) after each call, e.g. to count them in metrics
+
+    def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def capture_status(self) -> str | None:
+        """None without a capture plugin; else "ok" or why the plugin does not answer (blocking: run off-loop)."""
+        return None
+
+    def release(self, key: str) -> None:
+        """Let the capture plugin forget the states recorded under ``key`` (blocking)."""
+
+    def close(self) -> None:
+        pass
+
+
+class HFBackend(StateBackend):
     """Layer-``layer`` states from a transformers causal LM (float32 on CPU; the model's dtype elsewhere)."""
 
     def __init__(
@@ -82,7 +108,7 @@ class HFBackend:
         self.hidden_size = int(model.config.hidden_size)
         self.max_batch_tokens = max_batch_tokens
 
-    def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
         """(T_i, H) float32 states for each id list, batched with right padding."""
         seqs = check_id_lists(sequences)
         out: list[np.ndarray | None] = [None] * len(seqs)
@@ -100,11 +126,8 @@ class HFBackend:
                 out[i] = hidden[row, : len(seqs[i])]
         return out  # type: ignore[return-value]
 
-    def close(self) -> None:
-        pass
 
-
-class VLLMPoolingBackend:
+class VLLMPoolingBackend(StateBackend):
     """Layer-``L`` states from a vLLM pooling server over a probe export (``serve.probe.pooling_server``).
 
     Request (vLLM 0.32 ``POST /pooling``, ``PoolingCompletionRequest``)::
@@ -137,7 +160,7 @@ class VLLMPoolingBackend:
                 "start it with serve.probe.pooling_server or use backend='hf'."
             ) from err
 
-    def hidden_states(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
         """(T_i, H) float32 unit-norm states for each id list, in one request."""
         seqs = check_id_lists(sequences)
         if not seqs:
@@ -166,11 +189,8 @@ class VLLMPoolingBackend:
             out.append(flat.reshape(len(seq), -1).astype(np.float32, copy=False))
         return out
 
-    def close(self) -> None:
-        pass
 
-
-class CaptureBackend:
+class CaptureBackend(StateBackend):
     """States recorded during generation by the in-engine capture plugin, with a fallback backend.
 
     ``hidden_states(sequences, captures)``: ``captures[i]`` is ``(key, release)`` for a sequence that a marked
@@ -185,7 +205,6 @@ class CaptureBackend:
         self.client, self.fallback = client, fallback
         self.captured = 0  # sequences served from the capture
         self.fell_back = 0  # sequences sent to the fallback backend
-        self.listener = None  # called with (captured, fell back) after each call, e.g. to count them in metrics
 
     def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
         seqs = check_id_lists(sequences)
@@ -215,6 +234,12 @@ class CaptureBackend:
                 out[i] = h
         return out  # type: ignore[return-value]
 
+    def capture_status(self) -> str:
+        return "ok" if self.client.ping() else f"no answer on {self.client.path}"
+
+    def release(self, key: str) -> None:
+        self.client.fetch([key], True)
+
     def close(self) -> None:
         self.fallback.close()
 
@@ -235,3 +260,61 @@ def match_capture(seq: Sequence[int], items) -> np.ndarray | None:
                 rows = np.concatenate([item.rows[:need], item.rows[need - 1 : need]])
             return np.ascontiguousarray(rows, dtype=np.float32)
     return None
+
+
+BACKENDS = ("hf", "vllm", "capture")
+
+
+def make_backend(
+    kind: str,
+    export: Export,
+    resources: ExitStack,
+    *,
+    max_tokens: int,
+    device: str = "cpu",
+    pooling_url: str | None = None,
+    capture_socket: str | None = None,
+    timeout: float = 30.0,
+) -> StateBackend:
+    """The backend ``kind`` (one of ``BACKENDS``) for ``export``; a server it starts is stopped by ``resources``.
+
+    ``hf`` loads the model (layers above the hook layer dropped) on ``device``. ``vllm`` reads states from a vLLM
+    pooling server over the export's probe: the one at ``pooling_url``, or, when it is None, one started here.
+    ``capture`` reads the states the capture plugin recorded in the vLLM that generates, over ``capture_socket``;
+    what was not recorded goes to an ``hf`` backend."""
+    if kind not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {kind!r}.")
+    if kind == "vllm":
+        if pooling_url is None:
+            from serve.probe import pooling_server, probe_export
+
+            pooling_url = resources.enter_context(pooling_server(probe_export(export.root), max_model_len=max_tokens))
+        return VLLMPoolingBackend(pooling_url, timeout=timeout, hidden_size=export.guard.hidden_size)
+    states = HFBackend(export.model_dir, export.guard.hook_layer, device)
+    if kind == "hf":
+        return states
+    client = capture_client(capture_socket, timeout)
+    if (client.layer, client.dim) != (export.guard.hook_layer, export.guard.hidden_size):
+        raise BackendError(
+            f"the capture plugin on {capture_socket} records layer {client.layer} of width {client.dim}; this export "
+            f"needs layer {export.guard.hook_layer} of width {export.guard.hidden_size}. Is that vLLM serving this "
+            "export?"
+        )
+    return CaptureBackend(client, states)
+
+
+def capture_client(path: str | None, timeout: float):
+    """A client of the capture plugin answering on ``path``; BackendError when none answers."""
+    from serve.capture import CaptureClient
+
+    if not path:
+        raise ValueError(
+            "backend 'capture' needs capture_socket: the socket of a vLLM server started with the plugin."
+        )
+    client = CaptureClient(path, timeout=timeout)
+    if not client.ping():
+        raise BackendError(
+            f"no capture plugin answers on {path}; start vLLM with ATU_CAPTURE_LAYER and ATU_CAPTURE_SOCKET set "
+            "(atu serve does) or use backend 'hf'."
+        )
+    return client

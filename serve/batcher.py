@@ -29,13 +29,15 @@ class ScoringTimeout(RuntimeError):
     """Scoring did not finish within the deadline."""
 
 
-ScoreBatchFn = Callable[[Sequence[tuple[str, str]], Sequence[Any]], list[Any]]  # (pairs, captures) -> reports
+# (pairs, captures, since) -> reports
+ScoreBatchFn = Callable[[Sequence[tuple[str, str]], Sequence[Any], Sequence[int | None]], list[Any]]
 
 
 class ScoreBatcher:
     """``await batcher.score(prompt, completion)`` from any number of tasks; one worker thread scores in batches.
 
-    ``score_batch(pairs, captures)`` is the scorer's (``Scorer.score_batch``); ``capture`` is passed through."""
+    ``score_batch(pairs, captures, since)`` is the scorer's (``Scorer.score_batch``); ``capture`` and ``since`` are
+    passed through."""
 
     def __init__(
         self,
@@ -78,16 +80,17 @@ class ScoreBatcher:
             self._executor.shutdown(wait=False, cancel_futures=True)  # a hung scorer must not hang shutdown
             self._executor = None
 
-    async def score(self, prompt: str, completion: str, capture: Any = None) -> Any:
+    async def score(self, prompt: str, completion: str, capture: Any = None, since: int | None = None) -> Any:
         """The scorer's report for one (prompt, completion); raises what the scorer raised for its batch.
-        ``capture`` (a ``serve.scoring.Capture`` or None) is handed to ``score_batch`` with its pair."""
+        ``capture`` (a ``serve.scoring.Capture`` or None) and ``since`` (how much of the completion was scored
+        before, or None) are handed to ``score_batch`` with its pair."""
         if self._queue is None:
             raise RuntimeError("ScoreBatcher.start() was not awaited.")
         if self._queue.qsize() >= self._max_queue:
             raise ScoringOverloaded(f"{self._max_queue} exchanges already wait to be scored")
         fut = asyncio.get_running_loop().create_future()
         start = time.perf_counter()
-        self._queue.put_nowait(((prompt, completion), capture, fut))
+        self._queue.put_nowait(((prompt, completion), capture, since, fut))
         try:
             return await asyncio.wait_for(fut, self._timeout)  # a timeout cancels fut: the worker then skips it
         except asyncio.TimeoutError:
@@ -103,7 +106,7 @@ class ScoreBatcher:
             items = [await self._queue.get()]
             while len(items) < self._max_batch and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            items = [item for item in items if not item[2].cancelled()]  # clients that went away
+            items = [item for item in items if not item[-1].cancelled()]  # clients that went away
             if not items:
                 continue
             if self._metrics is not None:
@@ -113,19 +116,20 @@ class ScoreBatcher:
             except Exception as e:  # the batch failed: score each alone, so one bad exchange fails only itself
                 logger.warning("scoring a batch of %d failed: %s", len(items), e)
                 for item in items if len(items) > 1 else []:
-                    if item[2].done():
+                    if item[-1].done():
                         continue
                     try:
                         self._settle([item], await self._call(loop, [item]))
                     except Exception as e_one:  # the callers decide what a failure means (fail open or closed)
-                        _fail(item[2], e_one)
+                        _fail(item[-1], e_one)
                 if len(items) == 1:
-                    _fail(items[0][2], e)
+                    _fail(items[0][-1], e)
 
     async def _call(self, loop, items: list) -> list:
-        pairs = [pair for pair, _, _ in items]
-        captures = [cap for _, cap, _ in items]
-        reports = await loop.run_in_executor(self._executor, self._score_batch, pairs, captures)
+        pairs = [pair for pair, _, _, _ in items]
+        captures = [cap for _, cap, _, _ in items]
+        since = [start for _, _, start, _ in items]
+        reports = await loop.run_in_executor(self._executor, self._score_batch, pairs, captures, since)
         if len(reports) != len(pairs):
             raise RuntimeError(f"the scorer returned {len(reports)} reports for {len(pairs)} exchanges")
         return reports

@@ -140,13 +140,19 @@ def guard_in_thread(guard: Guard) -> Iterator[str]:
         loop.close()
 
 
-def capture_vllm(export_dir: Path, socket_path: str) -> tuple[list[str], dict[str, str]]:
+def capture_vllm(
+    export_dir: Path, socket_path: str, hook_layer: int | None = None
+) -> tuple[list[str], dict[str, str]]:
     """(extra vLLM arguments, environment) that start a vLLM server on ``export_dir`` with the capture plugin on
-    (see ``serve.capture``), recording the export's hook layer and answering on ``socket_path``."""
+    (see ``serve.capture``), recording the export's hook layer (read from the export unless given) and answering on
+    ``socket_path``."""
     from atu import envs
-    from atu.export import load_export
 
-    env = {envs.ATU_CAPTURE_LAYER: str(load_export(export_dir).guard.hook_layer), envs.ATU_CAPTURE_SOCKET: socket_path}
+    if hook_layer is None:
+        from atu.export import load_export
+
+        hook_layer = load_export(export_dir).guard.hook_layer
+    env = {envs.ATU_CAPTURE_LAYER: str(hook_layer), envs.ATU_CAPTURE_SOCKET: socket_path}
     # A prompt token served from vLLM's prefix cache is never computed, so the plugin would have no row for it. The
     # plugin records through a forward hook, which a replayed CUDA graph or a compiled graph never calls: eager mode.
     return list(CAPTURE_ARGS), env
@@ -181,7 +187,8 @@ def check_capture_args(vllm_args: tuple[str, ...] | list[str]) -> None:
 @contextlib.contextmanager
 def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
     """Start (or reuse) vLLM, with the capture plugin on for the capture backend, and, for the vLLM backend, the
-    pooling server."""
+    pooling server. An export whose files do not match its manifest's hashes is refused before vLLM loads any of
+    them (and the scorer checks them again once vLLM has loaded)."""
     from atu.vllm_check import vllm_server
 
     export_dir = Path(opts.export_dir)
@@ -194,14 +201,16 @@ def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
         up = Upstreams(opts.upstream_url or "", model_name, backend, opts.pooling_url, opts.capture_socket)
         if opts.upstream_url is None:
             from atu import envs
+            from atu.export import load_export
 
+            export = load_export(export_dir)  # the hashes, before vLLM reads model/
             # vLLM answers only the guard: a local process without the key cannot go around it
             up.key = envs.vllm_key()
             args, env = ["--served-model-name", model_name], {envs.VLLM_API_KEY: up.key}
             if backend == "capture":
                 check_capture_args(opts.vllm_args)
                 up.capture_socket = str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "capture.sock")
-                capture_args, capture_env = capture_vllm(export_dir, up.capture_socket)
+                capture_args, capture_env = capture_vllm(export_dir, up.capture_socket, export.guard.hook_layer)
                 args, env = args + capture_args, {**env, **capture_env}
             up.url = stack.enter_context(
                 vllm_server(

@@ -21,12 +21,14 @@ class AuditUnavailable(Exception):
     """The audit log could not commit a record: the exchange is not acknowledged (503)."""
 
 
+def error_body(status: int, message: str, kind: str) -> dict:
+    """An error as OpenAI clients expect it: {"error": {"message", "type", "code"}} (a response or a stream event)."""
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
 def error_response(status: int, message: str, kind: str, request_id: str | None = None) -> web.Response:
-    """An error as OpenAI clients expect it: {"error": {"message", "type", "code"}}."""
     headers = {"X-Request-Id": request_id} if request_id else None
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers
-    )
+    return web.json_response(error_body(status, message, kind), status=status, headers=headers)
 
 
 # Orchestrators probe these without credentials: they say whether the guard runs and can serve, nothing else.

@@ -36,12 +36,14 @@ import torch
 from atu.export import load_export
 from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor
-from serve.backends import BackendError, CaptureBackend, HFBackend, VLLMPoolingBackend
+from serve.backends import BACKENDS, make_backend
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "vllm", "capture")
 EXCERPT_CHARS = 80
+# Scoring only what follows ``since`` characters: the windows starting this far before it are scored again, since
+# the tokens of a word cut at the end of the text scored before may change once the rest of the word arrives.
+RESCORE_CHARS = 64
 _ARGSORT_MAX = 4096  # above this many concepts, the top_k are found by partition rather than a full sort
 
 
@@ -92,22 +94,6 @@ def excerpt_span(text: str, start: int, width: int = EXCERPT_CHARS) -> tuple[int
     while start < len(text) and text[start].isspace():
         start += 1
     return start, min(len(text), start + width)
-
-
-def _capture_client(path: str | None, timeout: float):
-    from serve.capture import CaptureClient
-
-    if not path:
-        raise ValueError(
-            "backend 'capture' needs capture_socket: the socket of a vLLM server started with the plugin."
-        )
-    client = CaptureClient(path, timeout=timeout)
-    if not client.ping():
-        raise BackendError(
-            f"no capture plugin answers on {path}; start vLLM with ATU_CAPTURE_LAYER and ATU_CAPTURE_SOCKET set "
-            "(atu serve does) or use backend 'hf'."
-        )
-    return client
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -222,6 +208,26 @@ class Scorer:
         self.max_tokens, self.top_k, self.excerpt_chars = max_tokens, top_k, excerpt_chars
         self._resources = resources or ExitStack()
         self._lock = threading.Lock()
+        self.rows_scored = 0  # predictor rows compared with the concepts, over all calls
+
+    # -- what the guard asks of the backend
+
+    @property
+    def uses_captures(self) -> bool:
+        """Whether the backend reads the states vLLM's capture plugin recorded (requests are marked for it)."""
+        return self.backend.uses_captures
+
+    def capture_status(self) -> str | None:
+        """None without a capture plugin; else "ok" or why it does not answer (blocking)."""
+        return self.backend.capture_status()
+
+    def release(self, key: str) -> None:
+        """Let the capture plugin forget the states of a request whose last scoring did not read them (blocking)."""
+        self.backend.release(key)
+
+    def count_captures(self, listener) -> None:
+        """Call ``listener(captured, fell_back)`` after each backend call that reads captures."""
+        self.backend.listener = listener
 
     @property
     def labels(self) -> list[str]:
@@ -259,24 +265,8 @@ class Scorer:
 
         tokenizer = AutoTokenizer.from_pretrained(str(export.model_dir))
         with ExitStack() as resources:  # handed to the scorer on success, closed (server stopped) on failure
-            if backend in ("hf", "capture"):
-                states = HFBackend(export.model_dir, export.guard.hook_layer, device)
-                if backend == "capture":
-                    client = _capture_client(capture_socket, timeout)
-                    if (client.layer, client.dim) != (export.guard.hook_layer, export.guard.hidden_size):
-                        raise BackendError(
-                            f"the capture plugin on {capture_socket} records layer {client.layer} of width "
-                            f"{client.dim}; this export needs layer {export.guard.hook_layer} of width "
-                            f"{export.guard.hidden_size}. Is that vLLM serving this export?"
-                        )
-                    states = CaptureBackend(client, states)
-            else:
-                if pooling_url is None:
-                    from serve.probe import pooling_server, probe_export
-
-                    probe = probe_export(export.root)
-                    pooling_url = resources.enter_context(pooling_server(probe, max_model_len=max_tokens))
-                states = VLLMPoolingBackend(pooling_url, timeout=timeout, hidden_size=export.guard.hidden_size)
+            states = make_backend(backend, export, resources, max_tokens=max_tokens, device=device,
+                                  pooling_url=pooling_url, capture_socket=capture_socket, timeout=timeout)  # fmt: skip
             scorer = cls(states, tokenizer, export.predictor, export.index, max_tokens=max_tokens, top_k=top_k,
                          resources=resources.pop_all())  # fmt: skip
         return scorer
@@ -301,11 +291,15 @@ class Scorer:
         """The whole ``text`` scored as a completion of an empty prompt."""
         return self.score_batch([("", text)])[0]
 
-    def score_batch(self, pairs: list[tuple[str, str]], captures=None) -> list[LeakageReport]:
+    def score_batch(self, pairs: list[tuple[str, str]], captures=None, since=None) -> list[LeakageReport]:
         """One report per ``(prompt, completion)``; one backend call and one predictor pass for the batch.
 
         ``captures[i]``: a ``Capture`` when pair ``i`` came from a vLLM request marked for the capture plugin (its
-        token ids, when given, are scored instead of the re-tokenised text, with any backend), else None."""
+        token ids, when given, are scored instead of the re-tokenised text, with any backend), else None.
+        ``since[i]``: None (score everything), or the length of a start of the completion scored before: then only
+        the completion's windows from about there on are scored (see ``RESCORE_CHARS``) and not the prompt's, so a
+        stream scored as it grows compares each window with the concepts about once. The predictor is causal: a
+        window's score does not change when text is added after it."""
         if not isinstance(pairs, (list, tuple)):
             raise ValueError(f"pairs must be a list of (prompt, completion) str tuples, got {type(pairs).__name__}.")
         for i, pair in enumerate(pairs):
@@ -313,11 +307,15 @@ class Scorer:
                 raise ValueError(f"pairs[{i}] must be a (prompt, completion) tuple of two str, got {pair!r:.80}.")
         if not pairs:
             return []
-        if captures is not None and len(captures) != len(pairs):
-            raise ValueError(f"captures must have one entry per pair ({len(pairs)}), got {len(captures)}.")
+        for name, given in (("captures", captures), ("since", since)):
+            if given is not None and len(given) != len(pairs):
+                raise ValueError(f"{name} must have one entry per pair ({len(pairs)}), got {len(given)}.")
         with self._lock:
             captures = list(captures) if captures is not None else [None] * len(pairs)
             items = self._tokenize([p for p, _ in pairs], [c for _, c in pairs], captures)
+            for item, start in zip(items, since or []):
+                if start is not None:
+                    self._skip_scored(item, start)
             live = [it.ids for it in items if it.ids]  # no ids (both parts empty, no BOS): nothing to score
             live_caps = [(c.key, c.release) if c else None for it, c in zip(items, captures) if it.ids]
             preds = self._predict(live, live_caps) if live else None  # (B_live, T, D)
@@ -360,12 +358,33 @@ class Scorer:
             items.append(_Item(prefix + p_keep + c_keep, prompt, completion, bool(drop_p or drop_c)))
         return items
 
+    def _skip_scored(self, item: _Item, since: int) -> None:
+        """Keep only the rows of windows that start at most ``RESCORE_CHARS`` before character ``since`` of the
+        completion (and none of the prompt's): the rest were scored before, with the same tokens up to them."""
+        part = item.completion
+        stable = self._tokens_within(part, max(0, int(since) - RESCORE_CHARS))
+        item.prompt.rows = item.prompt.rows[:0]
+        # row t scores the window starting at part token t + 1 - first_row + base; rows before token `stable` read
+        # only tokens that were already there (and stay), so they were scored before with the same result
+        part.rows = part.rows[part.rows + 1 - part.first_row + part.base >= stable]
+
+    def _tokens_within(self, part: _Part, chars: int) -> int:
+        """How many of the part's leading tokens end within its first ``chars`` characters."""
+        if part.offsets is not None:
+            ends = np.maximum.accumulate(part.offsets[:, 1]) if len(part.offsets) else part.offsets[:, 1]
+            return int(np.searchsorted(ends, chars, side="right"))
+        lo, hi = 0, len(part.ids)  # vLLM's tokens: the longest start that decodes within ``chars``
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self.tokenizer.decode(part.ids[:mid], skip_special_tokens=True)) <= chars:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def _predict(self, sequences: list[list[int]], captures=None) -> np.ndarray:
         """(B, T, D) float32 predictor outputs for right-padded sequences (zero rows at padding)."""
-        if getattr(self.backend, "uses_captures", False):
-            states = self.backend.hidden_states(sequences, captures)  # list of (T_i, H)
-        else:
-            states = self.backend.hidden_states(sequences)
+        states = self.backend.hidden_states(sequences, captures)  # list of (T_i, H)
         width = max(len(s) for s in sequences)
         hidden = torch.zeros((len(sequences), width, states[0].shape[1]), dtype=torch.float32)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -386,6 +405,7 @@ class Scorer:
     def _part(self, part: _Part, preds: np.ndarray) -> tuple[list[ConceptScore], list[str], float]:
         """Scores of one part from ``preds`` (T, D): (top_k ConceptScores, flagged labels, best score or -1.0)."""
         best, where = self.index.concept_scores(preds[part.rows])  # (C,), (C,) index into part.rows or -1
+        self.rows_scored += len(part.rows)
         thresholds, labels = self.index.thresholds, self.index.labels
         hit = np.flatnonzero(best > thresholds)
         flagged = [labels[c] for c in hit[np.lexsort((hit, -best[hit]))]]  # score descending

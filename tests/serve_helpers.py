@@ -91,3 +91,82 @@ class Relay:
             await self._server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(go(), self._loop).result(10)
+
+
+class FakeOpenAI:
+    """An in-process stand-in for vLLM's OpenAI server: answers ``/v1/completions`` and ``/v1/chat/completions``
+    (streamed as server-sent events, or whole) with ``self.chunks`` joined, ``/v1/models`` with ``model`` and
+    ``/health``. Switches: ``status`` (answer every generation with that status and an OpenAI error body),
+    ``malformed_after`` (send a malformed event after that many chunks), ``cut_after`` (close the connection after
+    that many chunks). ``requests`` keeps the bodies it received."""
+
+    def __init__(self, chunks: list[str], model: str = "m") -> None:
+        from aiohttp import web
+
+        self.chunks, self.model = list(chunks), model
+        self.status = 200
+        self.malformed_after: int | None = None
+        self.cut_after: int | None = None
+        self.requests: list[dict] = []
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", lambda request: web.Response())
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self._runner = web.AppRunner(app, access_log=None)
+
+        async def start():
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            return self._runner.addresses[0][1]
+
+        self.url = f"http://127.0.0.1:{asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)}"
+
+    def close(self) -> None:
+        if self._runner is not None:  # a test may close it (vLLM gone) before its fixture does
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._runner = None
+
+    async def _models(self, request):
+        from aiohttp import web
+
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    def _choice(self, text: str, chat: bool, stream: bool, finish: str | None) -> dict:
+        if chat:
+            key = "delta" if stream else "message"
+            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {"index": 0, "text": text, "finish_reason": finish}
+
+    async def _generate(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        self.requests.append(body)
+        chat = request.path.endswith("/chat/completions")
+        if self.status != 200:
+            error = {"error": {"message": "refused", "type": "BadRequestError", "code": self.status}}
+            return web.json_response(error, status=self.status)
+        base = {"id": "cmpl-1", "created": 1, "model": self.model}
+        if not body.get("stream"):
+            kind = "chat.completion" if chat else "text_completion"
+            choice = self._choice("".join(self.chunks), chat, False, "stop")
+            return web.json_response({**base, "object": kind, "choices": [choice]})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        for i, text in enumerate(self.chunks):
+            if i == self.malformed_after:
+                await out.write(b"data: {not json\n\n")
+            if i == self.cut_after:
+                request.transport.close()
+                return out
+            event = {**base, "object": kind, "choices": [self._choice(text, chat, True, None)]}
+            await out.write(f"data: {json.dumps(event)}\n\n".encode())
+        last = {**base, "object": kind, "choices": [self._choice("", chat, True, "stop")]}
+        await out.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+        return out

@@ -8,6 +8,7 @@ import pytest
 from serve_helpers import http
 
 from serve.app import Guard
+from serve.backends import CaptureBackend, StateBackend
 from serve.launch import guard_in_thread
 from serve.settings import GuardSettings
 
@@ -46,8 +47,14 @@ class FakeCapture:
 
 
 def stub_scorer(capture=None):
-    backend = SimpleNamespace(uses_captures=capture is not None, client=capture, listener=None)
-    return SimpleNamespace(backend=backend, score_batch=lambda pairs, captures=None: [])
+    """What the guard asks of a scorer; with ``capture``, that of one reading states captured in vLLM."""
+    backend = CaptureBackend(capture, fallback=None) if capture is not None else StateBackend()
+    return SimpleNamespace(
+        uses_captures=backend.uses_captures,
+        capture_status=backend.capture_status,
+        count_captures=lambda listener: None,
+        score_batch=lambda pairs, captures=None, since=None: [],
+    )
 
 
 @pytest.fixture

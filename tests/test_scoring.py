@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from toy_scorer import DIM, TABLE, ByteTokenizer, Identity, TableBackend, byte_id, toy_scorer
 
 from atu.export import load_export
 from atu.generation import chat_prompt
@@ -18,7 +19,7 @@ from atu.loading import load_lm
 from atu.vllm_check import free_port
 from serve.backends import BackendError, VLLMPoolingBackend, check_id_lists, length_batches
 from serve.probe import kv_cache_bytes, probe_export, probe_key
-from serve.scoring import Scorer, excerpt_span, part_rows, truncation, window_char_starts
+from serve.scoring import RESCORE_CHARS, Scorer, excerpt_span, part_rows, truncation, window_char_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,54 +119,6 @@ def test_kv_cache_bytes():
 
 
 # ---------------------------------------------------------------------------------------------- a hand-made scorer
-
-
-class ByteTokenizer:
-    """A stand-in for a byte-level BPE fast tokenizer: one token per UTF-8 byte (id = byte + 3, BOS = 1), offsets
-    in characters, every byte of a multi-byte character reporting that character's span (as byte-level BPE does)."""
-
-    is_fast = True
-    bos_token_id = 1
-
-    def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False):
-        ids = [[b + 3 for ch in t for b in ch.encode()] for t in texts]
-        offsets = [[(i, i + 1) for i, ch in enumerate(t) for _ in ch.encode()] for t in texts]
-        return {"input_ids": ids, "offset_mapping": offsets}
-
-
-class TableBackend:
-    """Hidden state of a token = a fixed random vector of its id."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def hidden_states(self, sequences):
-        return [self.table[np.asarray(s)] for s in check_id_lists(sequences)]
-
-    def close(self):
-        pass
-
-
-class Identity(torch.nn.Module):
-    """A predictor whose row t is the hidden state of token t: the best row for a concept is known exactly."""
-
-    def forward(self, hidden, mask):
-        return hidden * mask[..., None]
-
-
-DIM = 64
-TABLE = np.random.default_rng(0).standard_normal((260, DIM)).astype(np.float32)
-
-
-def byte_id(ch):
-    return ch.encode()[0] + 3
-
-
-def toy_scorer(labels_ids, max_tokens=64, thresholds=None, top_k=None):
-    index = ConceptIndex.build(
-        TABLE[list(labels_ids.values())], list(labels_ids), thresholds or [0.99] * len(labels_ids)
-    )
-    return Scorer(TableBackend(TABLE), ByteTokenizer(), Identity(), index, max_tokens=max_tokens, top_k=top_k)
 
 
 def by_concept(scores):
@@ -508,3 +461,25 @@ def test_vllm_pooling_backend_matches_hf(export_dir, hf_scorer, pairs):
             diffs.append(abs(x.score - y.score))
     assert len(diffs) == 2 * len(pairs) * len(hf_scorer.labels) and max(diffs) < 1e-3, max(diffs)
     np.testing.assert_allclose(np.linalg.norm(states, axis=1), 1.0, atol=1e-4)  # vLLM returns unit vectors
+
+
+def test_since_scores_only_the_new_windows_with_the_whole_texts_scores():
+    """A completion scored as it grows, each time from where the last score reached, gets every concept's whole-text
+    score (the predictor is causal), while comparing each window with the concepts about once, not once per prefix."""
+    concepts = {ch: byte_id(ch) for ch in "abQzé"}
+    text = "zz abQ " * 150 + "é end"
+    whole = toy_scorer(concepts, max_tokens=4096).score("P", text)
+    scorer = toy_scorer(concepts, max_tokens=4096)
+    best, since = {}, None
+    for end in range(5, len(text) + 5, 5):
+        (report,) = scorer.score_batch([("P", text[:end])], since=[since or 0])
+        for s in report.completion:
+            best[s.concept] = max(best.get(s.concept, -1.0), s.score)
+        assert all(s.score == -1.0 for s in report.prompt)  # the prompt was scored before
+        since = len(text[:end])
+    assert best == pytest.approx({s.concept: s.score for s in whole.completion}, abs=1e-6)
+    steps = len(range(5, len(text) + 5, 5))
+    assert scorer.rows_scored <= len(text) + steps * (RESCORE_CHARS + 1)
+    assert scorer.rows_scored < sum(min(end, len(text)) for end in range(5, len(text) + 5, 5)) / 3
+    with pytest.raises(ValueError, match="since must have one entry per pair"):
+        scorer.score_batch([("P", "a"), ("P", "b")], since=[0])

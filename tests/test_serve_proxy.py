@@ -65,8 +65,8 @@ class LowThresholds:
         self._value = value
         self.labels = scorer.labels
 
-    def score_batch(self, pairs, captures=None):
-        reports = self._scorer.score_batch(pairs, captures)
+    def score_batch(self, pairs, captures=None, since=None):
+        reports = self._scorer.score_batch(pairs, captures, since)
         for r in reports:
             for part in (r.prompt, r.completion):
                 for c in part:
@@ -83,7 +83,7 @@ class Broken:
     def __init__(self) -> None:
         self.calls = 0
 
-    def score_batch(self, pairs, captures=None):  # the batcher's call, so the failure is this one, not a TypeError
+    def score_batch(self, pairs, captures=None, since=None):  # the batcher's call: this failure, not a TypeError
         self.calls += 1
         raise RuntimeError("scorer offline")
 

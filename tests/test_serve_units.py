@@ -184,7 +184,7 @@ def test_batcher_batches_concurrent_requests_and_keeps_order():
     sizes = []
     gate = threading.Event()
 
-    def score_batch(pairs, captures):
+    def score_batch(pairs, captures, since):
         gate.wait(5)  # hold the first batch so that the others queue up behind it
         sizes.append(len(pairs))
         return [f"{p}|{c}|{cap}" for (p, c), cap in zip(pairs, captures)]
@@ -206,7 +206,7 @@ def test_batcher_batches_concurrent_requests_and_keeps_order():
 
 
 def test_batcher_propagates_errors_to_the_batch_only():
-    def score_batch(pairs, captures):
+    def score_batch(pairs, captures, since):
         if any(c == "bad" for _, c in pairs):
             raise RuntimeError("boom")
         return [c for _, c in pairs]
@@ -226,7 +226,7 @@ def test_batcher_propagates_errors_to_the_batch_only():
 def test_batcher_retries_a_failed_batch_one_by_one():
     calls = []
 
-    def score_batch(pairs, captures):
+    def score_batch(pairs, captures, since):
         calls.append(len(pairs))
         if any(c == "bad" for _, c in pairs):
             raise ValueError("bad item")
@@ -247,7 +247,7 @@ def test_batcher_retries_a_failed_batch_one_by_one():
 def test_batcher_deadline_and_bounded_queue():
     release = threading.Event()
 
-    def hanging(pairs, captures):
+    def hanging(pairs, captures, since):
         release.wait(10)
         return [c for _, c in pairs]
 
@@ -298,7 +298,7 @@ def test_guard_sends_its_upstream_key_and_never_the_clients():
 
     port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     settings = GuardSettings(f"http://127.0.0.1:{port}", port=0, api_key="client-key", upstream_key="run-key")
-    scorer = type("S", (), {"score_batch": lambda self, pairs, captures=None: []})()
+    scorer = type("S", (), {"score_batch": lambda self, pairs, captures=None, since=None: []})()
     try:
         with guard_in_thread(Guard(settings, scorer, _Tok())) as base:
             req = urllib.request.Request(base + "/v1/models", headers={"Authorization": "Bearer client-key"})

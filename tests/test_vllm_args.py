@@ -149,3 +149,19 @@ def test_cli_passes_args_after_double_dash(monkeypatch, tmp_path):
     with pytest.raises(AtuError, match="with --upstream, give them to your own vLLM"):
         with upstream_servers(ServeOptions(export_dir=export, upstream_url="http://x", vllm_args=("--a",))):
             pass
+
+
+@pytest.mark.parametrize("backend", ["hf", "capture", "vllm"])
+def test_a_tampered_export_is_refused_before_vllm_loads_it(started, monkeypatch, backend):
+    import atu.export
+
+    export, calls = started
+
+    def tampered(path):
+        raise atu.export.ExportError(f"{path}/model/model.safetensors: sha256 mismatch (file changed after export)")
+
+    monkeypatch.setattr(atu.export, "load_export", tampered)
+    with pytest.raises(AtuError, match="sha256 mismatch"):
+        with upstream_servers(ServeOptions(export_dir=export, backend=backend)):
+            pass
+    assert calls == []  # vLLM was never started on it
