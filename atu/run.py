@@ -137,7 +137,9 @@ def run(
     with _processes(cfg) as dist:
         t0, progress = time.time(), progress and dist.main
         job = steps.prepare(cfg, dist, progress=progress)
-        options = ScheduleOptions(Path(cfg.out), progress, replace_stale, on_stage, dist)
+        options = ScheduleOptions(
+            run_dir=Path(cfg.out), progress=progress, replace_stale=replace_stale, on_stage=on_stage, dist=dist
+        )
         start = steps.start(cfg, job, options)
         before = steps.evaluate_before(cfg, job, start) if dist.main else None
         result, final = steps.unlearn(cfg, job, start, options)
@@ -187,7 +189,7 @@ def unlearn(cfg: RunConfig, *, progress: bool = True) -> dict | None:
     with _processes(cfg) as dist:
         t0, progress = time.time(), progress and dist.main
         job = steps.prepare(cfg, dist, progress=progress)
-        options = ScheduleOptions(out, progress, dist=dist)
+        options = ScheduleOptions(run_dir=out, progress=progress, dist=dist)
         result, final = steps.unlearn(cfg, job, steps.start(cfg, job, options), options)
         if not dist.main:
             return None
