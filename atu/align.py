@@ -199,6 +199,19 @@ def mean_cosine(
     return dist.sum(total) / max(dist.sum(count), 1)
 
 
+def _shares(data: AlignmentData, train_hidden: list[torch.Tensor], epochs: int, dist: Dist):
+    """This process's (training, held-out) batches, checked against the states cached for them."""
+    if epochs and len(data.train) < dist.world:
+        raise ConfigError(
+            f"{len(data.train)} alignment batches for {dist.world} processes: use fewer processes or a smaller "
+            "align.batch_size"
+        )
+    train, val = dist.shard(data.train), dist.shard(data.val)
+    if len(train_hidden) != len(train):
+        raise ValueError(f"{len(train_hidden)} cached states for this process's {len(train)} training batches")
+    return train, val
+
+
 def train_predictor(
     predictor: EmbeddingPredictor,
     data: AlignmentData,
@@ -217,14 +230,7 @@ def train_predictor(
     ``dist.shard(data.train)``. Every step each process takes one of its batches and the gradients are averaged, so
     an epoch is as many steps as the largest share has batches (a smaller share repeats one batch)."""
     device = next(predictor.parameters()).device
-    if epochs and len(data.train) < dist.world:
-        raise ConfigError(
-            f"{len(data.train)} alignment batches for {dist.world} processes: use fewer processes or a smaller "
-            "align.batch_size"
-        )
-    train, val = dist.shard(data.train), dist.shard(data.val)
-    if len(train_hidden) != len(train):
-        raise ValueError(f"{len(train_hidden)} cached states for this process's {len(train)} training batches")
+    train, val = _shares(data, train_hidden, epochs, dist)
     opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
     rng = random.Random(cfg.seed + dist.rank)
     predictor.train()

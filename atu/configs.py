@@ -92,9 +92,14 @@ def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             raise fail(_describe(tp))
         (item,) = typing.get_args(tp)[:1] or (Any,)
         return [coerce(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(tp, value, fail)
+
+
+def _coerce_scalar(tp: Any, value: Any, fail) -> Any:
+    """``value`` as bool, int, float or str (``tp``); anything else unchanged. ``fail(expected)`` is the error."""
     if tp is bool:
         if isinstance(value, bool):
-            return value
+            return value  # any other type passes as is
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise fail("true or false")
@@ -102,7 +107,7 @@ def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         if isinstance(value, bool):
             raise fail("an integer")
         if isinstance(value, int):
-            return value
+            return value  # any other type passes as is
         number = _number(value)
         if number is None or not float(number).is_integer():
             raise fail("an integer")
@@ -120,7 +125,7 @@ def coerce(tp: Any, value: Any, where: str, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):  # `forget: [1984]` names a concept "1984"
             return str(value)
         raise fail("a string")
-    return value
+    return value  # any other type passes as is
 
 
 def _number(value: Any) -> float | int | None:

@@ -131,7 +131,7 @@ class Export:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _plain_model(model: torch.nn.Module) -> torch.nn.Module:
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model as a plain transformers model whose ``save_pretrained`` writes full weights.
 
     A PEFT-wrapped model is merged on a deep copy, so the caller's model keeps its adapters; this holds a second
@@ -258,6 +258,23 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"{out_dir}: exists and is not an atu export (no {MANIFEST_NAME}); refusing to replace it.")
 
 
+def _manifest(guard: GuardConfig, training_config: dict[str, Any], eval_summary: dict[str, Any] | None) -> dict:
+    """The manifest without its file hashes (`_write_tree` adds them)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": {
+            "atu": __version__,
+            "faiss": faiss.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "guard": guard.to_dict(),
+        "training_config": training_config,
+        "eval_summary": eval_summary or {},
+    }
+
+
 def write_export(
     out_dir: str | os.PathLike,
     *,
@@ -283,23 +300,11 @@ def write_export(
     """
     out_dir = Path(out_dir)
     _check_consistency(model, predictor, guard, index)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "versions": {
-            "atu": __version__,
-            "faiss": faiss.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "guard": guard.to_dict(),
-        "training_config": training_config,
-        "eval_summary": eval_summary or {},
-    }
+    manifest = _manifest(guard, training_config, eval_summary)
     _json_text(training_config, "training_config")
     _json_text(eval_summary or {}, "eval_summary")
     _check_destination(out_dir, overwrite)
-    plain = _plain_model(model)
+    plain = plain_model(model)
 
     tmp = None
     try:

@@ -58,6 +58,37 @@ def _normalise_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     return q / np.maximum(norms, 1e-12)
 
 
+def _read_meta(meta_path: Path) -> tuple[list[str], np.ndarray, int, str]:
+    """(labels, thresholds (C,) float32, dim, kind) of a concept index's metadata file, checked."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{meta_path}: cannot read the concept index metadata ({err}).") from err
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{meta_path}: format_version must be {FORMAT_VERSION}, got {got!r}.")
+    expected = {"dim", "format_version", "kind", "labels", "thresholds"}
+    if set(meta) != expected:
+        raise FormatError(f"{meta_path}: keys must be {sorted(expected)}, got {sorted(meta)}.")
+    labels, thresholds, dim, kind = meta["labels"], meta["thresholds"], meta["dim"], meta["kind"]
+    if kind not in ("flat", "hnsw"):
+        raise FormatError(f"{meta_path}: kind must be 'flat' or 'hnsw', got {kind!r}.")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+        raise FormatError(f"{meta_path}: labels must be a list of unique strings.")
+    if not isinstance(thresholds, list) or len(thresholds) != len(labels):
+        got = len(thresholds) if isinstance(thresholds, list) else type(thresholds).__name__
+        raise FormatError(f"{meta_path}: {len(labels)} labels but {got} thresholds.")
+    try:
+        thr = np.asarray(thresholds, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise FormatError(f"{meta_path}: thresholds must be numbers ({err}).") from err
+    if not np.isfinite(thr).all():
+        raise FormatError(f"{meta_path}: thresholds must be finite numbers.")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise FormatError(f"{meta_path}: dim must be a positive int, got {dim!r}.")
+    return labels, thr, dim, kind
+
+
 @dataclass
 class ConceptIndex:
     """A FAISS index over unit concept vectors, with one label and one threshold (tau) per concept.
@@ -235,37 +266,7 @@ class ConceptIndex:
         """
         directory = Path(directory)
         meta_path, index_path = directory / META_NAME, directory / INDEX_NAME
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FormatError(f"{meta_path}: cannot read the concept index metadata ({err}).") from err
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            got = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
-            raise FormatError(f"{meta_path}: format_version must be {FORMAT_VERSION}, got {got!r}.")
-        expected = {"dim", "format_version", "kind", "labels", "thresholds"}
-        if set(meta) != expected:
-            raise FormatError(f"{meta_path}: keys must be {sorted(expected)}, got {sorted(meta)}.")
-        labels, thresholds, dim, kind = meta["labels"], meta["thresholds"], meta["dim"], meta["kind"]
-        if kind not in ("flat", "hnsw"):
-            raise FormatError(f"{meta_path}: kind must be 'flat' or 'hnsw', got {kind!r}.")
-        if (
-            not isinstance(labels, list)
-            or not all(isinstance(x, str) for x in labels)
-            or len(set(labels)) != len(labels)
-        ):
-            raise FormatError(f"{meta_path}: labels must be a list of unique strings.")
-        if not isinstance(thresholds, list) or len(thresholds) != len(labels):
-            got = len(thresholds) if isinstance(thresholds, list) else type(thresholds).__name__
-            raise FormatError(f"{meta_path}: {len(labels)} labels but {got} thresholds.")
-        try:
-            thr = np.asarray(thresholds, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            raise FormatError(f"{meta_path}: thresholds must be numbers ({err}).") from err
-        if not np.isfinite(thr).all():
-            raise FormatError(f"{meta_path}: thresholds must be finite numbers.")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise FormatError(f"{meta_path}: dim must be a positive int, got {dim!r}.")
-
+        labels, thr, dim, kind = _read_meta(meta_path)
         if not index_path.is_file():
             raise FormatError(f"{index_path}: file not found (it belongs with {meta_path.name}).")
         try:

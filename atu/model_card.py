@@ -28,6 +28,30 @@ def concepts_digest(names: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(names)).encode("utf-8")).hexdigest()
 
 
+def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
+    """The card's table of recall before and after, or why there is none."""
+    lines: list[str] = []
+    before, after = (evaluation or {}).get("before"), (evaluation or {}).get("after")
+    if before and after:
+        lines += [
+            "ROUGE-L recall of greedy answers to probe questions, before and after unlearning:",
+            "",
+            "| group | probe kind | before | after |",
+            "|---|---|---:|---:|",
+        ]
+        for group in ("forget", "neighbour", "retain"):
+            for kind in PROBE_KINDS:
+                b, a = (before.get(group) or {}).get(kind), (after.get(group) or {}).get(kind)
+                if b is not None and a is not None:
+                    lines.append(f"| {group} | {kind} | {b:.3f} | {a:.3f} |")
+        b, a = before.get("retain_perplexity"), after.get("retain_perplexity")
+        if b and a:
+            lines.append(f"| retain | perplexity (held-out) | {b:.1f} | {a:.1f} |")
+    else:
+        lines.append("Not evaluated in this export (`atu run` with probes writes the figures here).")
+    return lines
+
+
 def model_card(
     *, base_model: str, encoder: str, hook_layer: int, forgotten: Sequence[str], config: dict[str, Any],
     evaluation: dict[str, Any] | None, version: str,
@@ -63,24 +87,7 @@ def model_card(
         lines += [f"| `{section}.{k}` | `{values[k]}` |" for k in keys if k in values]
     lines += [f"| `{k}` | `{config[k]}` |" for k in ("guard_target", "guard_fpr", "stop_signal") if k in config]
     lines += ["", "## Evaluation", ""]
-    before, after = (evaluation or {}).get("before"), (evaluation or {}).get("after")
-    if before and after:
-        lines += [
-            "ROUGE-L recall of greedy answers to probe questions, before and after unlearning:",
-            "",
-            "| group | probe kind | before | after |",
-            "|---|---|---:|---:|",
-        ]
-        for group in ("forget", "neighbour", "retain"):
-            for kind in PROBE_KINDS:
-                b, a = (before.get(group) or {}).get(kind), (after.get(group) or {}).get(kind)
-                if b is not None and a is not None:
-                    lines.append(f"| {group} | {kind} | {b:.3f} | {a:.3f} |")
-        b, a = before.get("retain_perplexity"), after.get("retain_perplexity")
-        if b and a:
-            lines.append(f"| retain | perplexity (held-out) | {b:.1f} | {a:.1f} |")
-    else:
-        lines.append("Not evaluated in this export (`atu run` with probes writes the figures here).")
+    lines += _evaluation_lines(evaluation)
     if (evaluation or {}).get("stop_reason"):
         lines += ["", f"Schedule: {evaluation['stop_reason']}."]
     lines += [

@@ -1,4 +1,5 @@
-"""`atu run CONFIG.yaml`: align, unlearn, export and evaluate, from one config file.
+"""The config of a job (`RunConfig`): what `atu run CONFIG.yaml`, `atu align`, `atu unlearn` and `atu export` read.
+The job itself (the steps it takes) is atu/run.py.
 
 The keys are the fields of ``RunConfig`` and of the stage configs it holds (``DataConfig``, ``EvalConfig``,
 ``atu.align.AlignConfig``, ``atu.unlearn.UnlearnConfig``); `atu config show CONFIG` prints a config with every

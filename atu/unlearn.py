@@ -358,24 +358,32 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: UnlearnConfig) -> torc
     return torch.optim.Adam(params, lr=cfg.lr)
 
 
+def _next_pick(order: list[int], rng: random.Random, n_batches: int, dist: Dist) -> int:
+    """This process's batch for the next step: each step takes ``dist.world`` batches off ``order`` (refilled with a
+    new shuffle of every batch when it runs out), one per process."""
+    picks = []
+    for _ in range(dist.world):
+        if not order:
+            order.extend(range(n_batches))
+            rng.shuffle(order)
+        picks.append(order.pop())
+    return picks[dist.rank]
+
+
+def _retain_similarity(model, predictor, retain: RetainSet, vectors: torch.Tensor, layer: int, autocast) -> dict:
+    """The similarity stats of the first retain batch (what a logged step reports for the retain texts)."""
+    device = vectors.device
+    with torch.no_grad(), autocast:
+        r_ids, r_attn = (t.to(device) for t in retain.batches[0])
+        r_pred = predictor(hidden_at(model, r_ids, r_attn, layer), r_attn)
+    return _similarity_stats(r_pred, vectors, retain.masks[0].to(device), "retain")
+
+
 def unlearn_stage(
-    model,
-    predictor,
-    batches: list[ForgetBatch],
-    concept_vectors: torch.Tensor,
-    thresholds: torch.Tensor,
-    layer: int,
-    cfg: UnlearnConfig,
-    params: list[torch.nn.Parameter],
-    *,
-    stage: int,
-    steps: int | None = None,
-    step_offset: int = 0,
-    retain: RetainSet | None = None,
-    on_log=None,
-    progress: bool = True,
-    dist: Dist = SINGLE,
-) -> list[dict]:
+    model, predictor, batches: list[ForgetBatch], concept_vectors: torch.Tensor, thresholds: torch.Tensor, layer: int,
+    cfg: UnlearnConfig, params: list[torch.nn.Parameter], *, stage: int, steps: int | None = None,
+    step_offset: int = 0, retain: RetainSet | None = None, on_log=None, progress: bool = True, dist: Dist = SINGLE,
+) -> list[dict]:  # fmt: skip
     """``steps`` (default ``cfg.stage_steps``) optimizer steps of the unlearning loss; the predictor stays frozen.
 
     ``retain`` holds the retain texts: the optional retain term takes one of its batches a step, and its first batch
@@ -396,20 +404,10 @@ def unlearn_stage(
     rng = random.Random(cfg.seed + stage)
     order: list[int] = []
     n_steps = steps if steps is not None else cfg.stage_steps(len(batches))
-    bar = tqdm(
-        range(n_steps),
-        desc=f"unlearning stage {stage} (tau {taus.max().item():.2f})",
-        disable=not progress,
-        unit="step",
-    )
+    desc = f"unlearning stage {stage} (tau {taus.max().item():.2f})"
+    bar = tqdm(range(n_steps), desc=desc, disable=not progress, unit="step")
     for i in bar:
-        picks = []
-        for _ in range(dist.world):
-            if not order:
-                order = list(range(len(batches)))
-                rng.shuffle(order)
-            picks.append(order.pop())
-        b = batches[picks[dist.rank]]
+        b = batches[_next_pick(order, rng, len(batches), dist)]
         ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
         with autocast:
             pred = predictor(hidden_at(model, ids, attn, layer), attn)  # (B, T, D)
@@ -442,10 +440,7 @@ def unlearn_stage(
             rec.update({k: v.item() for k, v in kept.items()})
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
             if retain is not None:
-                with torch.no_grad(), autocast:
-                    r_ids, r_attn = (t.to(device) for t in retain.batches[0])
-                    r_pred = predictor(hidden_at(model, r_ids, r_attn, layer), r_attn)
-                rec.update(_similarity_stats(r_pred, vectors, retain.masks[0].to(device), "retain"))
+                rec.update(_retain_similarity(model, predictor, retain, vectors, layer, autocast))
             records.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if on_log is not None:

@@ -126,6 +126,25 @@ def post_json(url: str, body: dict, timeout: float = 120.0, key: str | None = No
         return json.loads(resp.read())
 
 
+def _wait_healthy(proc: subprocess.Popen, log, base: str, name: str, start_timeout: float) -> None:
+    """Wait until the server at ``base`` answers /health; an AtuError (with the log's tail) if it exits first or
+    takes longer than ``start_timeout`` seconds."""
+    deadline = time.time() + start_timeout
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            tail = log.read()[-2000:]
+            raise AtuError(f"{name} exited with status {proc.returncode} while starting; log {log.name}:\n{tail}")
+        try:
+            if _get(base + "/health") == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.time() > deadline:
+            raise AtuError(f"{name} did not answer /health within {start_timeout:.0f}s; log: {log.name}")
+        time.sleep(1.0)
+
+
 @contextmanager
 def vllm_server(
     model_dir: str | Path,
@@ -164,20 +183,7 @@ def vllm_server(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                tail = log.read()[-2000:]
-                raise AtuError(f"{name} exited with status {proc.returncode} while starting; log {log.name}:\n{tail}")
-            try:
-                if _get(base + "/health") == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.time() > deadline:
-                raise AtuError(f"{name} did not answer /health within {start_timeout:.0f}s; log: {log.name}")
-            time.sleep(1.0)
+        _wait_healthy(proc, log, base, name, start_timeout)
         logger.info("%s on %s at %s (pid %d, log %s)", name, model_dir, base, proc.pid, log.name)
         started = True
         yield base

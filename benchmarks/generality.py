@@ -45,16 +45,10 @@ from atu.pipeline import RunConfig
 from atu.run import run as run_job
 from atu.world.authors import generate_authors
 from atu.world.biographies import generate_biographies
-from atu.world.build import build_world
+from atu.world.build import WORLD_FILES, build_world
 from atu.world.config import WorldConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = {
-    "corpus": "corpus.jsonl",
-    "concepts": "concepts.yaml",
-    "validation": "heldout.jsonl",
-    "probes": "probes.jsonl",
-}
 FORGET_MAX, RETAIN_MIN, PPL_MAX = 0.25, 0.90, 1.10  # the figures each run is held to
 
 
@@ -72,14 +66,13 @@ def build_corpus(name: str, quick: bool, work: Path):
         if quick:
             cfg.seed = 5
         built = build_world(cfg, progress=not quick)
-        files = dict(FILES, unseen="unseen.jsonl")
-        return built.model_dir, {k: str(built.path(v)) for k, v in files.items() if built.path(v).is_file()}
+        return built.model_dir, {k: str(built.path(v)) for k, v in WORLD_FILES.items() if built.path(v).is_file()}
     n = 6 if quick else 30
     make = generate_authors if name == "authors" else generate_biographies
     corpus = make(0, n, n_unseen=5)
     src = corpus.write(work / name)
     built = build_world(world_cfg, source=src, progress=not quick)
-    files = {k: str(built.path(v)) for k, v in FILES.items()}
+    files = {k: str(built.path(v)) for k, v in WORLD_FILES.items()}
     # Unseen people only feed the evaluation's forget floor: outside the build, so the model is the same.
     files["unseen"] = str(corpus.write_unseen(work / f"{name}_unseen.jsonl"))
     return built.model_dir, files

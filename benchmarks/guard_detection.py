@@ -64,11 +64,6 @@ SCORE_BATCH = 64
 # ---------------------------------------------------------------------------------------------- the BEFORE export
 
 
-def _world_files(world: BuiltWorld) -> dict[str, str]:
-    names = {"corpus": "corpus.jsonl", "concepts": "concepts.yaml", "probes": "probes.jsonl"}
-    return {k: str(world.path(v)) for k, v in names.items()}
-
-
 def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> tuple[Path, bool]:
     """The cached BEFORE export (built on first use); returns (path, reused)."""
     key_cfg = {
@@ -99,9 +94,9 @@ def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> t
         thresholds = after.index.thresholds
         if after.guard.threshold_fpr is not None:  # calibrate like atu.run does, on this model and predictor
             from atu.evaluate import fpr_thresholds, text_concept_scores
-            from atu.run import _resolve_world, load_run_data
+            from atu.run_data import load_run_data, resolve_world
 
-            validation = load_run_data(cfg, _resolve_world(cfg, progress=False)[1]).validation
+            validation = load_run_data(cfg, resolve_world(cfg, progress=False)[1]).validation
             vectors = torch.from_numpy(after.index.vectors())
             held = text_concept_scores(model, predictor, tokenizer, validation, vectors, layer)
             thresholds = fpr_thresholds(held.numpy(), after.guard.threshold_fpr)

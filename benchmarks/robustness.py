@@ -51,9 +51,9 @@ from atu.evaluate import neighbour_names
 from atu.loading import load_lm
 from atu.pipeline import RunConfig, demo_settings
 from atu.probes_eval import mean_recall_by_kind
-from atu.run import load_run_data
 from atu.run import run as run_atu
-from atu.world.build import build_world
+from atu.run_data import load_run_data
+from atu.world.build import WORLD_FILES, build_world
 
 METHODS = ("atu", "ga", "gd", "npo")
 
@@ -132,7 +132,7 @@ def unlearn_all(plan: Plan, methods, forget: list[str], seed: int, out: str) -> 
     models = {"atu": load_lm(Path(export) / "model")[0]}
     steps = len(summary["stages"]) * cfg.unlearn.steps_per_stage
     world = build_world(plan.unlearning().world())
-    data = load_run_data(cfg, {k: str(world.path(v)) for k, v in unlearning.WORLD_FILES.items()})
+    data = load_run_data(cfg, {k: str(world.path(v)) for k, v in WORLD_FILES.items()})
     for method in [m for m in methods if m != "atu"]:
         lr = plan.unlearning().baseline_lrs[method][0]
         bcfg = BaselineConfig(method=method, hook_layer=summary["hook_layer"], steps=steps, lr=lr, seed=seed)

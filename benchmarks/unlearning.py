@@ -44,18 +44,11 @@ from atu.formats import PROBE_KINDS
 from atu.loading import load_lm
 from atu.metrics import unlearning_criteria
 from atu.pipeline import RunConfig, demo_settings
-from atu.run import RunData, load_run_data
 from atu.run import run as run_atu
-from atu.world.build import BuiltWorld, build_world
+from atu.run_data import RunData, load_run_data
+from atu.world.build import WORLD_FILES, BuiltWorld, build_world
 from atu.world.config import WorldConfig
 
-WORLD_FILES = {
-    "corpus": "corpus.jsonl",
-    "concepts": "concepts.yaml",
-    "validation": "heldout.jsonl",
-    "probes": "probes.jsonl",
-    "unseen": "unseen.jsonl",
-}
 RETAIN_TOLERANCE = 0.02  # "an equal retain score": a baseline point whose retain recall is at most this much lower
 
 

@@ -13,9 +13,9 @@ from atu.errors import ConfigError
 from atu.export import (
     ExportError,
     GuardConfig,
-    _plain_model,
     check_encoder_dim,
     load_export,
+    plain_model,
     write_export,
 )
 from atu.index import ConceptIndex
@@ -339,7 +339,7 @@ def test_peft_model_is_exported_merged(tmp_path, lm, parts):
 
 
 def test_plain_model_passes_through(lm):
-    assert _plain_model(lm[0]) is lm[0]
+    assert plain_model(lm[0]) is lm[0]
 
 
 def test_check_encoder_dim(parts):

@@ -77,7 +77,7 @@ def _saved_bytes_and_grads(model, ids, attn, layer):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(tiny_lm, method):
-    from atu.schedule import _trainable
+    from atu.schedule import make_trainable
     from atu.unlearn import UnlearnConfig
 
     model, tok = tiny_lm
@@ -85,7 +85,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(tiny_lm,
     runs = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        m, params = _trainable(
+        m, params = make_trainable(
             copy.deepcopy(model), 1, UnlearnConfig(method=method, gradient_checkpointing=checkpointing)
         )
         for name, p in params.items():  # LoRA's B starts at zero: give the adapters something to differentiate

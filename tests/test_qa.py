@@ -52,7 +52,7 @@ def test_one_code_path_makes_corpus_probes_and_heldout(tmp_path):
 
 def test_plain_retain_texts_feed_the_stopping_signal_and_retain_terms(tmp_path, tiny_world):
     from atu.pipeline import RunConfig
-    from atu.run import _resolve_world, load_run_data
+    from atu.run_data import load_run_data, resolve_world
 
     first = tiny_world.concepts().names()[0]
     # Only the forgotten person's texts are labelled: without data.retain there would be no retain text at all.
@@ -72,7 +72,7 @@ def test_plain_retain_texts_feed_the_stopping_signal_and_retain_terms(tmp_path, 
             },
         }  # fmt: skip
     )
-    _, defaults = _resolve_world(cfg, progress=False)
+    _, defaults = resolve_world(cfg, progress=False)
     defaults.pop("validation")
     data = load_run_data(cfg, defaults)
     assert data.validation == plain[0:9:3] and data.retain_known == plain[0:9:3]

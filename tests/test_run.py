@@ -36,13 +36,13 @@ def test_run_writes_export_and_eval(tiny_run, tiny_world):
 def test_export_thresholds_are_calibrated_on_held_out_texts(tiny_run):
     from atu.evaluate import text_concept_scores
     from atu.loading import load_lm
-    from atu.run import _resolve_world, load_run_data
+    from atu.run_data import load_run_data, resolve_world
 
     out, cfg, summary = tiny_run
     exp = load_export(out / "export")
     assert exp.guard.threshold_fpr == cfg.guard_fpr == 0.05
     assert summary["guard_thresholds"] == pytest.approx(exp.index.thresholds.tolist(), abs=1e-4)
-    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    data = load_run_data(cfg, resolve_world(cfg, progress=False)[1])
     model, tok = load_lm(exp.model_dir)
     vectors = torch.from_numpy(exp.index.vectors())
     held = text_concept_scores(model, exp.predictor, tok, data.validation, vectors, exp.guard.hook_layer).numpy()
@@ -57,13 +57,13 @@ def test_export_concept_vectors_embed_the_forget_texts_facts(tiny_run, encoder):
     name the unlearning pushed away from."""
     from atu.align import encode_texts
     from atu.loading import load_lm
-    from atu.run import _resolve_world, load_run_data
+    from atu.run_data import load_run_data, resolve_world
     from atu.unlearn import concept_window_texts, target_vectors
 
     out, cfg, summary = tiny_run
     exp = load_export(out / "export")
     assert cfg.guard_target == exp.guard.concept_target == summary["guard_target"] == "centroid"
-    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    data = load_run_data(cfg, resolve_world(cfg, progress=False)[1])
     _, tok = load_lm(exp.model_dir)
     concepts = data.concepts.subset(data.forget)
     texts = [r.text for r in data.corpus if r.concept == data.forget[0]]
@@ -77,10 +77,10 @@ def test_export_concept_vectors_embed_the_forget_texts_facts(tiny_run, encoder):
 def test_stop_signal_texts_are_the_same_retained_half(tiny_run):
     """retain_corpus stops on the training texts of exactly the retained people whose held-out texts heldout uses;
     neither holds a forgotten person's text."""
-    from atu.run import _resolve_world, load_run_data
+    from atu.run_data import load_run_data, resolve_world
 
     _, cfg, _ = tiny_run
-    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    data = load_run_data(cfg, resolve_world(cfg, progress=False)[1])
     by_text = {r.text: r.concept for r in data.corpus}
     known_people = {by_text[t] for t in data.retain_known}
     assert data.retain_known and not known_people & set(data.forget)
@@ -191,7 +191,7 @@ def test_cli_eval_on_export_and_on_plain_model(tiny_run, tiny_world, tmp_path):
 
 def test_split_corpus_files_texts_that_name_a_forgotten_concept_as_forget_texts():
     from atu.formats import Concept, ConceptSet, CorpusRecord
-    from atu.run import split_corpus
+    from atu.run_data import split_corpus
 
     forgotten = ConceptSet([Concept("Ada Moss", aliases=("Moss",)), Concept("Bo Li")])
     corpus = [
@@ -211,7 +211,7 @@ def test_split_corpus_files_texts_that_name_a_forgotten_concept_as_forget_texts(
 
 
 def test_retain_texts_and_stop_signal_never_name_a_forgotten_person(tmp_path, tiny_world):
-    from atu.run import _resolve_world, load_run_data
+    from atu.run_data import load_run_data, resolve_world
 
     # Forget someone whose spouse is also in the tiny world, so that another person's texts name them.
     corpus, concepts = tiny_world.corpus(), tiny_world.concepts()
@@ -219,7 +219,7 @@ def test_retain_texts_and_stop_signal_never_name_a_forgotten_person(tmp_path, ti
     assert named_by_others, "the tiny world should have a married couple"
     cfg = tiny_run_config(tmp_path)
     cfg.data.forget = named_by_others[:1]
-    data = load_run_data(cfg, _resolve_world(cfg, progress=False)[1])
+    data = load_run_data(cfg, resolve_world(cfg, progress=False)[1])
     forgotten = data.concepts.subset(data.forget)
     assert data.retain_texts and data.retain_known and data.validation
     for text in data.retain_texts + data.retain_known + data.validation + data.evaluation:
@@ -236,12 +236,12 @@ def test_retain_terms_train_on_neither_the_stop_signal_nor_the_evaluated_texts(t
     """Both retain terms run in a whole job, and their texts leave out what the stopping signal and the evaluation
     (perplexity, the driving predictor's cosines) read, so those stay held-out checks."""
     from atu.distributed import SINGLE
-    from atu.run import _setup
+    from atu.steps import prepare
 
     cfg = tiny_run_config(tmp_path, retain_weight=1.0, retain_similarity_weight=1.0, retain_similarity_margin=0.01)
     cfg.data.forget = tiny_world.concepts().names()[:1]
     cfg.stop_signal = stop_signal
-    j = _setup(cfg, SINGLE, progress=False)
+    j = prepare(cfg, SINGLE, progress=False)
     evaluated = j.data.evaluation_texts()["retain_texts"]
     assert evaluated and len(evaluated) <= len(j.data.retain_texts) // 2
     trained = set(j.inputs.retain_texts)

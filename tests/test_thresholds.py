@@ -59,7 +59,7 @@ def test_verdict_needs_forget_texts_to_get_harder_than_retain_texts():
 
 
 def test_a_placed_plan_steps_past_the_floor_at_the_same_rate():
-    from atu.schedule import Plan
+    from atu.plan import Plan
 
     p = place_thresholds([torch.tensor([0.8]), torch.tensor([0.3])], torch.tensor([[0.2, 0.3]]), 3, 1.0, 1.0)
     plan = Plan(list(p.taus), ["name", "contrast"], p, extra=2, concept_floor=torch.tensor([-1.0, -1.0]))

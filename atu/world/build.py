@@ -36,6 +36,14 @@ logger = logging.getLogger(__name__)
 BUILD_FORMAT = 1
 REQUIRED_FILES = ("corpus.jsonl", "probes.jsonl", "concepts.yaml")
 OPTIONAL_FILES = ("heldout.jsonl", "unseen.jsonl")
+# The run config's data keys (`RunConfig.data`) and the file of a built world that fills each one.
+WORLD_FILES = {
+    "corpus": "corpus.jsonl",
+    "concepts": "concepts.yaml",
+    "validation": "heldout.jsonl",
+    "probes": "probes.jsonl",
+    "unseen": "unseen.jsonl",
+}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""The thresholds of every unlearning stage (a `Plan`): the configured taus, or placed from the aligned predictor's
+cosines on forget and retain texts; and when a placed schedule stops going on past its floor."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from atu.distributed import Dist
+from atu.formats import ConceptSet
+from atu.progress import forget_cosines, text_cosines
+from atu.thresholds import Placement, place_thresholds
+from atu.unlearn import UnlearnConfig
+
+logger = logging.getLogger(__name__)
+
+
+RETAIN_SAMPLE = 256  # retain texts whose cosines place the floor of a placed schedule
+
+
+@dataclass
+class Plan:
+    """The thresholds of every stage, per target row (kind-major), and how they were chosen."""
+
+    taus: list[torch.Tensor]  # per stage, (R,)
+    kinds: list[str]
+    placement: Placement | None = None  # None: the absolute schedule (unlearn.taus), or a baseline's stages
+    algorithm: str = "atu"
+    extra: int = 0  # placed schedule: stages past the floor, at the same step, while forgetting still progresses
+    concept_floor: torch.Tensor | None = None  # (R,) each row's concept's own threshold, else -1
+
+    def stage(self, stage: int) -> torch.Tensor | None:
+        """The thresholds of ``stage`` (R,), or None past the last one. Past the floor a placed schedule steps on
+        at the same rate (idle rows stay at their start, a concept's own threshold stays a floor)."""
+        if stage < len(self.taus):
+            return self.taus[stage]
+        if self.placement is None or stage >= len(self.taus) + self.extra:
+            return None
+        p, n = self.placement, len(self.taus)
+        taus = (p.start - (p.start - p.floor) * (stage + 1) / n).clamp(min=-1.0)
+        taus = torch.where(p.idle, p.start, taus)
+        return taus if self.concept_floor is None else torch.maximum(taus, self.concept_floor)
+
+    def headline(self, stage: int) -> float:
+        """One number for a stage: its highest threshold (the absolute schedule's tau)."""
+        return round(float(self.stage(stage).max()), 4)
+
+    def describe(self, stage: int) -> str:
+        if self.placement is None:
+            return f"tau={self.headline(stage)}"
+        return f"thresholds {', '.join(f'{t:.2f}' for t in self.stage(stage).tolist())}"
+
+    def record(self) -> dict:
+        kind = "placed" if self.placement is not None else "absolute" if self.algorithm == "atu" else "baseline"
+        out: dict = {"schedule": kind, "algorithm": self.algorithm, "target_kinds": self.kinds}
+        if self.placement is not None:
+            p = self.placement
+            out.update(start=p.start.tolist(), floor=p.floor.tolist(), idle=p.idle.tolist())
+        return out
+
+
+def levelled_off(stages: list[dict], plan: Plan, cfg: UnlearnConfig, dist: Dist) -> str | None:
+    """Past the placed floor, the schedule goes on only while held-out forget perplexity still rises by
+    ``cfg.progress_min`` a stage (and the retain budget holds): the stop reason once it does not, else None."""
+    stage = stages[-1]["stage"]
+    if plan.placement is None or stage < len(plan.taus) - 1 or len(stages) < 2:
+        return None
+    now, prev = stages[-1]["heldout_forget_ppl_ratio"], stages[-2]["heldout_forget_ppl_ratio"]
+    gain = dist.from_main(now / prev - 1 if dist.main and now is not None and prev is not None else -1.0)
+    if gain >= cfg.progress_min:
+        return None
+    return (
+        f"forgetting levelled off after stage {stage}: held-out forget perplexity rose {gain:+.1%} in its last stage "
+        f"(needs {cfg.progress_min:.0%} to go on)"
+    )
+
+
+def placement_cosines(
+    model, predictor, tokenizer, retain_texts: list[str], batches, rows, layer: int, max_length: int
+):
+    """(forget cosines, retain cosines): the aligned predictor's cosines to each target row on the forget batches and
+    on ``retain_texts``, the two samples a placed schedule is placed between (the model is read in eval mode)."""
+    was_training = model.training
+    model.eval()
+    forget_cos = forget_cosines(model, predictor, batches, rows, layer)
+    retain_cos = text_cosines(model, predictor, tokenizer, retain_texts, rows, layer, max_length)
+    model.train(was_training)
+    return forget_cos, retain_cos
+
+
+def make_plan(cfg: UnlearnConfig, concepts: ConceptSet, n_rows: int, cosines=None) -> Plan:
+    """The stages' thresholds: the configured taus, or placed from ``cosines`` (`placement_cosines`, needed only
+    when ``cfg.placed``). A baseline has no thresholds: ``cfg.stages`` stages of zeros, so that it runs as many
+    budget-checked stages."""
+    kinds = cfg.target_kinds
+    if cfg.algorithm != "atu":
+        return Plan([torch.zeros(n_rows)] * cfg.stages, kinds, algorithm=cfg.algorithm)
+    if not cfg.placed:
+        return Plan([cfg.stage_thresholds(t, concepts).repeat(len(kinds)) for t in cfg.taus], kinds)
+    forget_cos, retain_cos = cosines
+    placement = place_thresholds(
+        forget_cos, retain_cos, cfg.stages, cfg.start_quantile, cfg.floor_quantile, cap_quantile=cfg.floor_cap_quantile
+    )
+    idle = [concepts.names()[r % len(concepts.concepts)] for r in placement.idle.nonzero().flatten()]
+    if idle:
+        logger.warning("the aligned predictor does not single out %s on its own texts: little to push", idle)
+    floors = cfg.stage_thresholds(-1.0, concepts).repeat(len(kinds))  # a concept's own threshold, else -1
+    taus = [torch.maximum(t, floors) for t in placement.taus]
+    return Plan(taus, kinds, placement, extra=cfg.extra_stages, concept_floor=floors)

@@ -1,0 +1,211 @@
+"""The steps of a job, which the entry points of atu/run.py (`atu run`, `atu align`, `atu unlearn`, `atu export`)
+compose, in the order `atu run` takes them:
+
+    prepare          the data (atu/run_data.py), the model and the encoder; the texts split the way the schedule
+                     reads them
+    start            the predictor aligned to the model (or reused from ``aligned/``) and the concepts' targets
+    evaluate_before  every "before" figure, on the model before it changes: probes and the aligned predictor's cosines
+    unlearn          the schedule (atu/schedule.py); the unlearned model with adapters merged
+    evaluate_after   the same figures on the unlearned model
+    build_guard      the guard config and concept index of an export
+    export           the export directory
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from atu.distributed import SINGLE, Dist
+from atu.errors import ConfigError
+from atu.evaluate import evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
+from atu.export import GuardConfig, write_export
+from atu.index import ConceptIndex
+from atu.loading import load_encoder, load_lm
+from atu.metrics import auroc
+from atu.pipeline import RunConfig
+from atu.run_data import RunData, load_run_data, resolve_world
+from atu.schedule import ScheduleInputs, ScheduleOptions, ScheduleResult, ScheduleStart, run_schedule, schedule_start
+from atu.unlearn import concept_window_texts, target_vectors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """What `prepare` loads for a run."""
+
+    model_ref: str  # where the model was loaded from (the built world's model directory for model "world")
+    data: RunData
+    device: str
+    model: Any  # the causal LM
+    tokenizer: Any
+    encoder: Any  # the sentence encoder whose embeddings the predictor aligns to
+    inputs: ScheduleInputs  # the texts the schedule trains on and stops on
+
+
+def device_for(name: str) -> str:
+    """The torch device a config's ``device`` names (``auto``: CUDA when torch sees a GPU)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but torch sees no GPU; use device: cpu or auto")
+    return name
+
+
+def prepare(cfg: RunConfig, dist: Dist = SINGLE, *, progress: bool = True, model_path: Path | None = None) -> Job:
+    """Load the data, the model (``model_path`` instead of the config's, if given) and the encoder, and split the
+    texts the way the schedule uses them."""
+    with dist.main_first():  # the first process builds the world (if not cached) before the others read it
+        model_ref, defaults = resolve_world(cfg, progress)
+    data = load_run_data(cfg, defaults)
+    device = dist.device if dist.active else device_for(cfg.device)
+    model, tokenizer = load_lm(model_path or model_ref, device=device)
+    encoder = load_encoder(cfg.encoder, device=device)
+    return Job(model_ref, data, device, model, tokenizer, encoder, schedule_inputs(cfg, data))
+
+
+def schedule_inputs(cfg: RunConfig, data: RunData) -> ScheduleInputs:
+    """The texts of ``data`` in the roles the schedule gives them."""
+    concepts = data.concepts.subset(data.forget)
+    if cfg.guard_target == "description" and any(not c.description for c in concepts.concepts):
+        raise ConfigError("guard_target is 'description' but a forgotten concept has no description in data.concepts")
+    row = {n: i for i, n in enumerate(data.forget)}
+    validation = data.retain_known if cfg.stop_signal == "retain_corpus" else data.validation
+    # The retain terms never train on the texts the stopping signal reads, nor on the retain texts the evaluation
+    # reads (perplexity and the driving predictor's cosines): both stay held-out checks.
+    held_out = set(validation) | set(data.evaluation_texts()["retain_texts"])
+    return ScheduleInputs(
+        concepts=concepts,
+        forget_texts=data.forget_texts,
+        forget_concepts=data.forget_rows,
+        own_concepts=[[row[c]] if c in row else [] for c in data.forget_owners],
+        align_texts=[r.text for r in data.corpus],
+        validation_texts=validation,
+        validation_name="retained-people corpus" if cfg.stop_signal == "retain_corpus" else "held-out retain",
+        retain_texts=[t for t in data.retain_texts if t not in held_out],
+        heldout_forget=data.heldout_forget,
+    )
+
+
+def start(cfg: RunConfig, job: Job, options: ScheduleOptions) -> ScheduleStart:
+    """Align the predictor to the model (or reuse ``cfg.out/aligned``) and embed the concepts' targets."""
+    return schedule_start(job.model, job.tokenizer, job.encoder, job.inputs, cfg.align, cfg.unlearn, options)
+
+
+@dataclass
+class Before:
+    """The figures of the model before unlearning."""
+
+    probes: dict | None  # `evaluate_model` with the aligned predictor's leakage AUROC; None without probes
+    similarity: dict  # the aligned predictor's mean cosine to each concept on forget and retain texts
+
+
+def evaluate_before(cfg: RunConfig, job: Job, start: ScheduleStart) -> Before:
+    """Every "before" figure, on the model as `prepare` loaded it (call it before `unlearn` changes the model)."""
+    data, texts = job.data, job.data.evaluation_texts()
+    predictor, layer, vectors = start.aligned.predictor, start.layer, start.vectors
+    probes = None
+    if data.probes:
+        probes = evaluate_model(
+            job.model, job.tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts,
+            stand_ins=data.unseen_names, max_new_tokens=cfg.eval.max_new_tokens,
+        )  # fmt: skip
+        probes["leakage_auroc"] = auroc(
+            text_leakage(job.model, predictor, job.tokenizer, texts["forget_texts"], vectors, layer),
+            text_leakage(job.model, predictor, job.tokenizer, texts["retain_texts"], vectors, layer),
+        )
+    return Before(probes, _similarity(job.model, predictor, job.tokenizer, texts, vectors, layer))
+
+
+def _similarity(model, predictor, tokenizer, texts: dict[str, list[str]], vectors, layer: int) -> dict:
+    return {
+        "forget": mean_similarity(model, predictor, tokenizer, texts["forget_texts"], vectors, layer),
+        "retain": mean_similarity(model, predictor, tokenizer, texts["retain_texts"], vectors, layer),
+    }
+
+
+def unlearn(cfg: RunConfig, job: Job, start: ScheduleStart, options: ScheduleOptions):
+    """Run the schedule from ``start``. Returns (its result, the unlearned model with adapters merged, in eval
+    mode)."""
+    result = run_schedule(
+        job.model, job.tokenizer, job.encoder, job.inputs, cfg.align, cfg.unlearn, start=start, options=options
+    )
+    final = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
+    return result, final.eval()
+
+
+def evaluate_after(cfg: RunConfig, job: Job, result: ScheduleResult, final) -> tuple[dict | None, dict]:
+    """(probe figures of ``final``, or None without probes; the predictors' mean cosines on it): the exported
+    predictor's, and the one that drove the last kept stage (before the final re-alignment)."""
+    data, texts = job.data, job.data.evaluation_texts()
+    layer, vectors = result.hook_layer, result.concept_vectors
+    after = None
+    if data.probes:
+        after = evaluate_model(
+            final, job.tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts,
+            guard=(result.predictor, layer, vectors), max_new_tokens=cfg.eval.max_new_tokens,
+        )  # fmt: skip
+    similarity = {"after_final_predictor": _similarity(final, result.predictor, job.tokenizer, texts, vectors, layer)}
+    if result.driving_predictor is not None:
+        driving = _similarity(final, result.driving_predictor, job.tokenizer, texts, vectors, layer)
+        similarity["after_driving_predictor"] = driving
+    return after, similarity
+
+
+def build_guard(
+    cfg: RunConfig, job: Job, final, predictor, layer: int, concept_vectors, final_thresholds: list[float]
+) -> tuple[GuardConfig, ConceptIndex]:
+    """The guard config and the FAISS index of the forgotten concepts for an export of ``final``.
+
+    The index's vectors embed ``cfg.guard_target`` (default: the unlearning target, whose vectors are
+    ``concept_vectors``); with ``cfg.guard_fpr`` the thresholds are set to that false-positive rate on the held-out
+    retain texts, else they are the schedule's final thresholds."""
+    guard_target = cfg.guard_target or cfg.unlearn.target_kinds[0]
+    vectors = concept_vectors.cpu()  # the unlearning's first target kind
+    if guard_target != cfg.unlearn.target_kinds[0]:
+        vectors = _guard_vectors(cfg, job, guard_target)
+    thresholds = np.asarray(final_thresholds, dtype=np.float32)
+    calibrated = cfg.guard_fpr is not None and bool(job.data.validation)
+    if calibrated:
+        held = text_concept_scores(final, predictor, job.tokenizer, job.data.validation, vectors, layer)
+        thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
+        logger.info(
+            "guard thresholds at %.0f%% false positives on held-out texts: %s", 100 * cfg.guard_fpr, thresholds
+        )
+    guard = GuardConfig(
+        hook_layer=layer,
+        window=cfg.align.window,
+        encoder=cfg.encoder,
+        hidden_size=final.config.hidden_size,
+        embedding_dim=vectors.shape[1],
+        num_layers=final.config.num_hidden_layers,
+        concept_target=guard_target,
+        threshold_fpr=cfg.guard_fpr if calibrated else None,
+    )
+    return guard, ConceptIndex.build(vectors.numpy(), job.data.forget, thresholds)
+
+
+def _guard_vectors(cfg: RunConfig, job: Job, guard_target: str) -> torch.Tensor:
+    """(C, D) the concepts' vectors of a guard target other than the unlearning's."""
+    concepts, inputs = job.inputs.concepts, job.inputs
+    windows = concept_window_texts(
+        len(concepts.concepts), inputs.forget_texts, inputs.centroid_rows(), job.tokenizer, job.encoder,
+        cfg.align.window, cfg.align.max_length,
+    ) if guard_target == "centroid" else None  # fmt: skip
+    return target_vectors(concepts, job.encoder, guard_target, windows).cpu()
+
+
+def export(cfg: RunConfig, job: Job, final, predictor, guard_index: tuple, eval_summary: dict, dest: Path, *,
+           overwrite: bool = True) -> Path:  # fmt: skip
+    """Write the export of ``final`` with ``predictor`` and the guard of `build_guard` to ``dest``."""
+    guard, index = guard_index
+    return write_export(
+        dest, model=final, tokenizer=job.tokenizer, predictor=predictor, guard=guard, index=index,
+        training_config=cfg.to_dict(), eval_summary=eval_summary, overwrite=overwrite,
+    )  # fmt: skip
