@@ -17,7 +17,7 @@ cosine 0.2 to 0.9, four consecutive "tokens" per concept, like a phrase that nam
 (t = 0.2 / 0.3 / 0.4). ``--vectors names`` swaps in real MiniLM vectors: embeddings of person names as concepts and
 of the world corpus's 8-token future windows as queries (t = 0.6 / 0.7 / 0.8: names sit close together in MiniLM).
 
-A sweep at the largest size then measures what else could meet the issue's target (128 vectors against 100,000
+A sweep at the largest size then measures what else could meet the target (128 vectors against 100,000
 concepts in under 10 ms): hnsw with other ``M`` / ``efSearch``, the current top-64 scoring against a proposed
 "candidates + exact rescore" scoring (top-k ids per query from the approximate index, then the exact cosine of
 every candidate against every query), IVF, and an exact flat path with a faster memory layout.

@@ -286,7 +286,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "(recall >= 0.5 about a forgotten person) flagged and the highest share of the other people's answers "
         "flagged, with ATU's export's guard; in brackets the leaking answers counted.\n\n"
         + "\n".join(table)
-        + "\n\nATU against the issue's figures:\n\n"
+        + "\n\nATU against the target figures:\n\n"
         + "\n".join(verdict_lines(result))
         + f"\n\nMeasured on {result['machine']}, {result['date']}; total {result['total_seconds']:.0f} s.\n"
     )
