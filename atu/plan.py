@@ -10,7 +10,7 @@ import torch
 
 from atu.distributed import Dist
 from atu.formats import ConceptSet
-from atu.progress import forget_cosines, text_cosines
+from atu.progress import forget_cosines, forgetting_gain, text_cosines
 from atu.thresholds import Placement, place_thresholds
 from atu.unlearn import UnlearnConfig
 
@@ -61,19 +61,32 @@ class Plan:
         return out
 
 
-def levelled_off(stages: list[dict], plan: Plan, cfg: UnlearnConfig, dist: Dist) -> str | None:
-    """Past the placed floor, the schedule goes on only while held-out forget perplexity still rises by
-    ``cfg.progress_min`` a stage (and the retain budget holds): the stop reason once it does not, else None."""
+@dataclass
+class Progress:
+    """Whether a placed schedule goes on past its floor after a stage: the stop reason (None: go on), and whether
+    that stage is undone (it was past the floor and forgot less than the stage before it)."""
+
+    stop: str | None = None
+    undo: bool = False
+
+
+def levelled_off(stages: list[dict], plan: Plan, cfg: UnlearnConfig, dist: Dist) -> Progress:
+    """From the placed floor on, the schedule goes on only while the concepts' texts (held-out and trained on) still
+    get harder to predict, relative to held-out retain texts, by ``cfg.progress_min`` a stage (and the retain budget
+    holds). A stage past the floor that went backwards is undone: the stage before it forgot more."""
     stage = stages[-1]["stage"]
     if plan.placement is None or stage < len(plan.taus) - 1 or len(stages) < 2:
-        return None
-    now, prev = stages[-1]["heldout_forget_ppl_ratio"], stages[-2]["heldout_forget_ppl_ratio"]
-    gain = dist.from_main(now / prev - 1 if dist.main and now is not None and prev is not None else -1.0)
+        return Progress()
+    gain = forgetting_gain(stages[-1], stages[-2]) if dist.main else None
+    gain = dist.from_main(-1.0 if gain is None else gain)
     if gain >= cfg.progress_min:
-        return None
-    return (
-        f"forgetting levelled off after stage {stage}: held-out forget perplexity rose {gain:+.1%} in its last stage "
-        f"(needs {cfg.progress_min:.0%} to go on)"
+        return Progress()
+    undo = gain < 0 and stage >= len(plan.taus)
+    what = "undid that stage" if undo else "kept it"
+    return Progress(
+        f"forgetting levelled off after stage {stage}: the forgotten concepts' texts got {gain:+.1%} harder to "
+        f"predict than held-out retain texts in its last stage (needs {cfg.progress_min:.0%} to go on); {what}",
+        undo,
     )
 
 

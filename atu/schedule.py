@@ -197,6 +197,7 @@ class _Stages:
     ref: torch.nn.Module | None  # npo's reference: the model before unlearning
     retain_before: float  # held-out retain perplexity before unlearning (the first process's)
     forget_before: float | None  # held-out forget perplexity before unlearning (first process only)
+    concept_before: float | None  # the concepts' watched texts' perplexity before unlearning (first process only)
 
     def final_thresholds(self, stages: list[dict]) -> list[float]:
         """Per concept, the first target kind's threshold in the last kept stage (the first stage's, if none)."""
@@ -228,7 +229,8 @@ class _Schedule:
                            ucfg.batch_size, ucfg.seed),
             len(ucfg.target_kinds),
         )  # fmt: skip
-        held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, self.tokenizer, acfg.max_length)
+        held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, self.tokenizer, acfg.max_length,
+                             trained_texts=inputs.forget_texts)  # fmt: skip
         plan = self._plan(model, predictor, batches, rows, layer)
         self.log({"event": "planned", **plan.record()})
         # npo compares with the model before unlearning
@@ -237,8 +239,9 @@ class _Schedule:
         dist.broadcast_(params.values())  # LoRA's adapters start random
         before = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)  # the first one decides
         forget_before = held.forget_perplexity(model) if dist.main else None
+        concept_before = held.concept_perplexity(model) if dist.main else None
         return _Stages(model, params, layer, start.data, rows, start.vectors, batches, retain, held, plan,
-                       ucfg.stage_steps(len(batches)), ref, before, forget_before)  # fmt: skip
+                       ucfg.stage_steps(len(batches)), ref, before, forget_before, concept_before)  # fmt: skip
 
     def _plan(self, model, predictor, batches, rows, layer: int) -> Plan:
         cfg, inputs = self.unlearn_cfg, self.inputs
@@ -338,6 +341,7 @@ def _stage_record(s: _Stages, stage: int, cfg: UnlearnConfig, tried: tuple, real
     """The record of a kept stage; ``tried`` is (step records, retain perplexity, its rise, unlearning seconds)."""
     records, val_ppl, rise, t_unlearn = tried
     forget_ppl = s.held.forget_perplexity(s.model) if s.forget_before is not None else None
+    concept_ppl = s.held.concept_perplexity(s.model) if s.concept_before is not None else None
     return {
         "stage": stage,
         "tau": s.plan.headline(stage),
@@ -347,11 +351,27 @@ def _stage_record(s: _Stages, stage: int, cfg: UnlearnConfig, tried: tuple, real
         "val_ppl": val_ppl,
         "rise": rise,
         "heldout_forget_ppl_ratio": None if forget_ppl is None else forget_ppl / s.forget_before,
+        "concept_ppl_ratio": None if concept_ppl is None else concept_ppl / s.concept_before,
         "realign": realign,
         "last": records[-1] if records else {},
         "unlearn_seconds": round(t_unlearn, 1),
         "stage_seconds": round(time.time() - t_stage, 1),
     }
+
+
+class _Kept:
+    """The trainable parameters and the predictors as a kept stage left them, to go back to."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], predictor, driving):
+        self.params = {n: p.detach().clone() for n, p in params.items()}
+        self.predictor, self.driving = copy.deepcopy(predictor), driving
+
+    def restore(self, params: dict[str, torch.nn.Parameter]):
+        """Copy the parameters back into ``params``; returns (predictor, driving predictor)."""
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.params[n])
+        return self.predictor, self.driving
 
 
 def _resumed_config(cfg: UnlearnConfig, stages: list[dict]) -> UnlearnConfig:
@@ -384,6 +404,8 @@ def run_schedule(
             if s.plan.stage(stage) is None:
                 break
             t_stage = time.time()
+            # past the floor a stage may be undone for forgetting less than the one before it
+            before_stage = _Kept(s.params, predictor, driving) if stage >= len(s.plan.taus) else None
             frozen = copy.deepcopy(predictor).eval().requires_grad_(False)
             records, val_ppl, rise, cfg = sch.unlearn(s, stage, frozen, cfg)
             if rise > unlearn_cfg.retain_budget:  # the stage was undone
@@ -391,17 +413,23 @@ def run_schedule(
                 break
             tried = (records, val_ppl, rise, time.time() - t_stage)
             realign = sch.realign(s, predictor, stage)
+            record = _stage_record(s, stage, cfg, tried, realign, t_stage)
+            progress = levelled_off([*stages, record], s.plan, unlearn_cfg, dist)
+            if progress.undo:
+                predictor, driving = before_stage.restore(s.params)
+                log({"event": "stage_undone", **record})
+                stop_reason = progress.stop
+                break
             driving = frozen
-            stages.append(_stage_record(s, stage, cfg, tried, realign, t_stage))
+            stages.append(record)
             log({"event": "stage_done", **stages[-1]})
             if checkpoint is not None and dist.main:
                 checkpoint.save(s.params, predictor, driving, stages)
             if opts.on_stage is not None and dist.main:  # e.g. a benchmark scoring each cut of the schedule
                 opts.on_stage(stages[-1], model=s.model, predictor=predictor, concept_vectors=s.vectors,
                               hook_layer=s.layer)  # fmt: skip
-            levelled = levelled_off(stages, s.plan, unlearn_cfg, dist)
-            if levelled:
-                stop_reason = levelled
+            if progress.stop:
+                stop_reason = progress.stop
                 break
         forgetting = sch.forgetting(s, stages)
         logger.info("%s", stop_reason)

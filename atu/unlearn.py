@@ -55,9 +55,11 @@ class UnlearnConfig:
     # whose texts do not stand out at the top still has its upper half pushed (1.0: no cap).
     floor_cap_quantile: float = 0.5
     # Placed schedule: at most this many stages past the floor, at the same step, each only while the retain budget
-    # holds and held-out forget perplexity rose by progress_min in the stage before (forgetting still progresses).
+    # holds and the stage before made the concepts' texts (held-out ones and a sample of those trained on) at least
+    # progress_min harder to predict relative to held-out retain texts; a stage past the floor that made them easier
+    # is undone.
     extra_stages: int = 6
-    progress_min: float = 0.05  # placed schedule: the rise of held-out forget perplexity a stage must bring to go on
+    progress_min: float = 0.05
     # Optimizer steps in each stage. None: ``stage_epochs`` passes over the forget batches, at least ``min_steps``.
     steps_per_stage: int | None = None
     stage_epochs: float = 20.0  # steps_per_stage null: passes over the forget batches a stage
@@ -86,9 +88,9 @@ class UnlearnConfig:
     retain_similarity_margin: float = 0.0  # a retain position's cosine may move this far before the term counts it
     retain_pool: int = 512  # retain texts the retain term cycles through (their reference states are kept in memory)
     retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
-    # A stage that breaks the budget is undone and tried again at half the learning rate, this many times, before
-    # the schedule stops (the rate stays halved for the stages after it).
-    budget_retries: int = 1
+    # A stage that breaks the budget is undone and tried again at half the learning rate (then a quarter ...), this
+    # many times, before the schedule stops (the rate stays lowered for the stages after it).
+    budget_retries: int = 2
     log_every: int = 10
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 when on a GPU (ignored on CPU)
