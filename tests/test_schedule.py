@@ -4,6 +4,7 @@ baselines run through the same stages, and the forgetting verdict in the summary
 import json
 
 import pytest
+import torch
 
 from atu.pipeline import RunConfig
 from atu.run import run
@@ -68,3 +69,28 @@ def test_baselines_run_through_the_same_stages(tiny_world, tmp_path):
     assert summary["forgetting"]["schedule"] == "baseline"
     assert [s["stage"] for s in summary["stages"]] == [0, 1]  # within a budget this loose, both stages are kept
     assert summary["after"]["retain_perplexity"] != summary["before"]["retain_perplexity"]  # npo changed the model
+
+
+def test_a_stage_past_the_floor_that_forgot_less_is_undone(tiny_world, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import atu.plan
+
+    # forgetting progresses up to the floor (stage 1 of 2), then goes backwards in the first stage past it
+    monkeypatch.setattr(atu.plan, "forgetting_gain", lambda now, prev: 0.5 if now["stage"] < 2 else -0.5)
+    kept = {}
+
+    def on_stage(record, model, **_):
+        kept[record["stage"]] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+    cfg = _config(tmp_path, tiny_world, target="name", lr=1.0, retain_budget=10.0)
+    summary = run(cfg, progress=False, on_stage=on_stage)
+    assert [s["stage"] for s in summary["stages"]] == [0, 1] and sorted(kept) == [0, 1]
+    (undone,) = _events(tmp_path, "stage_undone")
+    assert undone["stage"] == 2 and undone["last"]  # it ran its steps
+    assert "undid that stage" in summary["stop_reason"]
+    exported = load_file(next((tmp_path / "export" / "model").glob("*.safetensors")))
+    shared = [n for n in exported if n in kept[1]]
+    assert len(shared) > len(exported) // 2
+    changed = [n for n in shared if not torch.equal(exported[n], kept[1][n].to(exported[n].dtype))]
+    assert not changed  # the export is the model of the last kept stage

@@ -79,3 +79,40 @@ def test_the_floor_is_capped_by_the_concepts_own_cosines():
     p = place_thresholds(forget, retain, 2, 1.0, 1.0, cap_quantile=0.5)
     assert not p.idle.any() and p.floor.item() == pytest.approx(0.3)
     torch.testing.assert_close(p.taus[:, 0], torch.tensor([0.4, 0.3]))
+
+
+def test_progress_is_the_concepts_texts_against_the_retain_texts():
+    from atu.progress import forgetting_gain
+
+    prev = {"concept_ppl_ratio": 2.0, "rise": 0.0}
+    assert forgetting_gain({"concept_ppl_ratio": 2.2, "rise": 0.0}, prev) == pytest.approx(0.10)
+    # both got 10% harder: the model drifted, it did not forget more
+    assert forgetting_gain({"concept_ppl_ratio": 2.2, "rise": 0.10}, prev) == pytest.approx(0.0)
+    # retain texts got easier while hers stayed put: she stands out more
+    assert forgetting_gain({"concept_ppl_ratio": 2.0, "rise": -0.2}, prev) == pytest.approx(0.25)
+    assert forgetting_gain({"concept_ppl_ratio": None, "rise": 0.0}, prev) is None
+
+
+def test_past_the_floor_the_schedule_goes_on_while_forgetting_progresses_and_undoes_a_step_back():
+    from atu.distributed import SINGLE
+    from atu.plan import Plan, levelled_off
+    from atu.unlearn import UnlearnConfig
+
+    p = place_thresholds([torch.tensor([0.8])], torch.tensor([[0.2]]), 2, 1.0, 1.0)
+    plan = Plan(list(p.taus), ["name"], p, extra=3, concept_floor=torch.tensor([-1.0]))
+    cfg = UnlearnConfig(progress_min=0.05)
+
+    def stages(*ratios):
+        return [{"stage": i, "concept_ppl_ratio": r, "rise": 0.0} for i, r in enumerate(ratios)]
+
+    assert levelled_off(stages(1.5), plan, cfg, SINGLE).stop is None  # before the floor: never
+    assert levelled_off(stages(1.5, 1.6), plan, cfg, SINGLE).stop is None  # the floor stage gained 6.7%
+    floor_flat = levelled_off(stages(1.5, 1.52), plan, cfg, SINGLE)  # the floor stage gained 1%: stop, keep it
+    assert floor_flat.stop and "levelled off" in floor_flat.stop and not floor_flat.undo
+    assert levelled_off(stages(1.5, 1.6, 1.7), plan, cfg, SINGLE).stop is None  # past the floor, still 6%
+    small = levelled_off(stages(1.5, 1.6, 1.62), plan, cfg, SINGLE)  # past it, +1.25%: stop, kept
+    assert small.stop and not small.undo and "kept it" in small.stop
+    back = levelled_off(stages(1.5, 1.6, 1.4), plan, cfg, SINGLE)  # past it and backwards: undone
+    assert back.stop and back.undo and "undid" in back.stop
+    absolute = Plan(list(p.taus), ["name"], None)  # the paper's schedule runs its taus to the end
+    assert levelled_off(stages(1.5, 1.0), absolute, cfg, SINGLE).stop is None
