@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from atu.distributed import Dist
 from atu.formats import ConceptSet
-from atu.progress import forget_cosines, forgetting_gain, text_cosines
+from atu.progress import forget_cosines, text_cosines
 from atu.thresholds import Placement, place_thresholds
 from atu.unlearn import UnlearnConfig
 
@@ -61,32 +60,45 @@ class Plan:
         return out
 
 
+def specific_forgetting(record: dict) -> float | None:
+    """How much harder a stage left held-out texts about the concepts than held-out retain texts: the ratio of their
+    perplexity ratios to before unlearning (a model that drifts raises both alike; one that gets better at everything
+    lowers both). None without held-out forget texts."""
+    ratio = record.get("heldout_forget_ppl_ratio")
+    return None if ratio is None else ratio / (1 + record["rise"])
+
+
 @dataclass
 class Progress:
-    """Whether a placed schedule goes on past its floor after a stage: the stop reason (None: go on), and whether
-    that stage is undone (it was past the floor and forgot less than the stage before it)."""
+    """Where a placed schedule stands from its floor on: the stop reason (None: go on), and the best stage so far,
+    which the schedule ends on (None: the last one)."""
 
     stop: str | None = None
-    undo: bool = False
+    best: int | None = None
 
 
-def levelled_off(stages: list[dict], plan: Plan, cfg: UnlearnConfig, dist: Dist) -> Progress:
-    """From the placed floor on, the schedule goes on only while the concepts' texts (held-out and trained on) still
-    get harder to predict, relative to held-out retain texts, by ``cfg.progress_min`` a stage (and the retain budget
-    holds). A stage past the floor that went backwards is undone: the stage before it forgot more."""
-    stage = stages[-1]["stage"]
-    if plan.placement is None or stage < len(plan.taus) - 1 or len(stages) < 2:
+def floor_progress(stages: list[dict], plan: Plan, cfg: UnlearnConfig) -> Progress:
+    """From the placed floor on, the schedule goes on while held-out forgetting still progresses: a stage that beats
+    the best stage since the floor by ``cfg.progress_min`` becomes the best; after ``cfg.progress_patience`` stages in
+    a row that do not, the schedule stops, and it ends on the best one. One stage that does not is not a stop: a few
+    held-out sentences are a thin signal, and a step that moves little is often followed by one that moves more."""
+    if plan.placement is None or not stages or stages[-1]["stage"] < len(plan.taus) - 1:
         return Progress()
-    gain = forgetting_gain(stages[-1], stages[-2]) if dist.main else None
-    gain = dist.from_main(-1.0 if gain is None else gain)
-    if gain >= cfg.progress_min:
-        return Progress()
-    undo = gain < 0 and stage >= len(plan.taus)
-    what = "undid that stage" if undo else "kept it"
+    since = [r for r in stages if r["stage"] >= len(plan.taus) - 1]
+    if specific_forgetting(since[0]) is None:
+        return Progress("reached the floor; no held-out forget texts to tell whether going on past it forgets more")
+    best = since[0]
+    for r in since[1:]:
+        if specific_forgetting(r) >= specific_forgetting(best) * (1 + cfg.progress_min):
+            best = r
+    misses = stages[-1]["stage"] - best["stage"]
+    if misses < cfg.progress_patience:
+        return Progress(best=best["stage"])
     return Progress(
-        f"forgetting levelled off after stage {stage}: the forgotten concepts' texts got {gain:+.1%} harder to "
-        f"predict than held-out retain texts in its last stage (needs {cfg.progress_min:.0%} to go on); {what}",
-        undo,
+        f"forgetting levelled off: no stage since stage {best['stage']} made held-out forget texts "
+        f"{cfg.progress_min:.0%} harder to predict against held-out retain texts ({misses} tried); "
+        f"ended on stage {best['stage']}",
+        best["stage"],
     )
 
 

@@ -7,7 +7,7 @@ Nothing here reads evaluation probes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,30 +55,19 @@ def text_cosines(
     return torch.cat(parts) if parts else torch.empty(0, vectors.shape[0])
 
 
-# Training forget texts the progress signal reads beside the held-out ones (evenly spread over them).
-CONCEPT_SAMPLE = 256
-
-
 @dataclass
 class HeldOut:
-    """Texts the schedule watches: held-out forget texts it never trains on, held-out retain texts, and a sample of
-    the forget texts it trains on (with the held-out ones, the concepts' texts whose perplexity says whether
-    forgetting still progresses: a handful of held-out sentences alone is too thin a signal to steer by)."""
+    """Held-out texts the schedule watches: forget texts it never trains on and retain texts."""
 
     forget: list[tuple[torch.Tensor, torch.Tensor]]  # token batches of held-out texts about forgotten concepts
     retain: list[tuple[torch.Tensor, torch.Tensor]]  # token batches of held-out retain texts (the stop signal's)
-    trained: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # the training forget sample
 
     @classmethod
-    def build(
-        cls, forget_texts: list[str], retain_texts: list[str], tokenizer, max_length: int,
-        trained_texts: list[str] = (),
-    ) -> HeldOut:  # fmt: skip
+    def build(cls, forget_texts: list[str], retain_texts: list[str], tokenizer, max_length: int) -> HeldOut:
         def batches(texts):
             return [tokenize_texts(texts[i : i + 32], tokenizer, max_length) for i in range(0, len(texts), 32)]
 
-        step = max(1, -(-len(trained_texts) // CONCEPT_SAMPLE))
-        return cls(batches(forget_texts), batches(retain_texts), batches(list(trained_texts)[::step]))
+        return cls(batches(forget_texts), batches(retain_texts))
 
     def retain_perplexity(self, model) -> float:
         return perplexity(model, self.retain)
@@ -86,21 +75,6 @@ class HeldOut:
     def forget_perplexity(self, model) -> float | None:
         """None when there are no held-out forget texts."""
         return perplexity(model, self.forget) if self.forget else None
-
-    def concept_perplexity(self, model) -> float | None:
-        """Perplexity of the concepts' watched texts (held-out and the training sample); None when there are none."""
-        both = self.forget + self.trained
-        return perplexity(model, both) if both else None
-
-
-def forgetting_gain(now: dict, prev: dict) -> float | None:
-    """How much more a stage forgot than the one before: the rise of the concepts' text perplexity relative to the
-    held-out retain perplexity (a model that drifts raises both alike; one that gets better at everything lowers
-    both), from two stage records' ``concept_ppl_ratio`` and retain ``rise``. None without the ratios."""
-    a, b = now.get("concept_ppl_ratio"), prev.get("concept_ppl_ratio")
-    if a is None or b is None:
-        return None
-    return (a / (1 + now["rise"])) / (b / (1 + prev["rise"])) - 1
 
 
 def forgetting_verdict(forget_ppl_ratio: float | None, retain_ppl_ratio: float, stages_kept: int) -> tuple[bool, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,7 @@ from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import attach_lora, decoder_layers, enable_checkpointing, freeze_above
-from atu.plan import RETAIN_SAMPLE, Plan, levelled_off, make_plan, placement_cosines
+from atu.plan import RETAIN_SAMPLE, Plan, floor_progress, make_plan, placement_cosines
 from atu.predictor import EmbeddingPredictor
 from atu.progress import HeldOut, forgetting_verdict
 from atu.run_dir import Checkpoint, MetricsLog
@@ -197,7 +198,6 @@ class _Stages:
     ref: torch.nn.Module | None  # npo's reference: the model before unlearning
     retain_before: float  # held-out retain perplexity before unlearning (the first process's)
     forget_before: float | None  # held-out forget perplexity before unlearning (first process only)
-    concept_before: float | None  # the concepts' watched texts' perplexity before unlearning (first process only)
 
     def final_thresholds(self, stages: list[dict]) -> list[float]:
         """Per concept, the first target kind's threshold in the last kept stage (the first stage's, if none)."""
@@ -229,8 +229,7 @@ class _Schedule:
                            ucfg.batch_size, ucfg.seed),
             len(ucfg.target_kinds),
         )  # fmt: skip
-        held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, self.tokenizer, acfg.max_length,
-                             trained_texts=inputs.forget_texts)  # fmt: skip
+        held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, self.tokenizer, acfg.max_length)
         plan = self._plan(model, predictor, batches, rows, layer)
         self.log({"event": "planned", **plan.record()})
         # npo compares with the model before unlearning
@@ -239,9 +238,8 @@ class _Schedule:
         dist.broadcast_(params.values())  # LoRA's adapters start random
         before = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)  # the first one decides
         forget_before = held.forget_perplexity(model) if dist.main else None
-        concept_before = held.concept_perplexity(model) if dist.main else None
         return _Stages(model, params, layer, start.data, rows, start.vectors, batches, retain, held, plan,
-                       ucfg.stage_steps(len(batches)), ref, before, forget_before, concept_before)  # fmt: skip
+                       ucfg.stage_steps(len(batches)), ref, before, forget_before)  # fmt: skip
 
     def _plan(self, model, predictor, batches, rows, layer: int) -> Plan:
         cfg, inputs = self.unlearn_cfg, self.inputs
@@ -337,11 +335,14 @@ class _Schedule:
                 **s.plan.record()}  # fmt: skip
 
 
-def _stage_record(s: _Stages, stage: int, cfg: UnlearnConfig, tried: tuple, realign: dict, t_stage: float) -> dict:
-    """The record of a kept stage; ``tried`` is (step records, retain perplexity, its rise, unlearning seconds)."""
+def _stage_record(
+    s: _Stages, stage: int, cfg: UnlearnConfig, tried: tuple, realign: dict, t_stage: float, dist: Dist
+) -> dict:
+    """The record of a kept stage; ``tried`` is (step records, retain perplexity, its rise, unlearning seconds).
+    Every process gets the first one's held-out forget ratio, so that they decide alike where to stop."""
     records, val_ppl, rise, t_unlearn = tried
     forget_ppl = s.held.forget_perplexity(s.model) if s.forget_before is not None else None
-    concept_ppl = s.held.concept_perplexity(s.model) if s.concept_before is not None else None
+    ratio = dist.from_main(math.nan if forget_ppl is None else forget_ppl / s.forget_before)
     return {
         "stage": stage,
         "tau": s.plan.headline(stage),
@@ -350,8 +351,7 @@ def _stage_record(s: _Stages, stage: int, cfg: UnlearnConfig, tried: tuple, real
         "steps": s.steps,
         "val_ppl": val_ppl,
         "rise": rise,
-        "heldout_forget_ppl_ratio": None if forget_ppl is None else forget_ppl / s.forget_before,
-        "concept_ppl_ratio": None if concept_ppl is None else concept_ppl / s.concept_before,
+        "heldout_forget_ppl_ratio": None if math.isnan(ratio) else ratio,
         "realign": realign,
         "last": records[-1] if records else {},
         "unlearn_seconds": round(t_unlearn, 1),
@@ -360,18 +360,24 @@ def _stage_record(s: _Stages, stage: int, cfg: UnlearnConfig, tried: tuple, real
 
 
 class _Kept:
-    """The trainable parameters and the predictors as a kept stage left them, to go back to."""
+    """The trainable parameters, the predictors and the stage records as a kept stage left them, to go back to."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], predictor, driving):
+    def __init__(self, params: dict[str, torch.nn.Parameter], predictor, driving, stages: list[dict]):
         self.params = {n: p.detach().clone() for n, p in params.items()}
-        self.predictor, self.driving = copy.deepcopy(predictor), driving
+        self.predictor, self.driving, self.stages = copy.deepcopy(predictor), driving, list(stages)
 
     def restore(self, params: dict[str, torch.nn.Parameter]):
-        """Copy the parameters back into ``params``; returns (predictor, driving predictor)."""
+        """Copy the parameters back into ``params``; returns (predictor, driving predictor, stage records)."""
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(self.params[n])
-        return self.predictor, self.driving
+        return self.predictor, self.driving, self.stages
+
+
+def _ended_on(stop_reason: str, stage: int) -> str:
+    """The stop reason, saying that the schedule went back to ``stage``."""
+    note = f"ended on stage {stage}"
+    return stop_reason if note in stop_reason else f"{stop_reason}; {note}, which forgot the most since the floor"
 
 
 def _resumed_config(cfg: UnlearnConfig, stages: list[dict]) -> UnlearnConfig:
@@ -399,13 +405,12 @@ def run_schedule(
         checkpoint = Checkpoint(opts.run_dir, checkpoint_key(inputs, align_cfg, unlearn_cfg)) if opts.run_dir else None
         predictor, driving, stages = sch.resume(s, checkpoint, start.aligned.predictor, opts.replace_stale)
         stop_reason = "schedule complete: every stage stayed within the retain budget"
+        best = None
         cfg = _resumed_config(unlearn_cfg, stages)
         for stage in itertools.count(len(stages)):
             if s.plan.stage(stage) is None:
                 break
             t_stage = time.time()
-            # past the floor a stage may be undone for forgetting less than the one before it
-            before_stage = _Kept(s.params, predictor, driving) if stage >= len(s.plan.taus) else None
             frozen = copy.deepcopy(predictor).eval().requires_grad_(False)
             records, val_ppl, rise, cfg = sch.unlearn(s, stage, frozen, cfg)
             if rise > unlearn_cfg.retain_budget:  # the stage was undone
@@ -413,24 +418,26 @@ def run_schedule(
                 break
             tried = (records, val_ppl, rise, time.time() - t_stage)
             realign = sch.realign(s, predictor, stage)
-            record = _stage_record(s, stage, cfg, tried, realign, t_stage)
-            progress = levelled_off([*stages, record], s.plan, unlearn_cfg, dist)
-            if progress.undo:
-                predictor, driving = before_stage.restore(s.params)
-                log({"event": "stage_undone", **record})
-                stop_reason = progress.stop
-                break
             driving = frozen
-            stages.append(record)
+            stages.append(_stage_record(s, stage, cfg, tried, realign, t_stage, dist))
             log({"event": "stage_done", **stages[-1]})
+            going = floor_progress(stages, s.plan, unlearn_cfg)
+            if going.best == stage:  # the best stage from the floor on: what the schedule ends on if none beats it
+                best = _Kept(s.params, predictor, driving, stages)
             if checkpoint is not None and dist.main:
                 checkpoint.save(s.params, predictor, driving, stages)
             if opts.on_stage is not None and dist.main:  # e.g. a benchmark scoring each cut of the schedule
                 opts.on_stage(stages[-1], model=s.model, predictor=predictor, concept_vectors=s.vectors,
                               hook_layer=s.layer)  # fmt: skip
-            if progress.stop:
-                stop_reason = progress.stop
+            if going.stop:
+                stop_reason = going.stop
                 break
+        if best is not None and best.stages[-1] is not stages[-1]:  # a stage after the best one was kept
+            predictor, driving, stages = best.restore(s.params)
+            stop_reason = _ended_on(stop_reason, stages[-1]["stage"])
+            log({"event": "ended_on", "stage": stages[-1]["stage"]})
+            if checkpoint is not None and dist.main:
+                checkpoint.save(s.params, predictor, driving, stages)
         forgetting = sch.forgetting(s, stages)
         logger.info("%s", stop_reason)
         log({"event": "stopped", "reason": stop_reason, "forgetting": forgetting})

@@ -54,12 +54,13 @@ class UnlearnConfig:
     # Placed schedule: the floor never lies above this quantile of the row's own forget-text cosines, so a concept
     # whose texts do not stand out at the top still has its upper half pushed (1.0: no cap).
     floor_cap_quantile: float = 0.5
-    # Placed schedule: at most this many stages past the floor, at the same step, each only while the retain budget
-    # holds and the stage before made the concepts' texts (held-out ones and a sample of those trained on) at least
-    # progress_min harder to predict relative to held-out retain texts; a stage past the floor that made them easier
-    # is undone.
+    # Placed schedule: at most this many stages past the floor, at the same step, while the retain budget holds and
+    # forgetting still progresses: a stage that makes held-out forget texts progress_min harder to predict (against
+    # held-out retain texts) than the best stage since the floor becomes the best; after progress_patience stages in
+    # a row that do not, the schedule stops. It ends on the best stage.
     extra_stages: int = 6
     progress_min: float = 0.05
+    progress_patience: int = 2
     # Optimizer steps in each stage. None: ``stage_epochs`` passes over the forget batches, at least ``min_steps``.
     steps_per_stage: int | None = None
     stage_epochs: float = 20.0  # steps_per_stage null: passes over the forget batches a stage
@@ -120,9 +121,10 @@ class UnlearnConfig:
             raise ConfigError(
                 "unlearn.steps_per_stage, min_steps, stages, batch_size, log_every and retain_pool must be >= 1"
             )
-        if self.extra_stages < 0 or self.progress_min < 0:
+        if self.extra_stages < 0 or self.progress_min < 0 or self.progress_patience < 1:
             raise ConfigError(
-                f"unlearn.extra_stages and progress_min must be >= 0, got {self.extra_stages}, {self.progress_min}"
+                "unlearn.extra_stages and progress_min must be >= 0 and progress_patience >= 1, got "
+                f"{self.extra_stages}, {self.progress_min}, {self.progress_patience}"
             )
         if not self.stage_epochs > 0 or self.budget_retries < 0:
             raise ConfigError(

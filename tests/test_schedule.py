@@ -71,13 +71,14 @@ def test_baselines_run_through_the_same_stages(tiny_world, tmp_path):
     assert summary["after"]["retain_perplexity"] != summary["before"]["retain_perplexity"]  # npo changed the model
 
 
-def test_a_stage_past_the_floor_that_forgot_less_is_undone(tiny_world, tmp_path, monkeypatch):
+def test_the_schedule_ends_on_the_stage_that_forgot_the_most_since_the_floor(tiny_world, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     import atu.plan
 
-    # forgetting progresses up to the floor (stage 1 of 2), then goes backwards in the first stage past it
-    monkeypatch.setattr(atu.plan, "forgetting_gain", lambda now, prev: 0.5 if now["stage"] < 2 else -0.5)
+    # stage 1 is the floor and forgets the most; the two stages past it forget less: the schedule stops, back at 1
+    scores = {0: 1.0, 1: 2.0, 2: 1.5, 3: 1.9}
+    monkeypatch.setattr(atu.plan, "specific_forgetting", lambda record: scores[record["stage"]])
     kept = {}
 
     def on_stage(record, model, **_):
@@ -85,12 +86,13 @@ def test_a_stage_past_the_floor_that_forgot_less_is_undone(tiny_world, tmp_path,
 
     cfg = _config(tmp_path, tiny_world, target="name", lr=1.0, retain_budget=10.0)
     summary = run(cfg, progress=False, on_stage=on_stage)
-    assert [s["stage"] for s in summary["stages"]] == [0, 1] and sorted(kept) == [0, 1]
-    (undone,) = _events(tmp_path, "stage_undone")
-    assert undone["stage"] == 2 and undone["last"]  # it ran its steps
-    assert "undid that stage" in summary["stop_reason"]
+    assert sorted(kept) == [0, 1, 2, 3]  # four stages ran and were within the budget
+    assert [s["stage"] for s in summary["stages"]] == [0, 1]
+    assert "ended on stage 1" in summary["stop_reason"] and "levelled off" in summary["stop_reason"]
+    assert [e["stage"] for e in _events(tmp_path, "ended_on")] == [1]
     exported = load_file(next((tmp_path / "export" / "model").glob("*.safetensors")))
     shared = [n for n in exported if n in kept[1]]
     assert len(shared) > len(exported) // 2
-    changed = [n for n in shared if not torch.equal(exported[n], kept[1][n].to(exported[n].dtype))]
-    assert not changed  # the export is the model of the last kept stage
+    assert [n for n in shared if not torch.equal(exported[n], kept[1][n].to(exported[n].dtype))] == []
+    moved = [n for n in shared if not torch.equal(kept[3][n], kept[1][n])]
+    assert moved  # the stages after it changed the model, and were undone

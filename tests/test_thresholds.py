@@ -81,38 +81,39 @@ def test_the_floor_is_capped_by_the_concepts_own_cosines():
     torch.testing.assert_close(p.taus[:, 0], torch.tensor([0.4, 0.3]))
 
 
-def test_progress_is_the_concepts_texts_against_the_retain_texts():
-    from atu.progress import forgetting_gain
+def test_forgetting_is_measured_against_the_retain_texts():
+    from atu.plan import specific_forgetting
 
-    prev = {"concept_ppl_ratio": 2.0, "rise": 0.0}
-    assert forgetting_gain({"concept_ppl_ratio": 2.2, "rise": 0.0}, prev) == pytest.approx(0.10)
-    # both got 10% harder: the model drifted, it did not forget more
-    assert forgetting_gain({"concept_ppl_ratio": 2.2, "rise": 0.10}, prev) == pytest.approx(0.0)
-    # retain texts got easier while hers stayed put: she stands out more
-    assert forgetting_gain({"concept_ppl_ratio": 2.0, "rise": -0.2}, prev) == pytest.approx(0.25)
-    assert forgetting_gain({"concept_ppl_ratio": None, "rise": 0.0}, prev) is None
+    assert specific_forgetting({"heldout_forget_ppl_ratio": 2.2, "rise": 0.10}) == pytest.approx(2.0)
+    assert specific_forgetting({"heldout_forget_ppl_ratio": 2.0, "rise": -0.2}) == pytest.approx(2.5)
+    assert specific_forgetting({"heldout_forget_ppl_ratio": None, "rise": 0.0}) is None
 
 
-def test_past_the_floor_the_schedule_goes_on_while_forgetting_progresses_and_undoes_a_step_back():
-    from atu.distributed import SINGLE
-    from atu.plan import Plan, levelled_off
+def test_from_the_floor_the_schedule_goes_on_while_forgetting_progresses_and_ends_on_the_best_stage():
+    from atu.plan import Plan, floor_progress
     from atu.unlearn import UnlearnConfig
 
     p = place_thresholds([torch.tensor([0.8])], torch.tensor([[0.2]]), 2, 1.0, 1.0)
-    plan = Plan(list(p.taus), ["name"], p, extra=3, concept_floor=torch.tensor([-1.0]))
-    cfg = UnlearnConfig(progress_min=0.05)
+    plan = Plan(list(p.taus), ["name"], p, extra=6, concept_floor=torch.tensor([-1.0]))
+    cfg = UnlearnConfig(progress_min=0.05, progress_patience=2)
 
-    def stages(*ratios):
-        return [{"stage": i, "concept_ppl_ratio": r, "rise": 0.0} for i, r in enumerate(ratios)]
+    def at(*ratios, rises=None):
+        rises = rises or [0.0] * len(ratios)
+        records = zip(ratios, rises, strict=True)
+        stages = [{"stage": i, "heldout_forget_ppl_ratio": r, "rise": u} for i, (r, u) in enumerate(records)]
+        return floor_progress(stages, plan, cfg)
 
-    assert levelled_off(stages(1.5), plan, cfg, SINGLE).stop is None  # before the floor: never
-    assert levelled_off(stages(1.5, 1.6), plan, cfg, SINGLE).stop is None  # the floor stage gained 6.7%
-    floor_flat = levelled_off(stages(1.5, 1.52), plan, cfg, SINGLE)  # the floor stage gained 1%: stop, keep it
-    assert floor_flat.stop and "levelled off" in floor_flat.stop and not floor_flat.undo
-    assert levelled_off(stages(1.5, 1.6, 1.7), plan, cfg, SINGLE).stop is None  # past the floor, still 6%
-    small = levelled_off(stages(1.5, 1.6, 1.62), plan, cfg, SINGLE)  # past it, +1.25%: stop, kept
-    assert small.stop and not small.undo and "kept it" in small.stop
-    back = levelled_off(stages(1.5, 1.6, 1.4), plan, cfg, SINGLE)  # past it and backwards: undone
-    assert back.stop and back.undo and "undid" in back.stop
+    assert at(1.5) == at() == type(at())()  # before the floor: nothing to say
+    assert at(1.5, 1.6).stop is None and at(1.5, 1.6).best == 1  # the floor stage is the first best
+    assert at(1.5, 1.6, 1.62).best == 1  # +1.25%: not better by 5%
+    assert at(1.5, 1.6, 1.62).stop is None  # one stage that does not progress is not a stop
+    late = at(1.5, 1.6, 1.62, 1.7)  # +6% on the best: the new best, and the count starts again
+    assert late.stop is None and late.best == 3
+    flat = at(1.5, 1.6, 1.62, 1.4)  # two in a row that do not beat stage 1: stop there
+    assert flat.stop and "levelled off" in flat.stop and flat.best == 1 and "ended on stage 1" in flat.stop
+    # her texts got harder, but retain texts as much: the model got worse at everything, it did not forget more
+    assert at(1.5, 1.6, 1.8, 1.9, rises=[0.0, 0.0, 0.125, 0.19]).best == 1
+    no_heldout = at(None, None)
+    assert no_heldout.stop and "no held-out forget texts" in no_heldout.stop and no_heldout.best is None
     absolute = Plan(list(p.taus), ["name"], None)  # the paper's schedule runs its taus to the end
-    assert levelled_off(stages(1.5, 1.0), absolute, cfg, SINGLE).stop is None
+    assert floor_progress([{"stage": 1, "heldout_forget_ppl_ratio": 1.0, "rise": 0}], absolute, cfg).stop is None
