@@ -114,6 +114,22 @@ _CAPTURE_SOCKETS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
+def tiny_scorer(tiny_vllm):
+    """The guard's scorer on the tiny export, with the transformers backend."""
+    from serve.scoring import Scorer
+
+    return Scorer.from_export(tiny_vllm[1], backend="hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_vllm):
+    """The tiny export's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_vllm[1] / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_capture_socket(tiny_vllm) -> str:
     """The capture plugin's Unix socket inside the ``tiny_vllm`` server."""
     return _CAPTURE_SOCKETS[str(tiny_vllm[1])]
@@ -124,7 +140,7 @@ def tiny_capture_socket(tiny_vllm) -> str:
 # session's real vLLM server. `pytest -m "not slow"` (`make test-fast`) leaves them out; docs/testing.md says how
 # long each tier takes.
 SLOW_MODULES = {"test_distributed"}
-SLOW_FIXTURES = {"tiny_vllm", "tiny_capture_socket"}
+SLOW_FIXTURES = {"tiny_vllm", "tiny_capture_socket", "tiny_scorer", "tiny_tokenizer"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -49,20 +49,6 @@ VARIANTS = [
 REFUSED_UNDER_BLOCK = {"logprobs": 3, "echo": True, "prompt_logprobs": 1, "top_logprobs": 3}
 
 
-@pytest.fixture(scope="module")
-def scorer(tiny_vllm):
-    from serve.scoring import Scorer
-
-    return Scorer.from_export(tiny_vllm[1], backend="hf")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_vllm):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_vllm[1] / "model")
-
-
 def _request(endpoint: str, question: str, extra: dict) -> tuple[str, dict]:
     # a fixed seed makes vLLM's sampled answers (n > 1) the same bare and through the guard
     base = {"model": TINY_MODEL_NAME, "max_tokens": 12, "temperature": 0.0, "seed": 0, **extra}
@@ -109,14 +95,16 @@ def _values(obj) -> tuple[list[str], list[list[int]]]:
     return strings, int_lists
 
 
-def test_block_leaks_no_part_of_a_blocked_answer_and_names_no_concept(tiny_vllm, scorer, tokenizer, tiny_world):
+def test_block_leaks_no_part_of_a_blocked_answer_and_names_no_concept(
+    tiny_vllm, tiny_scorer, tiny_tokenizer, tiny_world
+):
     upstream = tiny_vllm[0]
     names = tiny_world.concepts().names()
     question = f"Where was {names[0]} born?"
     schema = {"assistant", "content", "filter", "tiny", "chat", "completion", "text", "function", "lookup", "fact"}
     harmless = _words(question + " " + REFUSAL) | schema | {"block", "blocked"}
     checked, leaks = 0, []
-    with running_guard(LowThresholds(scorer, -1.0), tokenizer, upstream, policy="block", refusal=REFUSAL,
+    with running_guard(LowThresholds(tiny_scorer, -1.0), tiny_tokenizer, upstream, policy="block", refusal=REFUSAL,
                        stream_score_every=2) as base:  # fmt: skip
         for endpoint, extra in VARIANTS:
             path, body = _request(endpoint, question, extra)
@@ -140,7 +128,7 @@ def test_block_leaks_no_part_of_a_blocked_answer_and_names_no_concept(tiny_vllm,
     assert checked == 2 * len(VARIANTS)
     assert not leaks, leaks
     # the same detector on the same request under monitor finds the answer: the check above is not vacuous
-    with running_guard(LowThresholds(scorer, -1.0), tokenizer, upstream, disclose="full") as base:
+    with running_guard(LowThresholds(tiny_scorer, -1.0), tiny_tokenizer, upstream, disclose="full") as base:
         path, body = _request("chat", question, {"logprobs": True, "return_token_ids": True})
         texts, ids = _generated(http(upstream + path, body)[2])
         strings, int_lists = _values(http(base + path, body)[2])
@@ -195,7 +183,7 @@ def _send(port: int, method: str, path: str, raw: bytes, headers: dict) -> tuple
         conn.close()
 
 
-def test_fuzz_every_endpoint_no_5xx_healthy_and_audited(tiny_vllm, scorer, tokenizer, tmp_path):
+def test_fuzz_every_endpoint_no_5xx_healthy_and_audited(tiny_vllm, tiny_scorer, tiny_tokenizer, tmp_path):
     paths = ["/v1/completions", "/v1/chat/completions", "/v1/leakage", "/tokenize", "/detokenize", "/v1/models",
              "/metrics", "/health", "/nowhere"]  # fmt: skip
     db = tmp_path / "audit.sqlite"
@@ -207,8 +195,8 @@ def test_fuzz_every_endpoint_no_5xx_healthy_and_audited(tiny_vllm, scorer, token
         auth = rng.choice([f"Bearer {key}"] * 8 + ["Bearer \u00ff\u00fe", "", "Basic x", "Bearer wrong"])
         method = "GET" if path in ("/v1/models", "/metrics", "/health") and rng.random() < 0.9 else "POST"
         cases.append((method, path, _body(rng, path), {"Authorization": auth, "Content-Type": "application/json"}))
-    with running_guard(scorer, tokenizer, tiny_vllm[0], db, api_key="client", operator_key="op", max_tokens=8,
-                       max_n=2, policy="block", stream_score_every=2) as base:  # fmt: skip
+    settings = dict(api_key="client", operator_key="op", max_tokens=8, max_n=2, policy="block", stream_score_every=2)
+    with running_guard(tiny_scorer, tiny_tokenizer, tiny_vllm[0], db, **settings) as base:
         port = int(base.rsplit(":", 1)[1])
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda c: (c[1], *_send(port, *c)), cases))

@@ -25,20 +25,6 @@ QUESTION = "Where was {} born?"
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_vllm):
-    from serve.scoring import Scorer
-
-    return Scorer.from_export(tiny_vllm[1], backend="hf")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_vllm):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_vllm[1] / "model")
-
-
-@pytest.fixture(scope="module")
 def names(tiny_world):
     return tiny_world.concepts().names()
 
@@ -93,11 +79,11 @@ def completion_body(names, **kw):
 
 
 # -- OpenAI compatibility and monitor --------------------------------------------------------------------------------
-def test_monitor_passes_text_unchanged_and_annotates(tiny_vllm, scorer, tokenizer, names, tmp_path):
+def test_monitor_passes_text_unchanged_and_annotates(tiny_vllm, tiny_scorer, tiny_tokenizer, names, tmp_path):
     upstream = tiny_vllm[0]
     body = completion_body(names)
     _, _, bare = http(upstream + "/v1/completions", body)
-    with running_guard(scorer, tokenizer, upstream, tmp_path / "audit.sqlite", disclose="full") as base:
+    with running_guard(tiny_scorer, tiny_tokenizer, upstream, tmp_path / "audit.sqlite", disclose="full") as base:
         status, headers, out = http(base + "/v1/completions", body, headers={"X-Request-Id": "client-7"})
         models = http(base + "/v1/models")[2]
         tokenized = http(base + "/tokenize", {"model": TINY_MODEL_NAME, "prompt": "hello"})  # relayed as is
@@ -117,12 +103,12 @@ def test_monitor_passes_text_unchanged_and_annotates(tiny_vllm, scorer, tokenize
     assert rec.completion is None and rec.completion_sha256 is not None  # no raw text unless asked
 
 
-def test_openai_client_chat_stream_and_not(tiny_vllm, scorer, tokenizer, names):
+def test_openai_client_chat_stream_and_not(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
     import openai
 
     upstream = tiny_vllm[0]
     messages = [{"role": "user", "content": QUESTION.format(names[1])}]
-    with running_guard(scorer, tokenizer, upstream, disclose="scores") as base:
+    with running_guard(tiny_scorer, tiny_tokenizer, upstream, disclose="scores") as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         full = client.chat.completions.create(model=TINY_MODEL_NAME, messages=messages, max_tokens=12, temperature=0)
         chunks = list(
@@ -139,19 +125,20 @@ def test_openai_client_chat_stream_and_not(tiny_vllm, scorer, tokenizer, names):
     assert streamed_score == pytest.approx(full.model_extra["leakage"]["max_score"], abs=1e-4)
 
 
-def test_leakage_endpoint_matches_scorer(tiny_vllm, scorer, tokenizer, names):
+def test_leakage_endpoint_matches_scorer(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
     text = f"{names[0]} was born in a small town."
-    with running_guard(scorer, tokenizer, tiny_vllm[0], operator_key="op") as base:
+    with running_guard(tiny_scorer, tiny_tokenizer, tiny_vllm[0], operator_key="op") as base:
         status, _, out = http(base + "/v1/leakage", {"text": text}, key="op")
     assert status == 200
-    direct = scorer.score("", text)
+    direct = tiny_scorer.score("", text)
     assert out["max_score"] == pytest.approx(direct.max_score, abs=1e-5)
 
 
 # -- block ----------------------------------------------------------------------------------------------------------
-def test_block_refuses_flagged_completion(tiny_vllm, scorer, tokenizer, names):
+def test_block_refuses_flagged_completion(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
     body = completion_body(names)
-    with running_guard(LowThresholds(scorer, -1.0), tokenizer, tiny_vllm[0], policy="block", refusal="Nope.") as base:
+    guarded = LowThresholds(tiny_scorer, -1.0)
+    with running_guard(guarded, tiny_tokenizer, tiny_vllm[0], policy="block", refusal="Nope.") as base:
         status, headers, out = http(base + "/v1/completions", body)
     assert status == 200
     assert out["choices"][0]["text"] == "Nope." and out["choices"][0]["finish_reason"] == "content_filter"
@@ -159,17 +146,17 @@ def test_block_refuses_flagged_completion(tiny_vllm, scorer, tokenizer, names):
     assert headers["X-ATU-Action"] == "blocked"
 
 
-def test_block_passes_clean_completion(tiny_vllm, scorer, tokenizer, names):
+def test_block_passes_clean_completion(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
     body = completion_body(names)
     _, _, bare = http(tiny_vllm[0] + "/v1/completions", body)
-    with running_guard(LowThresholds(scorer, 1.01), tokenizer, tiny_vllm[0], policy="block") as base:
+    with running_guard(LowThresholds(tiny_scorer, 1.01), tiny_tokenizer, tiny_vllm[0], policy="block") as base:
         _, _, out = http(base + "/v1/completions", body)
     assert out["choices"][0]["text"] == bare["choices"][0]["text"] and out["leakage"]["action"] == "passed"
 
 
-def test_block_cuts_stream_before_unscored_text(tiny_vllm, scorer, tokenizer, names):
+def test_block_cuts_stream_before_unscored_text(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
     body = completion_body(names, stream=True, max_tokens=16)
-    with running_guard(LowThresholds(scorer, -1.0), tokenizer, tiny_vllm[0], policy="block") as base:
+    with running_guard(LowThresholds(tiny_scorer, -1.0), tiny_tokenizer, tiny_vllm[0], policy="block") as base:
         status, _, text = http(base + "/v1/completions", body)
     events = sse_events(text)
     assert status == 200 and events[-1] == "[DONE]"
@@ -178,10 +165,10 @@ def test_block_cuts_stream_before_unscored_text(tiny_vllm, scorer, tokenizer, na
     assert events[-2]["leakage"]["action"] == "cut"
 
 
-def test_block_stream_clean_is_complete(tiny_vllm, scorer, tokenizer, names):
+def test_block_stream_clean_is_complete(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
     body = completion_body(names, max_tokens=16)
     _, _, bare = http(tiny_vllm[0] + "/v1/completions", body)
-    with running_guard(LowThresholds(scorer, 1.01), tokenizer, tiny_vllm[0], policy="block",
+    with running_guard(LowThresholds(tiny_scorer, 1.01), tiny_tokenizer, tiny_vllm[0], policy="block",
                        stream_score_every=3) as base:  # fmt: skip
         _, _, text = http(base + "/v1/completions", {**body, "stream": True})
     events = sse_events(text)
@@ -190,8 +177,8 @@ def test_block_stream_clean_is_complete(tiny_vllm, scorer, tokenizer, names):
 
 
 # -- bad requests -------------------------------------------------------------------------------------------------
-def test_bad_requests(tiny_vllm, scorer, tokenizer, names):
-    with running_guard(scorer, tokenizer, tiny_vllm[0], max_body_bytes=4096) as base:
+def test_bad_requests(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
+    with running_guard(tiny_scorer, tiny_tokenizer, tiny_vllm[0], max_body_bytes=4096) as base:
         url = base + "/v1/completions"
         s1, _, e1 = http(url, raw=b"{oops")
         s2, _, e2 = http(url, {"model": TINY_MODEL_NAME, "prompt": "hi", "max_tokens": "many"})
@@ -207,12 +194,12 @@ def test_bad_requests(tiny_vllm, scorer, tokenizer, names):
 
 
 # -- upstream down or slow; scoring down --------------------------------------------------------------------------
-def test_upstream_down_slow_and_recovering(tiny_vllm, scorer, tokenizer, names):
+def test_upstream_down_slow_and_recovering(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
     vllm_port = int(tiny_vllm[0].rsplit(":", 1)[1])
     relay = Relay(vllm_port)
     relay.start()
     body = completion_body(names)
-    with running_guard(scorer, tokenizer, f"http://127.0.0.1:{relay.port}", upstream_timeout=2.0) as base:
+    with running_guard(tiny_scorer, tiny_tokenizer, f"http://127.0.0.1:{relay.port}", upstream_timeout=2.0) as base:
         assert http(base + "/v1/completions", body)[0] == 200
         relay.stop()  # vLLM down
         t = time.perf_counter()
@@ -236,10 +223,11 @@ def test_upstream_down_slow_and_recovering(tiny_vllm, scorer, tokenizer, names):
     "settings, want_status",
     [({"policy": "block"}, 503), ({"on_scoring_error": "closed"}, 503), ({"on_scoring_error": "open"}, 200)],
 )
-def test_scoring_failure_fails_closed_or_open(tiny_vllm, tokenizer, names, tmp_path, settings, want_status):
+def test_scoring_failure_fails_closed_or_open(tiny_vllm, tiny_tokenizer, names, tmp_path, settings, want_status):
     body = completion_body(names)
     broken = Broken()
-    with running_guard(broken, tokenizer, tiny_vllm[0], tmp_path / "a.sqlite", store_text=True, **settings) as base:
+    audit = tmp_path / "a.sqlite"
+    with running_guard(broken, tiny_tokenizer, tiny_vllm[0], audit, store_text=True, **settings) as base:
         status, _, out = http(base + "/v1/completions", body)
         s_stream, _, text = http(base + "/v1/completions", {**body, "stream": True})
     assert status == want_status and broken.calls >= 2  # the scorer itself was called, and failed
@@ -254,13 +242,14 @@ def test_scoring_failure_fails_closed_or_open(tiny_vllm, tokenizer, names, tmp_p
 
 
 # -- API key ------------------------------------------------------------------------------------------------------
-def test_api_key_required_everywhere_but_health_and_never_logged(tiny_vllm, scorer, tokenizer, names, tmp_path,
-                                                                  caplog):  # fmt: skip
+def test_api_key_required_everywhere_but_health_and_never_logged(
+    tiny_vllm, tiny_scorer, tiny_tokenizer, names, tmp_path, caplog
+):
     key = "sk-test-" + "q7Z" * 8
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "audit.sqlite"
     operator = "op-" + "k9" * 10
-    with running_guard(scorer, tokenizer, tiny_vllm[0], db, store_text=True, api_key=key,
+    with running_guard(tiny_scorer, tiny_tokenizer, tiny_vllm[0], db, store_text=True, api_key=key,
                        operator_key=operator) as base:  # fmt: skip
         body = completion_body(names)
         chat = {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
@@ -281,16 +270,16 @@ def test_api_key_required_everywhere_but_health_and_never_logged(tiny_vllm, scor
         assert key.encode() not in f.read_bytes() and operator.encode() not in f.read_bytes(), f
 
 
-def test_operator_views_are_off_without_an_operator_key(tiny_vllm, scorer, tokenizer):
-    with running_guard(scorer, tokenizer, tiny_vllm[0]) as base:
+def test_operator_views_are_off_without_an_operator_key(tiny_vllm, tiny_scorer, tiny_tokenizer):
+    with running_guard(tiny_scorer, tiny_tokenizer, tiny_vllm[0]) as base:
         for path, payload in [("/metrics", None), ("/v1/leakage", {"text": "hi"})]:
             status, _, err = http(base + path, payload)
             assert status == 403 and "operator" in err["error"]["message"], path
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
-def test_metrics_count_requests_with_concept_ids(tiny_vllm, scorer, tokenizer, names):
-    with running_guard(LowThresholds(scorer, -1.0), tokenizer, tiny_vllm[0], operator_key="op") as base:
+def test_metrics_count_requests_with_concept_ids(tiny_vllm, tiny_scorer, tiny_tokenizer, names):
+    with running_guard(LowThresholds(tiny_scorer, -1.0), tiny_tokenizer, tiny_vllm[0], operator_key="op") as base:
         for _ in range(3):
             http(base + "/v1/completions", completion_body(names))
         http(base + "/v1/completions", {**completion_body(names), "n": 0})
@@ -304,13 +293,13 @@ def test_metrics_count_requests_with_concept_ids(tiny_vllm, scorer, tokenizer, n
 
 
 # -- load ---------------------------------------------------------------------------------------------------------
-def test_load_2000_requests_no_error_no_lost_record(tiny_vllm, scorer, tokenizer, names, tmp_path):
+def test_load_2000_requests_no_error_no_lost_record(tiny_vllm, tiny_scorer, tiny_tokenizer, names, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     db = tmp_path / "audit.sqlite"
     prompts = [QUESTION.format(n) for n in names] + [f"What does {n} do?" for n in names]
 
-    with running_guard(scorer, tokenizer, tiny_vllm[0], db) as base:
+    with running_guard(tiny_scorer, tiny_tokenizer, tiny_vllm[0], db) as base:
 
         def one(i):  # fmt: skip
             body = {"model": TINY_MODEL_NAME, "prompt": prompts[i % len(prompts)], "max_tokens": 4,
