@@ -29,18 +29,39 @@ class Plan:
     algorithm: str = "atu"
     extra: int = 0  # placed schedule: stages past the floor, at the same step, while forgetting still progresses
     concept_floor: torch.Tensor | None = None  # (R,) each row's concept's own threshold, else -1
+    scale: float = 1.0  # placed schedule: the step as a share of the planned one (halved by each `refine`)
 
     def stage(self, stage: int) -> torch.Tensor | None:
         """The thresholds of ``stage`` (R,), or None past the last one. Past the floor a placed schedule steps on
-        at the same rate (idle rows stay at their start, a concept's own threshold stays a floor)."""
+        at the same step (idle rows stay at their start, a concept's own threshold stays a floor)."""
         if stage < len(self.taus):
             return self.taus[stage]
         if self.placement is None or stage >= len(self.taus) + self.extra:
             return None
-        p, n = self.placement, len(self.taus)
-        taus = (p.start - (p.start - p.floor) * (stage + 1) / n).clamp(min=-1.0)
+        p = self.placement
+        step = (p.start - p.floor) / p.taus.shape[0] * self.scale
+        taus = (self.taus[-1] - step * (stage + 1 - len(self.taus))).clamp(min=-1.0)
         taus = torch.where(p.idle, p.start, taus)
         return taus if self.concept_floor is None else torch.maximum(taus, self.concept_floor)
+
+    @property
+    def refinable(self) -> bool:
+        """Whether a stage over the retain budget is tried again at half the step (else at half the rate)."""
+        return self.placement is not None
+
+    def refine(self, stage: int) -> None:
+        """Halve the step from ``stage`` on: ``stage`` becomes the halfway point between the last stage (or the
+        start) and where it was, and every later step is halved too (twice as many stages, the same floor). A hinge
+        run to its threshold ends where the threshold is, whatever the rate: a smaller push needs a nearer one."""
+        if not self.refinable or self.stage(stage) is None:
+            raise ValueError(f"stage {stage} of this plan cannot be refined")
+        past = [self.stage(k) for k in range(len(self.taus), stage)]  # stages past the floor already run
+        self.taus, self.extra = [*self.taus, *past], self.extra - len(past)
+        p = self.placement
+        prev = [p.start, *self.taus]  # the thresholds before each stage
+        ahead = [t for k in range(stage, len(self.taus)) for t in ((prev[k] + self.taus[k]) / 2, self.taus[k])]
+        self.taus = [*self.taus[:stage], *ahead]
+        self.extra, self.scale = 2 * self.extra, self.scale / 2
 
     def headline(self, stage: int) -> float:
         """One number for a stage: its highest threshold (the absolute schedule's tau)."""

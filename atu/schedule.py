@@ -263,30 +263,42 @@ class _Schedule:
             for n, t in resumed.params.items():
                 s.params[n].copy_(t)
         driving = resumed.driving.to(device) if resumed.driving is not None else None
+        for record in resumed.stages:  # the plan as the run left it: its steps halved where a stage broke the budget
+            for _ in range(record.get("refines", 0)):
+                s.plan.refine(record["stage"])
         logger.info("resumed after stage %d from %s", len(resumed.stages) - 1, checkpoint.path)
         self.log({"event": "resumed", "stages_done": len(resumed.stages)})
         return resumed.predictor.to(device), driving, resumed.stages
 
     def unlearn(self, s: _Stages, stage: int, frozen, cfg: UnlearnConfig):
         """Unlearn ``stage`` with the frozen predictor ``frozen``; a stage that breaks the retain budget is undone and
-        tried again at half the rate (``budget_retries`` times). Returns (step records, retain perplexity, its rise,
-        the config the last try ran at); a rise over the budget means the stage is undone."""
+        tried again (``budget_retries`` times): a placed schedule at half the step down (`Plan.refine`), else at half
+        the rate. Returns (step records, retain perplexity, its rise, the config the last try ran at, how many times
+        the plan was refined); a rise over the budget means the stage is undone."""
         budget = self.unlearn_cfg.retain_budget
         snapshot = {n: p.detach().clone() for n, p in s.params.items()}
+        refines = 0
         for attempt in range(self.unlearn_cfg.budget_retries + 1):
             records = self._one_try(s, stage, frozen, cfg)
             val_ppl = self.dist.from_main(s.held.retain_perplexity(s.model) if self.dist.main else 0.0)
             rise = val_ppl / s.retain_before - 1
-            self.log({"event": "validated", "stage": stage, "lr": _rate(cfg), "val_ppl": val_ppl, "rise": rise})
+            self.log({"event": "validated", "stage": stage, "lr": _rate(cfg), "val_ppl": val_ppl, "rise": rise,
+                      "thresholds": [round(float(t), 4) for t in s.plan.stage(stage)]})  # fmt: skip
             if rise <= budget:
                 break
             with torch.no_grad():
                 for n, p in s.params.items():
                     p.copy_(snapshot[n])
-            if attempt < self.unlearn_cfg.budget_retries:
-                logger.info("stage %d broke the retain budget (%.1f%%); again at half the rate", stage, 100 * rise)
+            if attempt == self.unlearn_cfg.budget_retries:
+                break
+            how = "half the step down" if s.plan.refinable else "half the rate"
+            logger.info("stage %d broke the retain budget (%.1f%%); again at %s", stage, 100 * rise, how)
+            if s.plan.refinable:
+                s.plan.refine(stage)
+                refines += 1
+            else:
                 cfg = replace(cfg, lr=cfg.lr / 2, baseline_lr=cfg.baseline_lr / 2)
-        return records, val_ppl, rise, cfg
+        return records, val_ppl, rise, cfg, refines
 
     def _one_try(self, s: _Stages, stage: int, frozen, cfg: UnlearnConfig) -> list[dict]:
         thresholds = s.plan.stage(stage)
@@ -338,9 +350,10 @@ class _Schedule:
 def _stage_record(
     s: _Stages, stage: int, cfg: UnlearnConfig, tried: tuple, realign: dict, t_stage: float, dist: Dist
 ) -> dict:
-    """The record of a kept stage; ``tried`` is (step records, retain perplexity, its rise, unlearning seconds).
+    """The record of a kept stage; ``tried`` is (step records, retain perplexity, its rise, unlearning seconds, how
+    many times the plan was refined for it).
     Every process gets the first one's held-out forget ratio, so that they decide alike where to stop."""
-    records, val_ppl, rise, t_unlearn = tried
+    records, val_ppl, rise, t_unlearn, refines = tried
     forget_ppl = s.held.forget_perplexity(s.model) if s.forget_before is not None else None
     ratio = dist.from_main(math.nan if forget_ppl is None else forget_ppl / s.forget_before)
     return {
@@ -349,6 +362,7 @@ def _stage_record(
         "thresholds": [round(float(t), 4) for t in s.plan.stage(stage)],
         "lr": _rate(cfg),
         "steps": s.steps,
+        "refines": refines,
         "val_ppl": val_ppl,
         "rise": rise,
         "heldout_forget_ppl_ratio": None if math.isnan(ratio) else ratio,
@@ -412,11 +426,11 @@ def run_schedule(
                 break
             t_stage = time.time()
             frozen = copy.deepcopy(predictor).eval().requires_grad_(False)
-            records, val_ppl, rise, cfg = sch.unlearn(s, stage, frozen, cfg)
+            records, val_ppl, rise, cfg, refines = sch.unlearn(s, stage, frozen, cfg)
             if rise > unlearn_cfg.retain_budget:  # the stage was undone
                 stop_reason = sch.stop_reason(s, stage, rise)
                 break
-            tried = (records, val_ppl, rise, time.time() - t_stage)
+            tried = (records, val_ppl, rise, time.time() - t_stage, refines)
             realign = sch.realign(s, predictor, stage)
             driving = frozen
             stages.append(_stage_record(s, stage, cfg, tried, realign, t_stage, dist))

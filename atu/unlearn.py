@@ -89,8 +89,9 @@ class UnlearnConfig:
     retain_similarity_margin: float = 0.0  # a retain position's cosine may move this far before the term counts it
     retain_pool: int = 512  # retain texts the retain term cycles through (their reference states are kept in memory)
     retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
-    # A stage that breaks the budget is undone and tried again at half the learning rate (then a quarter ...), this
-    # many times, before the schedule stops (the rate stays lowered for the stages after it).
+    # A stage that breaks the budget is undone and tried again, this many times, before the schedule stops: with a
+    # placed schedule at half the step down (and the steps after it halved too), else at half the learning rate
+    # (which stays halved for the stages after it).
     budget_retries: int = 2
     log_every: int = 10
     seed: int = 0

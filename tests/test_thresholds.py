@@ -64,7 +64,7 @@ def test_a_placed_plan_steps_past_the_floor_at_the_same_rate():
     p = place_thresholds([torch.tensor([0.8]), torch.tensor([0.3])], torch.tensor([[0.2, 0.3]]), 3, 1.0, 1.0)
     plan = Plan(list(p.taus), ["name", "contrast"], p, extra=2, concept_floor=torch.tensor([-1.0, -1.0]))
     assert plan.stage(2)[0].item() == pytest.approx(0.2)  # the floor
-    assert plan.stage(3)[0].item() == pytest.approx(0.0)  # one step (0.2) past it
+    assert plan.stage(3)[0].item() == pytest.approx(0.0, abs=1e-6)  # one step (0.2) past it
     assert plan.stage(4)[0].item() == pytest.approx(-0.2)
     assert plan.stage(3)[1].item() == pytest.approx(0.3)  # an idle row stays at its start
     assert plan.stage(5) is None
@@ -117,3 +117,28 @@ def test_from_the_floor_the_schedule_goes_on_while_forgetting_progresses_and_end
     assert no_heldout.stop and "no held-out forget texts" in no_heldout.stop and no_heldout.best is None
     absolute = Plan(list(p.taus), ["name"], None)  # the paper's schedule runs its taus to the end
     assert floor_progress([{"stage": 1, "heldout_forget_ppl_ratio": 1.0, "rise": 0}], absolute, cfg).stop is None
+
+
+def test_refining_a_stage_halves_the_step_from_there_on_and_keeps_the_floor():
+    from atu.plan import Plan
+
+    # start 0.8, floor 0.2, three stages: 0.6, 0.4, 0.2, then steps of 0.2 past the floor; the second row is idle
+    p = place_thresholds([torch.tensor([0.8]), torch.tensor([0.3])], torch.tensor([[0.2, 0.3]]), 3, 1.0, 1.0)
+    plan = Plan(list(p.taus), ["name", "contrast"], p, extra=2, concept_floor=torch.tensor([-1.0, -1.0]))
+
+    def firsts(n):
+        return [round(plan.stage(k)[0].item(), 4) for k in range(n)]
+
+    assert firsts(5) == [0.6, 0.4, 0.2, 0.0, -0.2] and plan.stage(5) is None
+    plan.refine(1)  # stage 1 broke the budget: halfway between 0.6 and 0.4, and half steps from there on
+    assert firsts(8) == [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1] and plan.stage(9) is None
+    assert plan.stage(7)[1].item() == pytest.approx(0.3)  # the idle row stays at its start
+    plan.refine(0)  # from the start: 0.8 -> 0.7
+    assert firsts(3) == [0.7, 0.6, 0.55]
+    past = Plan(list(p.taus), ["name"], p, extra=3, concept_floor=torch.tensor([0.1, -1.0]))
+    past.refine(4)  # past the floor, after one stage there (0.0 for the first row, which stops at its own 0.1)
+    assert [round(past.stage(k)[1].item(), 4) for k in range(3)] == [0.3] * 3
+    assert [round(past.stage(k)[0].item(), 4) for k in range(5)] == [0.6, 0.4, 0.2, 0.1, 0.1]
+    assert past.stage(7) is not None and past.stage(8) is None  # the two stages left (4, 5) are four half ones
+    with pytest.raises(ValueError):
+        Plan(list(p.taus), ["name"], None).refine(0)  # the absolute schedule halves the rate instead
