@@ -96,3 +96,22 @@ def test_the_schedule_ends_on_the_stage_that_forgot_the_most_since_the_floor(tin
     assert [n for n in shared if not torch.equal(exported[n], kept[1][n].to(exported[n].dtype))] == []
     moved = [n for n in shared if not torch.equal(kept[3][n], kept[1][n])]
     assert moved  # the stages after it changed the model, and were undone
+
+
+def test_a_placed_stage_over_budget_is_retried_half_the_step_down(tiny_world, tmp_path, monkeypatch):
+    from atu.progress import HeldOut
+
+    # retain perplexity: 10 before, 20 after the first try (over the budget), 10.5 after every later one
+    values = iter([10.0, 20.0])
+    monkeypatch.setattr(HeldOut, "retain_perplexity", lambda self, model: next(values, 10.5))
+    cfg = _config(tmp_path, tiny_world, target="name", lr=1.0, retain_budget=0.1, budget_retries=1)
+    summary = run(cfg, progress=False, export=False)
+    (planned,) = _events(tmp_path, "planned")
+    tries = _events(tmp_path, "validated")
+    assert [t["stage"] for t in tries[:2]] == [0, 0] and tries[0]["rise"] == pytest.approx(1.0)
+    first, second = tries[0]["thresholds"][0], tries[1]["thresholds"][0]
+    assert second == pytest.approx((planned["start"][0] + first) / 2, abs=1e-3)  # halfway from the start
+    assert tries[1]["lr"] == tries[0]["lr"] == 1.0  # at the same rate
+    assert summary["stages"][0]["refines"] == 1  # kept at the half step, and the record says so
+    # the plan from there on is in half steps: the next stage is where the first try was
+    assert tries[2]["thresholds"][0] == pytest.approx(first, abs=1e-4)
