@@ -34,6 +34,7 @@ from atu.hidden import attach_lora, decoder_layers, enable_checkpointing, freeze
 from atu.plan import RETAIN_SAMPLE, Plan, floor_progress, make_plan, placement_cosines
 from atu.predictor import EmbeddingPredictor
 from atu.progress import HeldOut, forgetting_verdict
+from atu.quant_aware import quantized_view
 from atu.run_dir import Checkpoint, MetricsLog
 from atu.unlearn import (
     RetainSet,
@@ -216,6 +217,10 @@ class _Schedule:
         self.dist, self.log = opts.dist, log
         self.progress = opts.progress and opts.dist.main
 
+    def view(self, model):
+        """The model as the unlearning and its signals see it: through the quantizer when unlearn.quant_aware_bits."""
+        return quantized_view(model, self.unlearn_cfg.quant_aware_bits, self.unlearn_cfg.quant_aware_group_size)
+
     def setup(self, model, start: ScheduleStart) -> _Stages:
         inputs, acfg, ucfg, dist = self.inputs, self.align_cfg, self.unlearn_cfg, self.dist
         predictor, rows, layer, n_concepts = start.aligned.predictor, start.rows, start.layer, start.n_concepts
@@ -236,8 +241,9 @@ class _Schedule:
         ref = copy.deepcopy(model).eval().requires_grad_(False) if ucfg.algorithm == "npo" else None
         model, params = make_trainable(model, layer, ucfg)
         dist.broadcast_(params.values())  # LoRA's adapters start random
-        before = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)  # the first one decides
-        forget_before = held.forget_perplexity(model) if dist.main else None
+        with self.view(model):
+            before = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)  # the first one decides
+            forget_before = held.forget_perplexity(model) if dist.main else None
         return _Stages(model, params, layer, start.data, rows, start.vectors, batches, retain, held, plan,
                        ucfg.stage_steps(len(batches)), ref, before, forget_before)  # fmt: skip
 
@@ -246,9 +252,10 @@ class _Schedule:
         cosines = None
         if cfg.algorithm == "atu" and cfg.placed:
             retain_texts = (inputs.retain_texts or inputs.validation_texts)[:RETAIN_SAMPLE]
-            cosines = placement_cosines(
-                model, predictor, self.tokenizer, retain_texts, batches, rows, layer, self.align_cfg.max_length
-            )
+            with self.view(model):
+                cosines = placement_cosines(
+                    model, predictor, self.tokenizer, retain_texts, batches, rows, layer, self.align_cfg.max_length
+                )
         return make_plan(cfg, inputs.concepts, rows.shape[0], cosines)
 
     def resume(self, s: _Stages, checkpoint: Checkpoint | None, predictor, replace_stale: bool):
@@ -279,8 +286,9 @@ class _Schedule:
         snapshot = {n: p.detach().clone() for n, p in s.params.items()}
         refines = 0
         for attempt in range(self.unlearn_cfg.budget_retries + 1):
-            records = self._one_try(s, stage, frozen, cfg)
-            val_ppl = self.dist.from_main(s.held.retain_perplexity(s.model) if self.dist.main else 0.0)
+            with self.view(s.model):
+                records = self._one_try(s, stage, frozen, cfg)
+                val_ppl = self.dist.from_main(s.held.retain_perplexity(s.model) if self.dist.main else 0.0)
             rise = val_ppl / s.retain_before - 1
             self.log({"event": "validated", "stage": stage, "lr": _rate(cfg), "val_ppl": val_ppl, "rise": rise,
                       "thresholds": [round(float(t), 4) for t in s.plan.stage(stage)]})  # fmt: skip
@@ -433,7 +441,8 @@ def run_schedule(
             tried = (records, val_ppl, rise, time.time() - t_stage, refines)
             realign = sch.realign(s, predictor, stage)
             driving = frozen
-            stages.append(_stage_record(s, stage, cfg, tried, realign, t_stage, dist))
+            with sch.view(s.model):
+                stages.append(_stage_record(s, stage, cfg, tried, realign, t_stage, dist))
             log({"event": "stage_done", **stages[-1]})
             going = floor_progress(stages, s.plan, unlearn_cfg)
             if going.best == stage:  # the best stage from the floor on: what the schedule ends on if none beats it

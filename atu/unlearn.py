@@ -93,6 +93,12 @@ class UnlearnConfig:
     # placed schedule at half the step down (and the steps after it halved too), else at half the learning rate
     # (which stays halved for the stages after it).
     budget_retries: int = 2
+    # Quantization-aware unlearning: the unlearning steps, the retain budget and the forgetting signal see the model's
+    # decoder Linear weights through symmetric round-to-nearest at this many bits (4 or 8; None: off), one step per
+    # output channel or per quant_aware_group_size input columns: what is pushed is the model as it will be served
+    # quantized (the straight-through estimator updates the full-precision weights). method full only.
+    quant_aware_bits: int | None = None
+    quant_aware_group_size: int | None = None
     log_every: int = 10
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 when on a GPU (ignored on CPU)
@@ -132,6 +138,12 @@ class UnlearnConfig:
                 f"unlearn.stage_epochs must be > 0 and budget_retries >= 0, got {self.stage_epochs}, "
                 f"{self.budget_retries}"
             )
+        if self.quant_aware_bits is not None:
+            from atu.attack.quantize import QuantConfig
+
+            QuantConfig(self.quant_aware_bits, self.quant_aware_group_size)  # validates bits and group size
+            if self.method != "full":
+                raise ConfigError("unlearn.quant_aware_bits needs unlearn.method full (LoRA is not quantized)")
         for name in ("start_quantile", "floor_quantile", "floor_cap_quantile"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"unlearn.{name} must be in [0, 1], got {getattr(self, name)}")
