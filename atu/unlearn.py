@@ -435,35 +435,45 @@ def unlearn_stage(
                 pick = (step_offset + i) * dist.world + dist.rank
                 kept = retain_terms(model, predictor, vectors, retain, pick, layer, cfg)
                 total = total + weighted_retain(kept, cfg)
-        opt.zero_grad(set_to_none=True)
-        # A zero hinge (no window above its threshold; most late steps of a stage) has a zero gradient: plain SGD
-        # then changes nothing, so the backward pass is skipped; with the retain term only its own graph is
-        # backpropagated. Adam keeps moving on its momentum, so it still steps (on the retain term or zero grads).
         mean_loss = dist.sum(loss.item()) / dist.world  # over the processes: the same decision on every one
-        idle = mean_loss == 0.0
-        if idle and use_retain:
+        if mean_loss == 0.0 and use_retain:
             total = weighted_retain(kept, cfg)
-        skip = cfg.optimizer == "sgd" and not use_retain and idle
-        if skip:
-            grad_norm = torch.zeros(())
-        else:
-            total.backward()
-            dist.mean_grads_(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-        step = step_offset + i
+        grad_norm = _optimizer_step(opt, params, total, cfg, skip=mean_loss == 0.0 and not use_retain, dist=dist)
         if i % cfg.log_every == 0 or i == n_steps - 1:
-            rec = {"step": step, "stage": stage, "loss": mean_loss, "grad_norm": grad_norm.item()}
-            rec.update({k: v.item() for k, v in kept.items()})
+            rec = {"step": step_offset + i, "stage": stage, "loss": mean_loss, "grad_norm": grad_norm.item()}
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
-            if retain is not None:
-                rec.update(_retain_similarity(model, predictor, retain, vectors, layer, autocast))
+            rec.update(_retain_stats(model, predictor, vectors, layer, kept, retain, autocast))
             records.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if on_log is not None:
                 on_log(rec)
     model.eval()
     return records
+
+
+def _optimizer_step(opt, params: list[torch.nn.Parameter], total, cfg: UnlearnConfig, *, skip: bool, dist: Dist):
+    """Backpropagate ``total``, average the gradients over the processes, clip and step; returns the gradient norm.
+
+    A zero hinge (no window above its threshold; most late steps of a stage) has a zero gradient: plain SGD then
+    changes nothing, so with ``skip`` (the hinge is zero and no retain term runs) the backward pass is skipped; with
+    the retain term only its own graph is backpropagated. Adam keeps moving on its momentum, so it always steps."""
+    opt.zero_grad(set_to_none=True)
+    if skip and cfg.optimizer == "sgd":
+        return torch.zeros(())
+    total.backward()
+    dist.mean_grads_(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return grad_norm
+
+
+def _retain_stats(model, predictor, vectors, layer: int, kept: dict, retain, autocast) -> dict:
+    """What a logged step records of the retain side: its retain terms, and the predictor's similarity to the
+    concepts on the first retain batch."""
+    out = {k: v.item() for k, v in kept.items()}
+    if retain is not None:
+        out.update(_retain_similarity(model, predictor, retain, vectors, layer, autocast))
+    return out
 
 
 def _similarity_stats(pred: torch.Tensor, vectors: torch.Tensor, mask: torch.Tensor, prefix: str) -> dict:
