@@ -91,8 +91,8 @@ def specific_forgetting(record: dict) -> float | None:
 
 @dataclass
 class Progress:
-    """Where a placed schedule stands from its floor on: the stop reason (None: go on), and the best stage so far,
-    which the schedule ends on (None: the last one)."""
+    """Where a placed schedule stands from its floor on: the stop reason (None: go on), and the stage that forgot
+    the most since the floor."""
 
     stop: str | None = None
     best: int | None = None
@@ -101,8 +101,9 @@ class Progress:
 def floor_progress(stages: list[dict], plan: Plan, cfg: UnlearnConfig) -> Progress:
     """From the placed floor on, the schedule goes on while held-out forgetting still progresses: a stage that beats
     the best stage since the floor by ``cfg.progress_min`` becomes the best; after ``cfg.progress_patience`` stages in
-    a row that do not, the schedule stops, and it ends on the best one. One stage that does not is not a stop: a few
-    held-out sentences are a thin signal, and a step that moves little is often followed by one that moves more."""
+    a row that do not, the schedule stops (on the last stage: each stage pushed further than the one before within
+    the retain budget, and a few held-out sentences are too thin a signal to go back by). One stage that does not is
+    not a stop: a step that moves little is often followed by one that moves more."""
     if plan.placement is None or not stages or stages[-1]["stage"] < len(plan.taus) - 1:
         return Progress()
     since = [r for r in stages if r["stage"] >= len(plan.taus) - 1]
@@ -117,8 +118,7 @@ def floor_progress(stages: list[dict], plan: Plan, cfg: UnlearnConfig) -> Progre
         return Progress(best=best["stage"])
     return Progress(
         f"forgetting levelled off: no stage since stage {best['stage']} made held-out forget texts "
-        f"{cfg.progress_min:.0%} harder to predict against held-out retain texts ({misses} tried); "
-        f"ended on stage {best['stage']}",
+        f"{cfg.progress_min:.0%} harder to predict against held-out retain texts ({misses} tried)",
         best["stage"],
     )
 

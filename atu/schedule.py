@@ -381,27 +381,6 @@ def _stage_record(
     }
 
 
-class _Kept:
-    """The trainable parameters, the predictors and the stage records as a kept stage left them, to go back to."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], predictor, driving, stages: list[dict]):
-        self.params = {n: p.detach().clone() for n, p in params.items()}
-        self.predictor, self.driving, self.stages = copy.deepcopy(predictor), driving, list(stages)
-
-    def restore(self, params: dict[str, torch.nn.Parameter]):
-        """Copy the parameters back into ``params``; returns (predictor, driving predictor, stage records)."""
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(self.params[n])
-        return self.predictor, self.driving, self.stages
-
-
-def _ended_on(stop_reason: str, stage: int) -> str:
-    """The stop reason, saying that the schedule went back to ``stage``."""
-    note = f"ended on stage {stage}"
-    return stop_reason if note in stop_reason else f"{stop_reason}; {note}, which forgot the most since the floor"
-
-
 def _resumed_config(cfg: UnlearnConfig, stages: list[dict]) -> UnlearnConfig:
     """A resumed run goes on at the rate the last kept stage ran at."""
     if not stages or stages[-1].get("lr") is None:
@@ -427,7 +406,6 @@ def run_schedule(
         checkpoint = Checkpoint(opts.run_dir, checkpoint_key(inputs, align_cfg, unlearn_cfg)) if opts.run_dir else None
         predictor, driving, stages = sch.resume(s, checkpoint, start.aligned.predictor, opts.replace_stale)
         stop_reason = "schedule complete: every stage stayed within the retain budget"
-        best = None
         cfg = _resumed_config(unlearn_cfg, stages)
         for stage in itertools.count(len(stages)):
             if s.plan.stage(stage) is None:
@@ -445,8 +423,6 @@ def run_schedule(
                 stages.append(_stage_record(s, stage, cfg, tried, realign, t_stage, dist))
             log({"event": "stage_done", **stages[-1]})
             going = floor_progress(stages, s.plan, unlearn_cfg)
-            if going.best == stage:  # the best stage from the floor on: what the schedule ends on if none beats it
-                best = _Kept(s.params, predictor, driving, stages)
             if checkpoint is not None and dist.main:
                 checkpoint.save(s.params, predictor, driving, stages)
             if opts.on_stage is not None and dist.main:  # e.g. a benchmark scoring each cut of the schedule
@@ -455,12 +431,6 @@ def run_schedule(
             if going.stop:
                 stop_reason = going.stop
                 break
-        if best is not None and best.stages[-1] is not stages[-1]:  # a stage after the best one was kept
-            predictor, driving, stages = best.restore(s.params)
-            stop_reason = _ended_on(stop_reason, stages[-1]["stage"])
-            log({"event": "ended_on", "stage": stages[-1]["stage"]})
-            if checkpoint is not None and dist.main:
-                checkpoint.save(s.params, predictor, driving, stages)
         forgetting = sch.forgetting(s, stages)
         logger.info("%s", stop_reason)
         log({"event": "stopped", "reason": stop_reason, "forgetting": forgetting})

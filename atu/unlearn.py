@@ -57,7 +57,7 @@ class UnlearnConfig:
     # Placed schedule: at most this many stages past the floor, at the same step, while the retain budget holds and
     # forgetting still progresses: a stage that makes held-out forget texts progress_min harder to predict (against
     # held-out retain texts) than the best stage since the floor becomes the best; after progress_patience stages in
-    # a row that do not, the schedule stops. It ends on the best stage.
+    # a row that do not, the schedule stops (on its last stage).
     extra_stages: int = 6
     progress_min: float = 0.05
     progress_patience: int = 2

@@ -4,7 +4,6 @@ baselines run through the same stages, and the forgetting verdict in the summary
 import json
 
 import pytest
-import torch
 
 from atu.pipeline import RunConfig
 from atu.run import run
@@ -71,31 +70,17 @@ def test_baselines_run_through_the_same_stages(tiny_world, tmp_path):
     assert summary["after"]["retain_perplexity"] != summary["before"]["retain_perplexity"]  # npo changed the model
 
 
-def test_the_schedule_ends_on_the_stage_that_forgot_the_most_since_the_floor(tiny_world, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
+def test_past_the_floor_the_schedule_stops_after_two_stages_that_forget_no_more(tiny_world, tmp_path, monkeypatch):
     import atu.plan
 
-    # stage 1 is the floor and forgets the most; the two stages past it forget less: the schedule stops, back at 1
-    scores = {0: 1.0, 1: 2.0, 2: 1.5, 3: 1.9}
+    # stage 1 is the floor; stage 2 forgets no more than it, stage 3 a little more (under 5%): the schedule stops
+    # after stage 3 and keeps it
+    scores = {0: 1.0, 1: 2.0, 2: 1.5, 3: 2.05}
     monkeypatch.setattr(atu.plan, "specific_forgetting", lambda record: scores[record["stage"]])
-    kept = {}
-
-    def on_stage(record, model, **_):
-        kept[record["stage"]] = {n: p.detach().clone() for n, p in model.state_dict().items()}
-
     cfg = _config(tmp_path, tiny_world, target="name", lr=1.0, retain_budget=10.0)
-    summary = run(cfg, progress=False, on_stage=on_stage)
-    assert sorted(kept) == [0, 1, 2, 3]  # four stages ran and were within the budget
-    assert [s["stage"] for s in summary["stages"]] == [0, 1]
-    assert "ended on stage 1" in summary["stop_reason"] and "levelled off" in summary["stop_reason"]
-    assert [e["stage"] for e in _events(tmp_path, "ended_on")] == [1]
-    exported = load_file(next((tmp_path / "export" / "model").glob("*.safetensors")))
-    shared = [n for n in exported if n in kept[1]]
-    assert len(shared) > len(exported) // 2
-    assert [n for n in shared if not torch.equal(exported[n], kept[1][n].to(exported[n].dtype))] == []
-    moved = [n for n in shared if not torch.equal(kept[3][n], kept[1][n])]
-    assert moved  # the stages after it changed the model, and were undone
+    summary = run(cfg, progress=False, export=False)
+    assert [s["stage"] for s in summary["stages"]] == [0, 1, 2, 3]
+    assert "levelled off" in summary["stop_reason"] and "since stage 1" in summary["stop_reason"]
 
 
 def test_a_placed_stage_over_budget_is_retried_half_the_step_down(tiny_world, tmp_path, monkeypatch):

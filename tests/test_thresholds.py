@@ -89,7 +89,7 @@ def test_forgetting_is_measured_against_the_retain_texts():
     assert specific_forgetting({"heldout_forget_ppl_ratio": None, "rise": 0.0}) is None
 
 
-def test_from_the_floor_the_schedule_goes_on_while_forgetting_progresses_and_ends_on_the_best_stage():
+def test_from_the_floor_the_schedule_goes_on_while_forgetting_progresses():
     from atu.plan import Plan, floor_progress
     from atu.unlearn import UnlearnConfig
 
@@ -110,7 +110,7 @@ def test_from_the_floor_the_schedule_goes_on_while_forgetting_progresses_and_end
     late = at(1.5, 1.6, 1.62, 1.7)  # +6% on the best: the new best, and the count starts again
     assert late.stop is None and late.best == 3
     flat = at(1.5, 1.6, 1.62, 1.4)  # two in a row that do not beat stage 1: stop there
-    assert flat.stop and "levelled off" in flat.stop and flat.best == 1 and "ended on stage 1" in flat.stop
+    assert flat.stop and "levelled off" in flat.stop and flat.best == 1
     # her texts got harder, but retain texts as much: the model got worse at everything, it did not forget more
     assert at(1.5, 1.6, 1.8, 1.9, rises=[0.0, 0.0, 0.125, 0.19]).best == 1
     no_heldout = at(None, None)
