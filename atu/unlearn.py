@@ -59,8 +59,8 @@ class UnlearnConfig:
     # held-out retain texts) than the best stage since the floor becomes the best; after progress_patience stages in
     # a row that do not, the schedule stops (on its last stage).
     extra_stages: int = 6
-    progress_min: float = 0.05
-    progress_patience: int = 2
+    progress_min: float = 0.05  # placed schedule: how much a stage must beat the best since the floor by to count
+    progress_patience: int = 2  # placed schedule: stages in a row that do not, before the schedule stops
     # Optimizer steps in each stage. None: ``stage_epochs`` passes over the forget batches, at least ``min_steps``.
     steps_per_stage: int | None = None
     stage_epochs: float = 20.0  # steps_per_stage null: passes over the forget batches a stage
@@ -98,7 +98,7 @@ class UnlearnConfig:
     # output channel or per quant_aware_group_size input columns: what is pushed is the model as it will be served
     # quantized (the straight-through estimator updates the full-precision weights). method full only.
     quant_aware_bits: int | None = None
-    quant_aware_group_size: int | None = None
+    quant_aware_group_size: int | None = None  # quant_aware_bits: one step per this many input columns (None: per row)
     log_every: int = 10
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 when on a GPU (ignored on CPU)
