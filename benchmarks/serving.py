@@ -382,13 +382,23 @@ def main() -> None:
 
     cfg.prompts = random_prompts(cfg.export / "model", max(16, cfg.prompts_per_client * max(cfg.concurrency)),
                                  cfg.input_len)  # fmt: skip
+    settings = (
+        "input_len",
+        "output_len",
+        "backend",
+        "pairs",
+        "prompts_per_client",
+        "concurrency",
+        "modes",
+        "policies",
+    )
     res = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        **{k: str(cfg.export) if k == "export" else getattr(cfg, k) for k in
-           ("export", "input_len", "output_len", "backend", "pairs", "prompts_per_client", "concurrency", "modes")},
+        "export": str(cfg.export),
+        **{k: getattr(cfg, k) for k in settings},
         "rows": [],
         "single": {},
-    }  # fmt: skip
+    }
     work = Path(tempfile.mkdtemp(prefix="atu-bench-"))
     sock = str(work / "capture.sock")
     # One vLLM server for every target, started as `atu serve` starts it for the chosen backend: for capture, the
