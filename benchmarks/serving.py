@@ -79,15 +79,21 @@ def pair_stats(ratios: list[float]) -> dict:
 
 def spread_note(policy: str, mode: str, concurrency: int, stats: dict) -> str | None:
     """A plain note when the pair ratios at a level with a target spread wider than the gap between 1.00x and that
-    target: the median may land on either side of it by chance. None when there is no target or the spread is
-    narrower."""
+    target: the noise is then as large as what is measured, and the median may land on either side of the target by
+    chance. Says so too when every pair fell on one side of it anyway. None when there is no target or the spread
+    is narrower."""
     target = TARGETS.get((policy, concurrency))
     if target is None or stats["spread"] <= 1.0 - target:
         return None
+    side = ""
+    if stats["max"] < target:
+        side = " (every pair fell below it, though)"
+    elif stats["min"] >= target:
+        side = " (every pair reached it, though)"
     return (
         f"{policy}, {mode}, concurrency {concurrency}: the {stats['n']} pair ratios span {stats['min']:.2f}x to "
         f"{stats['max']:.2f}x ({stats['spread']:.2f} wide), wider than the {1.0 - target:.2f} between 1.00x and the "
-        f"{target:.2f}x target: this run cannot settle whether the guard meets it."
+        f"{target:.2f}x target: this median cannot settle whether the guard meets it{side}."
     )
 
 

@@ -39,6 +39,11 @@ def test_spread_note_only_where_the_spread_is_wider_than_the_gap_to_a_target():
     wide = bench.pair_stats([0.71, 0.97])  # the two single passes that started this benchmark's rework
     note = bench.spread_note("monitor", "streamed", 32, wide)
     assert note and "0.71x to 0.97x" in note and "0.95x target" in note and "cannot settle" in note
+    assert "every pair" not in note  # the target lies between the pairs
+    below = bench.spread_note("monitor", "streamed", 1, bench.pair_stats([0.81, 0.85]))
+    assert below and below.endswith("(every pair fell below it, though).")
+    above = bench.spread_note("monitor", "streamed", 1, bench.pair_stats([0.97, 1.05]))
+    assert above and above.endswith("(every pair reached it, though).")
     narrow = bench.pair_stats([0.93, 0.95, 0.96])  # 0.03 wide: under the 0.05 gap to 0.95x
     assert bench.spread_note("monitor", "streamed", 32, narrow) is None
     assert bench.spread_note("block", "streamed", 32, narrow) is None  # block's gap is 0.10
