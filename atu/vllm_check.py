@@ -15,8 +15,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,8 +146,17 @@ def _wait_healthy(proc: subprocess.Popen, log, base: str, name: str, start_timeo
         time.sleep(1.0)
 
 
+@dataclass(frozen=True)
+class RunningServer:
+    """A vLLM server started by ``vllm_process``."""
+
+    url: str  # its base URL
+    pid: int  # its process (a benchmark samples its CPU time, and its children's)
+    log: str  # the file its output goes to
+
+
 @contextmanager
-def vllm_server(
+def vllm_process(
     model_dir: str | Path,
     *,
     port: int | None = None,
@@ -157,8 +167,8 @@ def vllm_server(
     keep_log: bool = True,
     device: str = "auto",
     user_args: Sequence[str] = (),
-):
-    """Run ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir``; yields the base URL.
+) -> Iterator[RunningServer]:
+    """Run ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir``; yields the ``RunningServer``.
 
     ``device`` ("auto", "cuda", "cpu") picks the defaults (``vllm_command``); ``user_args`` go to vLLM unchanged,
     after everything else.
@@ -186,7 +196,7 @@ def vllm_server(
         _wait_healthy(proc, log, base, name, start_timeout)
         logger.info("%s on %s at %s (pid %d, log %s)", name, model_dir, base, proc.pid, log.name)
         started = True
-        yield base
+        yield RunningServer(base, proc.pid, log.name)
     finally:
         proc.terminate()
         try:
@@ -197,6 +207,13 @@ def vllm_server(
         log.close()
         if started and not keep_log:
             os.unlink(log.name)
+
+
+@contextmanager
+def vllm_server(model_dir: str | Path, **options) -> Iterator[str]:
+    """``vllm_process`` (same options) for callers that need only the base URL; yields it."""
+    with vllm_process(model_dir, **options) as server:
+        yield server.url
 
 
 def compare_with_transformers(

@@ -21,7 +21,7 @@ ALLOWED_WIDE = {
     "atu.evaluate:evaluate_model",
     "atu.export:write_export",
     "atu.unlearn:unlearn_stage",
-    "atu.vllm_check:vllm_server",
+    "atu.vllm_check:vllm_process",
 }
 
 
