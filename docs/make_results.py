@@ -209,6 +209,31 @@ def render_serving(name: str, d: dict) -> str:
     return "\n".join(out)
 
 
+def render_serving_pairs(name: str, d: dict) -> str:
+    """benchmarks/serving.py with interleaved pairs: the median guarded / bare ratio per policy, request type and
+    level, its spread, and CPU per request."""
+    out = [
+        f"Backend {fmt(d.get('backend'))}, {fmt(d.get('input_len'))}-token prompts, {fmt(d.get('output_len'))} output "
+        f"tokens, {fmt(d.get('pairs'))} bare/guarded pairs a row, {fmt(d.get('machine'))}, "
+        f"{fmt(d.get('wall_seconds'))} s.\n"
+    ]
+    rows = [
+        ("policy", ("policy",)), ("requests", ("mode",)), ("concurrency", ("concurrency",)),
+        ("bare tok/s", ("bare_tok_s",)), ("guarded tok/s", ("guarded_tok_s",)),
+        ("guarded / bare (median)", ("ratio", "median")),
+        ("min", ("ratio", "min")), ("max", ("ratio", "max")), ("guard CPU ms/req", ("guard_cpu_ms",)),
+        ("vLLM CPU ms/req", ("vllm_cpu_ms_guarded",)), ("failed", ("failed",)),
+    ]  # fmt: skip
+    out.append(columns(d.get("rows") or [], rows))
+    notes = [r["note"] for r in d.get("rows") or [] if r.get("note")]
+    out += [f"- {n}" for n in notes]
+    single = d.get("single") or {}
+    if single:
+        cols = [("policy", ("policy",)), ("requests", ("n",)), ("paired added p50 ms", ("added_paired_p50_ms",))]
+        out.append("\n" + columns([{"policy": k, **v} for k, v in sorted(single.items())], cols))
+    return "\n".join(out)
+
+
 def recall_columns(thresholds: list) -> list[Column]:
     """Share of the concepts above each threshold that the index finds exactly."""
     return [(f"recall at t {t}", ("threshold_recall", str(t), "exact_match")) for t in thresholds]
@@ -378,6 +403,11 @@ SHAPES: list[tuple[str, Callable[[dict], bool], Renderer]] = [
     ),
     ("Over seeds (`benchmarks/seeds.py`)", lambda d: "configs" in d, render_seeds),
     ("Serving throughput and latency (`benchmarks/serving.py`)", lambda d: "load" in d, render_serving),
+    (
+        "Serving throughput, interleaved pairs (`benchmarks/serving.py`)",
+        lambda d: "rows" in d and "pairs" in d,
+        render_serving_pairs,
+    ),
     ("Concept index (`benchmarks/index_scale.py`)", lambda d: "kinds" in d, render_index),
     ("One `atu run` (its eval.json)", lambda d: "before" in d and "after" in d and "stop_reason" in d, render_run),
 ]

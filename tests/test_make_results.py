@@ -71,3 +71,15 @@ def test_check_flag_reports_a_stale_page(make_results, tmp_path, capsys):
 )  # fmt: skip
 def test_cells(make_results, value, cell):
     assert make_results.fmt(value) == cell
+
+
+def test_the_paired_serving_results_render_with_their_spread_notes(make_results, tmp_path):
+    row = {"policy": "monitor", "mode": "streamed", "concurrency": 32, "bare_tok_s": 100.0, "guarded_tok_s": 90.0,
+           "ratio": {"median": 0.9, "min": 0.8, "max": 0.97}, "guard_cpu_ms": 5.0, "vllm_cpu_ms_guarded": 60.0,
+           "failed": 0, "note": "monitor, streamed, concurrency 32: too wide"}  # fmt: skip
+    (tmp_path / "serving.json").write_text(
+        json.dumps({"pairs": 5, "rows": [row], "single": {"monitor": {"n": 30, "added_paired_p50_ms": 3.5}}})
+    )
+    page = make_results.render(tmp_path)
+    assert "interleaved pairs" in page and "| monitor | streamed | 32 | 100.0 | 90.0 | 0.900 | 0.800 | 0.970 |" in page
+    assert "- monitor, streamed, concurrency 32: too wide" in page and "| monitor | 30 | 3.500 |" in page
