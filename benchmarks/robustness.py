@@ -1,8 +1,9 @@
 """Forgetting that survives deployment: quantization, relearning, and the guard as the second line.
 
-ATU, gradient ascent (ga), gradient difference (gd) and NPO at their chosen settings (benchmarks/unlearning.py: ATU's
-whole schedule, `atu demo`'s; each baseline at its learning rate there, for as many optimizer steps as ATU took)
-forget the first n people of the embedded world. Each unlearned model, and the original, is then attacked:
+ATU, ATU with quantization-aware unlearning at the int4 setting (atu-q4), gradient ascent (ga), gradient difference
+(gd) and NPO at their chosen settings (benchmarks/unlearning.py: ATU's whole schedule, `atu demo`'s; each baseline at
+its learning rate there, for as many optimizer steps as ATU took) forget the first n people of the embedded world.
+Each unlearned model, and the original, is then attacked:
 
 - quantized: int8 RTN per output channel, int4 RTN in groups (``atu.attack.quantize``), and torch's CPU int8
   kernels (``torch.ao`` dynamic quantization, W8A8: the one real low-bit kernel on this CPU; no int4 kernel runs
@@ -55,7 +56,8 @@ from atu.run import run as run_atu
 from atu.run_data import load_run_data
 from atu.world.build import WORLD_FILES, build_world
 
-METHODS = ("atu", "ga", "gd", "npo")
+# atu-q4: ATU with quantization-aware unlearning at the plan's int4 setting (unlearn.quant_aware_bits)
+METHODS = ("atu", "atu-q4", "ga", "gd", "npo")
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,15 @@ def unlearn_all(plan: Plan, methods, forget: list[str], seed: int, out: str) -> 
     summary = run_atu(cfg, progress=False, export=True)
     export = str(summary["export"])
     models = {"atu": load_lm(Path(export) / "model")[0]}
+    if "atu-q4" in methods:  # the same job, seeing the model through the int4 quantizer it is attacked with
+        raw["unlearn"] = {**raw["unlearn"], "quant_aware_bits": 4, "quant_aware_group_size": plan.int4_group}
+        raw["out"] = str(Path(out) / "quant_aware")
+        q = run_atu(RunConfig.from_dict(raw, "benchmark config"), progress=False, export=True)
+        models["atu-q4"] = load_lm(Path(q["export"]) / "model")[0]
     steps = len(summary["stages"]) * cfg.unlearn.steps_per_stage
     world = build_world(plan.unlearning().world())
     data = load_run_data(cfg, {k: str(world.path(v)) for k, v in WORLD_FILES.items()})
-    for method in [m for m in methods if m != "atu"]:
+    for method in [m for m in methods if m not in ("atu", "atu-q4")]:
         lr = plan.unlearning().baseline_lrs[method][0]
         bcfg = BaselineConfig(method=method, hook_layer=summary["hook_layer"], steps=steps, lr=lr, seed=seed)
         model, tokenizer = load_lm(world.model_dir)
