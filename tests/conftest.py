@@ -43,6 +43,17 @@ def encoder():
     return load_encoder()
 
 
+def random_llama(seed: int = 0):
+    """A randomly initialised two-layer Llama, 32 wide with a 64-token vocabulary (for tests of weight handling)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
 def eval_result(forget, retain=(1.0, 0.7, 0.5), ppl=10.0, fluency=1.0) -> dict:
     """The parts of an `atu eval` result that the criteria read: recall per probe kind, perplexity, fluency."""
     kinds = ("direct", "paraphrase", "adversarial")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_llama
 from torch import nn
 
 from atu.attack.quantize import (
@@ -164,12 +165,7 @@ def test_quantize_model_changes_decoder_linears_only_and_leaves_the_input_alone(
 
 
 def test_int8_dynamic_runs_torch_int8_kernels_close_to_full_precision():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
+    model = random_llama(0)
     q = int8_dynamic(model)
     assert type(q.model.layers[0].self_attn.q_proj).__module__.startswith("torch.ao.nn.quantized.dynamic")
     assert isinstance(q.lm_head, nn.Linear) and isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)

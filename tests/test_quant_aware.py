@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_llama
 
 from atu.attack.quantize import QuantConfig, quantize_model
 from atu.errors import ConfigError
@@ -14,17 +15,8 @@ from atu.quant_aware import quantized_view
 from atu.unlearn import UnlearnConfig
 
 
-def _llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_the_view_computes_what_the_quantized_model_computes_and_then_lets_go():
-    model = _llama()
+    model = random_llama()
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
         full = model(ids).logits
@@ -40,7 +32,7 @@ def test_the_view_computes_what_the_quantized_model_computes_and_then_lets_go():
 
 
 def test_gradients_reach_the_full_precision_weights_through_the_quantizer():
-    model = _llama()
+    model = random_llama()
     ids = torch.randint(0, 64, (2, 6))
     with quantized_view(model, 4):
         model(ids, labels=ids).loss.backward()
