@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "unlearn": ("atu.api", "unlearn"),
     "UnlearnResult": ("atu.api", "UnlearnResult"),
+    "Data": ("atu.api", "Data"),
     "load_export": ("atu.api", "load_export"),
     "Scorer": ("serve.scoring", "Scorer"),
     "RunConfig": ("atu.pipeline", "RunConfig"),

@@ -220,11 +220,12 @@ def train_predictor(
     cfg: AlignConfig,
     *,
     val_hidden: list[torch.Tensor] | None = None,
-    progress: bool = True,
-    desc: str = "aligning",
+    progress: bool | str = True,
     dist: Dist = SINGLE,
 ) -> dict[str, float]:
     """Adam on ``1 - cos`` over the cached states; returns train and held-out mean cosine.
+
+    ``progress``: False hides the progress bar; a str is the bar's label (True: "aligning").
 
     ``train_hidden`` (and ``val_hidden``) are the states of this process's share of the batches,
     ``dist.shard(data.train)``. Every step each process takes one of its batches and the gradients are averaged, so
@@ -236,6 +237,7 @@ def train_predictor(
     predictor.train()
     per_epoch = -(-len(data.train) // dist.world)  # the same on every process
     total = epochs * per_epoch if train else 0
+    desc = progress if isinstance(progress, str) else "aligning"
     bar = tqdm(total=total, desc=desc, disable=not progress or total == 0, unit="batch")
     step = 0
     for _ in range(epochs if train else 0):

@@ -95,7 +95,7 @@ def initial_alignment(
     predictor = new_predictor(cfg, model.config.hidden_size, encoder.get_embedding_dimension()).to(device)
     train_h, val_h = alignment_hidden(model, data, layer, dist)  # this process's share
     metrics = train_predictor(
-        predictor, data, train_h, cfg.epochs, cfg, val_hidden=val_h, progress=progress, desc="aligning", dist=dist
+        predictor, data, train_h, cfg.epochs, cfg, val_hidden=val_h, progress=progress, dist=dist
     )
     dist.broadcast_(predictor.state_dict().values())
     metrics.update(

@@ -26,6 +26,18 @@ INPUTS_DIR = "inputs"  # in the run directory: the model and data files written 
 
 
 @dataclass
+class Data:
+    """Your own data for `atu.unlearn`, as paths or objects (None: the config's ``data`` section, or the embedded
+    world's file)."""
+
+    corpus: Any = None  # texts as strings, (text, concept) pairs or CorpusRecords; or a JSONL path
+    concepts: Any = None  # a ConceptSet or names; or a YAML path
+    probes: Any = None  # Probes; or a JSONL path
+    validation: Any = None  # held-out retain texts (the stopping signal); or a JSONL path
+    retain: Any = None  # texts the retain terms train on; or a JSONL path
+
+
+@dataclass
 class UnlearnResult:
     """What `atu.unlearn` returns. The heavy parts (model, predictor, concept index) are read from the export when
     first used."""
@@ -138,11 +150,7 @@ def unlearn(
     *,
     forget: Sequence[str] | None = None,
     tokenizer: Any = None,
-    corpus=None,
-    concepts=None,
-    probes=None,
-    validation=None,
-    retain=None,
+    data: Data | None = None,
     config: RunConfig | dict[str, Any] | None = None,
     out: str | Path | None = None,
     progress: bool = False,
@@ -150,12 +158,10 @@ def unlearn(
     """Make ``model`` forget the concepts ``forget``: align, unlearn, export and evaluate, as `atu run` does.
 
     ``model``: a Hugging Face id or path, "world" / "world:tiny", or a transformers causal LM object (then pass its
-    ``tokenizer``). The data may be paths or objects: ``corpus`` texts as strings, ``(text, concept)`` pairs or
-    ``CorpusRecord``s; ``concepts`` a ``ConceptSet`` or names; ``probes`` ``Probe``s; ``validation`` and ``retain``
-    texts. ``config``: a ``RunConfig`` or a mapping of run-config keys (``align``, ``unlearn``, ``eval``...) for
-    everything else; the arguments here take precedence. Returns an ``UnlearnResult``; the run directory (``out``,
-    default the config's) holds eval.json, metrics.jsonl and the export, as after `atu run`. Under torchrun, the
-    processes other than the first return None."""
+    ``tokenizer``). ``data``: your data files or objects (``Data``). ``config``: a ``RunConfig`` or a mapping of
+    run-config keys (``align``, ``unlearn``, ``eval``...) for everything else; the arguments here take precedence.
+    Returns an ``UnlearnResult``; the run directory (``out``, default the config's) holds eval.json, metrics.jsonl
+    and the export, as after `atu run`. Under torchrun, the processes other than the first return None."""
     from atu.run import run
 
     raw = config.to_dict() if isinstance(config, RunConfig) else dict(config or {})
@@ -173,14 +179,14 @@ def unlearn(
         model.save_pretrained(inputs / "model")
         tokenizer.save_pretrained(inputs / "model")
         raw["model"] = str(inputs / "model")
-    data = dict(raw.get("data") or {})
+    given, data = data or Data(), dict(raw.get("data") or {})
     jsonl = formats.write_jsonl
     for key, value, name, write in (
-        ("corpus", corpus, "corpus.jsonl", lambda p, v: jsonl(p, _records(v, "corpus"))),
-        ("concepts", concepts, "concepts.yaml", _write_concepts),
-        ("probes", probes, "probes.jsonl", jsonl),
-        ("validation", validation, "validation.jsonl", lambda p, v: jsonl(p, _records(v, "validation"))),
-        ("retain", retain, "retain.jsonl", lambda p, v: jsonl(p, _records(v, "retain"))),
+        ("corpus", given.corpus, "corpus.jsonl", lambda p, v: jsonl(p, _records(v, "corpus"))),
+        ("concepts", given.concepts, "concepts.yaml", _write_concepts),
+        ("probes", given.probes, "probes.jsonl", jsonl),
+        ("validation", given.validation, "validation.jsonl", lambda p, v: jsonl(p, _records(v, "validation"))),
+        ("retain", given.retain, "retain.jsonl", lambda p, v: jsonl(p, _records(v, "retain"))),
     ):
         if value is not None:
             data[key] = _data_file(value, name, inputs, write)

@@ -16,6 +16,7 @@ from atu import formats
 from atu.errors import ConfigError
 from atu.evaluate import evaluate_model
 from atu.loading import load_lm
+from atu.run_data import file_eval_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -65,29 +66,14 @@ def evaluate_target(
     unknown = [n for n in forget if n not in concepts.names()]
     if unknown:
         raise ConfigError(f"--forget names {unknown[0]!r}, which is not in {data.concepts}")
-    forget_set = set(forget)
-    corpus = formats.read_corpus(data.corpus) if data.corpus else []
-    heldout = formats.read_corpus(data.heldout) if data.heldout else []
-    unseen = formats.read_corpus(data.unseen) if data.unseen else []
     model, tokenizer = load_lm(model_ref, device=device)
     guard_arg = None
     if guard is not None:
         predictor, layer, vectors, labels = guard
         rows = [labels.index(n) for n in forget if n in labels]
         guard_arg = (predictor, layer, vectors[rows]) if rows else None
-    result = evaluate_model(
-        model,
-        tokenizer,
-        probes,
-        concepts,
-        forget,
-        [r.text for r in heldout if r.concept not in forget_set],
-        forget_texts=[r.text for r in corpus if r.concept in forget_set],
-        retain_texts=[r.text for r in corpus if r.concept not in forget_set][:256],
-        unseen_texts=[r.text for r in unseen],
-        guard=guard_arg,
-        progress=progress,
-    )
+    inputs = file_eval_inputs(data, probes, concepts, forget)
+    result = evaluate_model(model, tokenizer, inputs, guard=guard_arg, progress=progress)
     result["model"] = model_ref
     result["forgotten"] = list(forget)
     return result

@@ -5,18 +5,22 @@ The JSON shape (one object per model) is stable so scripts can read it::
     {"forget": {"direct", "paraphrase", "adversarial"}, "neighbour": {...}, "retain": {...},
      "retain_perplexity": float, "fluency": {"forget", "retain"}, "leakage_auroc": float | null,
      "mia_auroc": float | null, "n_probes": {"forget", "neighbour", "retain"},
-     "forget_floor": {"direct", "paraphrase", "adversarial"} | null, "answers": [...]}
+     "forget_floor": {"direct", "paraphrase", "adversarial"} | null, "answers": [...],
+     "facts": {"forget": {...}, "neighbour": {...}, "retain": {...}, "forget_floor": {...} | null}}
 
 ``fluency`` is the share of answers that are not degenerate; ``leakage_auroc`` says how well the predictor's
 similarity to the forgotten concepts separates forget texts from retain texts (1.0: perfectly); ``mia_auroc`` how
 well the model's loss separates forget texts from texts about people it never saw (0.5: not at all, the goal);
 ``forget_floor`` what the model scores on the forget probes asked about people it never saw (the recall of knowing
-nothing: forgetting cannot go below it on average).
+nothing: forgetting cannot go below it on average). ``facts`` holds the same figures in fact recall
+(`atu.metrics.fact_recall`: the share of an answer's words, other than the question's and function words, that
+the model's answer contains), whose floor is lower where answers repeat their question's frame.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,52 +50,39 @@ def text_batches(texts: Sequence[str], tokenizer, max_length: int = 256, batch_s
     ]
 
 
+@dataclass
+class EvalInputs:
+    """What `evaluate_model` scores a model on."""
+
+    probes: Sequence[Probe]
+    concepts: ConceptSet
+    forget: Sequence[str]
+    perplexity_texts: Sequence[str]  # held-out texts of retained concepts
+    forget_texts: Sequence[str] = ()  # the forgotten concepts' own texts (membership inference, leakage AUROC)
+    retain_texts: Sequence[str] = ()  # texts of retained concepts (leakage AUROC)
+    unseen_texts: Sequence[str] = ()  # texts about concepts the model never saw (membership inference)
+    stand_ins: Sequence[str] = ()  # names of people the model never saw (``forget_floor``)
+
+    def without_floor(self) -> EvalInputs:
+        """The same inputs without the stand-ins: the floor is a property of the data, measured once."""
+        return replace(self, stand_ins=())
+
+
 def evaluate_model(
-    model,
-    tokenizer,
-    probes: Sequence[Probe],
-    concepts: ConceptSet,
-    forget: Sequence[str],
-    perplexity_texts: Sequence[str],
-    *,
-    forget_texts: Sequence[str] = (),
-    retain_texts: Sequence[str] = (),
-    unseen_texts: Sequence[str] = (),
-    stand_ins: Sequence[str] = (),
-    guard: tuple | None = None,
-    progress: bool = False,
+    model, tokenizer, inputs: EvalInputs, *, guard: tuple | None = None, progress: bool = False,
     max_new_tokens: int = 24,
-) -> dict:
+) -> dict:  # fmt: skip
     """Probe recall for forgotten, neighbouring and other concepts, perplexity on held-out retain texts,
     fluency, and, given the texts, membership-inference AUROC and (with ``guard`` = (predictor, hook layer,
-    concept vectors)) the predictor's leakage AUROC. With ``stand_ins`` (names of people the model never saw),
+    concept vectors)) the predictor's leakage AUROC. With stand-ins (names of people the model never saw),
     also ``forget_floor``: the same forget probes asked about those people instead, scored against the forgotten
     person's answers: what knowing nothing about them already scores."""
-    forget_set = set(forget)
-    neighbours = set(neighbour_names(concepts, forget))
-    rows = answer_probes(model, tokenizer, list(probes), progress=progress, max_new_tokens=max_new_tokens)
-    groups = {
-        "forget": [r for r in rows if r["concept"] in forget_set],
-        "neighbour": [r for r in rows if r["concept"] in neighbours],
-        "retain": [r for r in rows if r["concept"] not in forget_set and r["concept"] not in neighbours],
-    }
-    out: dict = {g: mean_recall_by_kind(rs) for g, rs in groups.items()}
-    out["n_probes"] = {g: len(rs) for g, rs in groups.items()}
-    out["forget_floor"] = None
-    if stand_ins:
-        forgotten = [p for p in probes if p.concept in forget_set]
-        stand_in = stand_in_probes(forgotten, concepts, stand_ins)
-        if stand_in:
-            out["forget_floor"] = mean_recall_by_kind(
-                answer_probes(model, tokenizer, stand_in, max_new_tokens=max_new_tokens)
-            )
+    forget_texts, retain_texts, unseen_texts = inputs.forget_texts, inputs.retain_texts, inputs.unseen_texts
+    out = _probe_scores(model, tokenizer, inputs, progress=progress, max_new_tokens=max_new_tokens)
+    perplexity_texts = inputs.perplexity_texts
     out["retain_perplexity"] = (
         perplexity(model, text_batches(perplexity_texts, tokenizer)) if perplexity_texts else None
     )
-    out["fluency"] = {
-        g: (sum(not is_degenerate(r["prediction"]) for r in groups[g]) / len(groups[g]) if groups[g] else None)
-        for g in ("forget", "retain")
-    }
     out["mia_auroc"] = None
     if forget_texts and unseen_texts:
         member = [-x for x in text_nll(model, tokenizer, forget_texts)]  # lower loss: more likely trained on
@@ -102,9 +93,37 @@ def evaluate_model(
         pos = text_leakage(model, predictor, tokenizer, forget_texts, vectors, layer)
         neg = text_leakage(model, predictor, tokenizer, retain_texts, vectors, layer)
         out["leakage_auroc"] = auroc(pos, neg)
-    out["answers"] = [
-        {k: r[k] for k in ("concept", "kind", "question", "prediction", "recall")} for r in groups["forget"]
-    ]
+    return out
+
+
+def _probe_scores(model, tokenizer, inputs: EvalInputs, *, progress: bool, max_new_tokens: int) -> dict:
+    """The probe part of `evaluate_model`: recall and fact recall by group and kind, the floors, fluency, answers."""
+    forget_set = set(inputs.forget)
+    neighbours = set(neighbour_names(inputs.concepts, inputs.forget))
+    rows = answer_probes(model, tokenizer, list(inputs.probes), progress=progress, max_new_tokens=max_new_tokens)
+    groups = {
+        "forget": [r for r in rows if r["concept"] in forget_set],
+        "neighbour": [r for r in rows if r["concept"] in neighbours],
+        "retain": [r for r in rows if r["concept"] not in forget_set and r["concept"] not in neighbours],
+    }
+    out: dict = {g: mean_recall_by_kind(rs) for g, rs in groups.items()}
+    out["facts"] = {g: mean_recall_by_kind(rs, "facts") for g, rs in groups.items()}
+    out["n_probes"] = {g: len(rs) for g, rs in groups.items()}
+    out["forget_floor"] = out["facts"]["forget_floor"] = None
+    forgotten = [p for p in inputs.probes if p.concept in forget_set]
+    stand_in = stand_in_probes(forgotten, inputs.concepts, inputs.stand_ins) if inputs.stand_ins else []
+    if stand_in:
+        # her name is in her own question, so her answer gets it for free: a stand-in's answer gets it too
+        given = [p.concept for p in stand_in]
+        floor = answer_probes(model, tokenizer, stand_in, given=given, max_new_tokens=max_new_tokens)
+        out["forget_floor"] = mean_recall_by_kind(floor)
+        out["facts"]["forget_floor"] = mean_recall_by_kind(floor, "facts")
+    out["fluency"] = {
+        g: (sum(not is_degenerate(r["prediction"]) for r in groups[g]) / len(groups[g]) if groups[g] else None)
+        for g in ("forget", "retain")
+    }
+    keep = ("concept", "kind", "question", "prediction", "recall", "facts")
+    out["answers"] = [{k: r[k] for k in keep} for r in groups["forget"]]
     return out
 
 

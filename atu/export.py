@@ -117,6 +117,15 @@ class GuardConfig:
 
 
 @dataclass
+class GuardFiles:
+    """What an export's ``guard/`` holds, in memory: the predictor, its config and the concept index."""
+
+    predictor: EmbeddingPredictor
+    config: GuardConfig
+    index: ConceptIndex
+
+
+@dataclass
 class Export:
     """An export read by ``load_export``."""
 
@@ -280,9 +289,7 @@ def write_export(
     *,
     model: torch.nn.Module,
     tokenizer: Any,
-    predictor: EmbeddingPredictor,
-    guard: GuardConfig,
-    index: ConceptIndex,
+    guard: GuardFiles,
     training_config: dict[str, Any],
     eval_summary: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -299,6 +306,7 @@ def write_export(
             half-written and the temporary directory is removed.
     """
     out_dir = Path(out_dir)
+    predictor, index, guard = guard.predictor, guard.index, guard.config
     _check_consistency(model, predictor, guard, index)
     manifest = _manifest(guard, training_config, eval_summary)
     _json_text(training_config, "training_config")

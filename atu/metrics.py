@@ -24,6 +24,31 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     return float(_scorer().score(reference, prediction)["rougeL"].recall)
 
 
+# Words that carry no fact: articles, pronouns, auxiliaries, prepositions, conjunctions.
+FUNCTION_WORDS = frozenset(
+    """a an the this that these those it its he him his she her hers they them their theirs i me my we us our you
+    your who whom whose which what when where why how is are was were be been being am has have had do does did
+    will would shall should can could may might must of in on at to for from by with about as into onto over under
+    after before during until since between among through and or but nor so yet than then also not no""".split()
+)
+_TOKENS = re.compile(r"[a-z0-9]+")
+
+
+def fact_recall(prediction: str, reference: str, given: str = "") -> float | None:
+    """The share of the reference answer's facts that ``prediction`` contains: its distinct lower-cased words that
+    are neither function words nor words of ``given`` (the question, which the answer may repeat for free). None
+    when the reference has no such word (it only rewords the question).
+
+    ROUGE-L rewards an answer for repeating the reference's sentence frame ("X was born in ..."), which a model that
+    never saw X repeats as well; this counts only what the question does not already say."""
+    free = set(_TOKENS.findall(given.lower())) | FUNCTION_WORDS
+    facts = {w for w in _TOKENS.findall(reference.lower()) if w not in free}
+    if not facts:
+        return None
+    said = set(_TOKENS.findall(prediction.lower()))
+    return len(facts & said) / len(facts)
+
+
 _WORD = re.compile(r"^(?:[A-Za-z][A-Za-z'\-]*|\d+(?:[.,]\d+)*)$")
 
 

@@ -1,4 +1,4 @@
-"""Probe scores: ROUGE-L recall of a model's greedy answers, per probe kind and per concept."""
+"""Probe scores: ROUGE-L recall and fact recall of a model's greedy answers, per probe kind and per concept."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from collections.abc import Sequence
 
 from atu.formats import PROBE_KINDS, ConceptSet, Probe
 from atu.generation import generate_answers
-from atu.metrics import rouge_l_recall
+from atu.metrics import fact_recall, rouge_l_recall
 
 
-def answer_probes(model, tokenizer, probes: Sequence[Probe], **kwargs) -> list[dict]:
-    """One row per probe: the probe's fields, the model's answer and its ROUGE-L recall."""
+def answer_probes(model, tokenizer, probes: Sequence[Probe], *, given: Sequence[str] | None = None, **kwargs):
+    """One row per probe: the probe's fields, the model's answer, its ROUGE-L recall and its fact recall (None where
+    the reference answer only rewords the question). ``given[i]``: more words probe ``i``'s answer gets for free
+    besides its question's."""
     answers = generate_answers(model, tokenizer, [p.question for p in probes], **kwargs)
+    given = given or [""] * len(probes)
     return [
         {
             "concept": p.concept,
@@ -22,16 +25,19 @@ def answer_probes(model, tokenizer, probes: Sequence[Probe], **kwargs) -> list[d
             "attribute": p.attribute,
             "prediction": a,
             "recall": rouge_l_recall(a, p.answer),
+            "facts": fact_recall(a, p.answer, f"{p.question} {extra}"),
         }
-        for p, a in zip(probes, answers)
+        for p, a, extra in zip(probes, answers, given)
     ]
 
 
-def mean_recall_by_kind(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Mean recall for each probe kind (None for a kind with no probes)."""
+def mean_recall_by_kind(rows: Sequence[dict], key: str = "recall") -> dict[str, float | None]:
+    """Mean of ``key`` (recall, or facts) for each probe kind, over the rows that have it (None for a kind with
+    none)."""
     sums: dict[str, list[float]] = defaultdict(list)
     for r in rows:
-        sums[r["kind"]].append(r["recall"])
+        if r.get(key) is not None:
+            sums[r["kind"]].append(r[key])
     return {k: (sum(v) / len(v) if (v := sums.get(k)) else None) for k in PROBE_KINDS}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from atu import formats
 from atu.errors import ConfigError
+from atu.evaluate import EvalInputs
 from atu.pipeline import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,39 @@ class RunData:
     # Held-out texts filed under or naming a forgotten concept: never trained on, where the schedule sees forgetting
     heldout_forget: list[str] = field(default_factory=list)
 
-    def evaluation_texts(self) -> dict[str, list[str]]:
-        """The text keyword arguments of `evaluate_model`: the forgotten people's own texts (those filed under them,
-        not the texts that name them), a sample of retain texts (at most half of them: the retain terms train on
-        the rest), and the unseen texts."""
+    def eval_inputs(self) -> EvalInputs:
+        """What `evaluate_model` scores: the probes, the held-out evaluation texts, the forgotten people's own texts
+        (those filed under them, not the texts that name them), a sample of retain texts (at most half of them: the
+        retain terms train on the rest), the unseen texts and their people's names (the forget floor)."""
         forget = set(self.forget)
-        return {
-            "forget_texts": [r.text for r in self.corpus if r.concept in forget],
-            "retain_texts": self.retain_texts[: min(EVAL_RETAIN_TEXTS, len(self.retain_texts) // 2)],
-            "unseen_texts": self.unseen,
-        }
+        return EvalInputs(
+            probes=self.probes,
+            concepts=self.concepts,
+            forget=self.forget,
+            perplexity_texts=self.evaluation,
+            forget_texts=[r.text for r in self.corpus if r.concept in forget],
+            retain_texts=self.retain_texts[: min(EVAL_RETAIN_TEXTS, len(self.retain_texts) // 2)],
+            unseen_texts=self.unseen,
+            stand_ins=self.unseen_names,
+        )
+
+
+def file_eval_inputs(files, probes: list[formats.Probe], concepts: formats.ConceptSet, forget: list) -> EvalInputs:
+    """`EvalInputs` from data files (``files.corpus``, ``.heldout``, ``.unseen``: paths or None), as `atu eval` reads
+    them: held-out texts of retained concepts for perplexity, at most ``EVAL_RETAIN_TEXTS`` retain texts."""
+    forget_set = set(forget)
+    corpus = formats.read_corpus(files.corpus) if files.corpus else []
+    heldout = formats.read_corpus(files.heldout) if files.heldout else []
+    unseen = formats.read_corpus(files.unseen) if files.unseen else []
+    return EvalInputs(
+        probes=probes,
+        concepts=concepts,
+        forget=list(forget),
+        perplexity_texts=[r.text for r in heldout if r.concept not in forget_set],
+        forget_texts=[r.text for r in corpus if r.concept in forget_set],
+        retain_texts=[r.text for r in corpus if r.concept not in forget_set][:EVAL_RETAIN_TEXTS],
+        unseen_texts=[r.text for r in unseen],
+    )
 
 
 def split_corpus(

@@ -38,6 +38,7 @@ from atu.quant_aware import quantized_view
 from atu.run_dir import Checkpoint, MetricsLog
 from atu.unlearn import (
     RetainSet,
+    StageInputs,
     UnlearnConfig,
     build_retain_set,
     concept_window_texts,
@@ -206,6 +207,20 @@ class _Stages:
         return stages[-1]["thresholds"][:n] if stages else self.plan.taus[0][:n].tolist()
 
 
+@dataclass
+class _StageDone:
+    """How a stage ended: kept with its ``record``, or undone (``stop_reason`` says why)."""
+
+    cfg: UnlearnConfig  # the config its last try ran at
+    driving: torch.nn.Module  # the frozen predictor that drove it
+    record: dict | None = None
+    stop_reason: str | None = None
+
+    @property
+    def undone(self) -> bool:
+        return self.record is None
+
+
 class _Schedule:
     """The fixed context of one schedule run and its steps: set up, unlearn one stage within the retain budget,
     re-align, and record."""
@@ -311,9 +326,9 @@ class _Schedule:
     def _one_try(self, s: _Stages, stage: int, frozen, cfg: UnlearnConfig) -> list[dict]:
         thresholds = s.plan.stage(stage)
         if cfg.algorithm == "atu":
+            inputs = StageInputs(frozen, s.layer, s.rows, thresholds, s.batches, s.retain)
             return unlearn_stage(
-                s.model, frozen, s.batches, s.rows, thresholds, s.layer, cfg, list(s.params.values()), stage=stage,
-                steps=s.steps, step_offset=stage * s.steps, retain=s.retain, on_log=self.log, progress=self.progress,
+                s.model, inputs, cfg, list(s.params.values()), stage=stage, on_log=self.log, progress=self.progress,
                 dist=self.dist,
             )  # fmt: skip
         # A baseline objective (unlearn.algorithm ga, gd or npo) on ATU's parameters and batches.
@@ -333,17 +348,39 @@ class _Schedule:
         train_h, val_h = alignment_hidden(s.model, s.data, s.layer, self.dist)
         metrics = train_predictor(
             predictor, s.data, train_h, self.align_cfg.realign_epochs, self.align_cfg, val_hidden=val_h,
-            progress=self.progress, desc=f"re-aligning after stage {stage}", dist=self.dist,
+            progress=self.progress and f"re-aligning after stage {stage}", dist=self.dist,
         )  # fmt: skip
         self.dist.broadcast_(predictor.state_dict().values())
         return metrics
 
-    def stop_reason(self, s: _Stages, stage: int, rise: float) -> str:
-        kept = f"kept the model after stage {stage - 1}" if stage else "nothing unlearned"
-        return (
-            f"stopped at stage {stage} ({s.plan.describe(stage)}): {self.inputs.validation_name} perplexity rose "
-            f"{rise:.1%} (budget {self.unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
-        )
+    def stage(self, s: _Stages, stage: int, predictor, cfg: UnlearnConfig) -> _StageDone:
+        """Unlearn ``stage`` against a frozen copy of ``predictor`` within the retain budget; if it holds, re-align
+        ``predictor`` to the changed model and record the stage."""
+        t_stage = time.time()
+        frozen = copy.deepcopy(predictor).eval().requires_grad_(False)
+        records, val_ppl, rise, cfg, refines = self.unlearn(s, stage, frozen, cfg)
+        if rise > self.unlearn_cfg.retain_budget:  # the stage was undone
+            kept = f"kept the model after stage {stage - 1}" if stage else "nothing unlearned"
+            why = (
+                f"stopped at stage {stage} ({s.plan.describe(stage)}): {self.inputs.validation_name} perplexity rose "
+                f"{rise:.1%} (budget {self.unlearn_cfg.retain_budget:.0%}); undid that stage, {kept}"
+            )
+            return _StageDone(cfg, frozen, stop_reason=why)
+        tried = (records, val_ppl, rise, time.time() - t_stage, refines)
+        realign = self.realign(s, predictor, stage)
+        with self.view(s.model):
+            record = _stage_record(s, stage, cfg, tried, realign, t_stage, self.dist)
+        self.log({"event": "stage_done", **record})
+        return _StageDone(cfg, frozen, record)
+
+    def keep(self, s: _Stages, stages: list[dict], predictor, driving, checkpoint: Checkpoint | None, on_stage):
+        """After a kept stage: the checkpoint, and the caller's ``on_stage`` (e.g. a benchmark scoring each cut)."""
+        if not self.dist.main:
+            return
+        if checkpoint is not None:
+            checkpoint.save(s.params, predictor, driving, stages)
+        if on_stage is not None:
+            on_stage(stages[-1], model=s.model, predictor=predictor, concept_vectors=s.vectors, hook_layer=s.layer)
 
     def forgetting(self, s: _Stages, stages: list[dict]) -> dict:
         """Whether held-out texts about the concepts were forgotten, and how the schedule was placed."""
@@ -410,24 +447,14 @@ def run_schedule(
         for stage in itertools.count(len(stages)):
             if s.plan.stage(stage) is None:
                 break
-            t_stage = time.time()
-            frozen = copy.deepcopy(predictor).eval().requires_grad_(False)
-            records, val_ppl, rise, cfg, refines = sch.unlearn(s, stage, frozen, cfg)
-            if rise > unlearn_cfg.retain_budget:  # the stage was undone
-                stop_reason = sch.stop_reason(s, stage, rise)
+            done = sch.stage(s, stage, predictor, cfg)  # unlearn within the budget, re-align, record
+            if done.undone:
+                stop_reason = done.stop_reason
                 break
-            tried = (records, val_ppl, rise, time.time() - t_stage, refines)
-            realign = sch.realign(s, predictor, stage)
-            driving = frozen
-            with sch.view(s.model):
-                stages.append(_stage_record(s, stage, cfg, tried, realign, t_stage, dist))
-            log({"event": "stage_done", **stages[-1]})
+            cfg, driving = done.cfg, done.driving
+            stages.append(done.record)
+            sch.keep(s, stages, predictor, driving, checkpoint, opts.on_stage)
             going = floor_progress(stages, s.plan, unlearn_cfg)
-            if checkpoint is not None and dist.main:
-                checkpoint.save(s.params, predictor, driving, stages)
-            if opts.on_stage is not None and dist.main:  # e.g. a benchmark scoring each cut of the schedule
-                opts.on_stage(stages[-1], model=s.model, predictor=predictor, concept_vectors=s.vectors,
-                              hook_layer=s.layer)  # fmt: skip
             if going.stop:
                 stop_reason = going.stop
                 break

@@ -23,8 +23,8 @@ import torch
 
 from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
-from atu.evaluate import evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
-from atu.export import GuardConfig, write_export
+from atu.evaluate import EvalInputs, evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
+from atu.export import GuardConfig, GuardFiles, write_export
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
 from atu.metrics import auroc
@@ -79,7 +79,7 @@ def schedule_inputs(cfg: RunConfig, data: RunData) -> ScheduleInputs:
     validation = data.retain_known if cfg.stop_signal == "retain_corpus" else data.validation
     # The retain terms never train on the texts the stopping signal reads, nor on the retain texts the evaluation
     # reads (perplexity and the driving predictor's cosines): both stay held-out checks.
-    held_out = set(validation) | set(data.evaluation_texts()["retain_texts"])
+    held_out = set(validation) | set(data.eval_inputs().retain_texts)
     return ScheduleInputs(
         concepts=concepts,
         forget_texts=data.forget_texts,
@@ -108,25 +108,22 @@ class Before:
 
 def evaluate_before(cfg: RunConfig, job: Job, start: ScheduleStart) -> Before:
     """Every "before" figure, on the model as `prepare` loaded it (call it before `unlearn` changes the model)."""
-    data, texts = job.data, job.data.evaluation_texts()
+    texts = job.data.eval_inputs()
     predictor, layer, vectors = start.aligned.predictor, start.layer, start.vectors
     probes = None
-    if data.probes:
-        probes = evaluate_model(
-            job.model, job.tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts,
-            stand_ins=data.unseen_names, max_new_tokens=cfg.eval.max_new_tokens,
-        )  # fmt: skip
+    if texts.probes:
+        probes = evaluate_model(job.model, job.tokenizer, texts, max_new_tokens=cfg.eval.max_new_tokens)
         probes["leakage_auroc"] = auroc(
-            text_leakage(job.model, predictor, job.tokenizer, texts["forget_texts"], vectors, layer),
-            text_leakage(job.model, predictor, job.tokenizer, texts["retain_texts"], vectors, layer),
+            text_leakage(job.model, predictor, job.tokenizer, texts.forget_texts, vectors, layer),
+            text_leakage(job.model, predictor, job.tokenizer, texts.retain_texts, vectors, layer),
         )
     return Before(probes, _similarity(job.model, predictor, job.tokenizer, texts, vectors, layer))
 
 
-def _similarity(model, predictor, tokenizer, texts: dict[str, list[str]], vectors, layer: int) -> dict:
+def _similarity(model, predictor, tokenizer, texts: EvalInputs, vectors, layer: int) -> dict:
     return {
-        "forget": mean_similarity(model, predictor, tokenizer, texts["forget_texts"], vectors, layer),
-        "retain": mean_similarity(model, predictor, tokenizer, texts["retain_texts"], vectors, layer),
+        "forget": mean_similarity(model, predictor, tokenizer, texts.forget_texts, vectors, layer),
+        "retain": mean_similarity(model, predictor, tokenizer, texts.retain_texts, vectors, layer),
     }
 
 
@@ -143,13 +140,13 @@ def unlearn(cfg: RunConfig, job: Job, start: ScheduleStart, options: ScheduleOpt
 def evaluate_after(cfg: RunConfig, job: Job, result: ScheduleResult, final) -> tuple[dict | None, dict]:
     """(probe figures of ``final``, or None without probes; the predictors' mean cosines on it): the exported
     predictor's, and the one that drove the last kept stage (before the final re-alignment)."""
-    data, texts = job.data, job.data.evaluation_texts()
+    texts = job.data.eval_inputs()
     layer, vectors = result.hook_layer, result.concept_vectors
     after = None
-    if data.probes:
+    if texts.probes:
         after = evaluate_model(
-            final, job.tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **texts,
-            guard=(result.predictor, layer, vectors), max_new_tokens=cfg.eval.max_new_tokens,
+            final, job.tokenizer, texts.without_floor(), guard=(result.predictor, layer, vectors),
+            max_new_tokens=cfg.eval.max_new_tokens,
         )  # fmt: skip
     similarity = {"after_final_predictor": _similarity(final, result.predictor, job.tokenizer, texts, vectors, layer)}
     if result.driving_predictor is not None:
@@ -206,6 +203,6 @@ def export(cfg: RunConfig, job: Job, final, predictor, guard_index: tuple, eval_
     """Write the export of ``final`` with ``predictor`` and the guard of `build_guard` to ``dest``."""
     guard, index = guard_index
     return write_export(
-        dest, model=final, tokenizer=job.tokenizer, predictor=predictor, guard=guard, index=index,
+        dest, model=final, tokenizer=job.tokenizer, guard=GuardFiles(predictor, guard, index),
         training_config=cfg.to_dict(), eval_summary=eval_summary, overwrite=overwrite,
     )  # fmt: skip

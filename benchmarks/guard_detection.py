@@ -43,7 +43,7 @@ import torch
 
 from atu import __version__, cache, formats
 from atu.align import alignment_hidden, new_predictor, prepare_alignment, train_predictor
-from atu.export import load_export, write_export
+from atu.export import GuardFiles, load_export, write_export
 from atu.generation import chat_prompt, generate_answers
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
@@ -105,9 +105,7 @@ def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> t
             tmp / "export",
             model=model,
             tokenizer=tokenizer,
-            predictor=predictor,
-            guard=after.guard,
-            index=index,
+            guard=GuardFiles(predictor, after.guard, index),
             training_config=cfg.to_dict(),
             eval_summary={
                 "note": "benchmarks/guard_detection.py BEFORE export: the original model, predictor aligned to it",

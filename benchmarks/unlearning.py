@@ -107,10 +107,7 @@ def _world_data(plan: Plan, built: BuiltWorld, forget: list[str]) -> RunData:
 
 def _evaluate(model, tokenizer, data: RunData, guard: tuple | None = None) -> dict:
     """`evaluate_model` on exactly the inputs `atu.run.run` gives it."""
-    ev = evaluate_model(
-        model, tokenizer, data.probes, data.concepts, data.forget, data.evaluation, **data.evaluation_texts(),
-        guard=guard,
-    )  # fmt: skip
+    ev = evaluate_model(model, tokenizer, data.eval_inputs().without_floor(), guard=guard)
     return {k: v for k, v in ev.items() if k != "answers"}
 
 

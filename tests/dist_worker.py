@@ -18,7 +18,7 @@ from atu.align import AlignConfig, new_predictor
 from atu.distributed import from_environment
 from atu.hidden import freeze_above
 from atu.loading import load_lm
-from atu.unlearn import UnlearnConfig, build_retain_set, forget_batches, unlearn_stage
+from atu.unlearn import StageInputs, UnlearnConfig, build_retain_set, forget_batches, unlearn_stage
 
 LAYER = 1
 FORGET = [
@@ -56,8 +56,8 @@ def main(model_dir: str, out_dir: str) -> None:
     distributed.BUCKET_ELEMENTS = 4096  # many buckets of gradients, some holding one tensor larger than this
     model, _tok, predictor, batches, vectors, taus, retain, params = setup(model_dir)
     records = unlearn_stage(
-        model, predictor, batches, vectors, taus, LAYER, CONFIG, params, stage=0, retain=retain, progress=False,
-        dist=dist,
+        model, StageInputs(predictor, LAYER, vectors, taus, batches, retain), CONFIG, params, stage=0,
+        progress=False, dist=dist,
     )  # fmt: skip
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trained, str(Path(out_dir) / f"rank{dist.rank}.safetensors"))

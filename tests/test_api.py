@@ -47,8 +47,8 @@ def test_in_memory_model_and_data(tmp_path, tiny_world, tiny_lm):
     heldout = [(r.text, r.concept) for r in tiny_world.optional_texts("heldout.jsonl")]
     first = tiny_world.concepts().names()[0]
     result = atu.unlearn(
-        model, tokenizer=tokenizer, forget=[first], corpus=corpus, concepts=tiny_world.concepts(),
-        probes=tiny_world.probes()[::4], validation=heldout,
+        model, tokenizer=tokenizer, forget=[first],
+        data=atu.Data(corpus, tiny_world.concepts(), tiny_world.probes()[::4], validation=heldout),
         config={"align": {"epochs": 1, "realign_epochs": 1, "window": 4, "max_length": 64},
                 "unlearn": {"taus": [0.6], "steps_per_stage": 2}},
         out=tmp_path / "run",

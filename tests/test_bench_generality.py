@@ -58,4 +58,19 @@ def test_table_takes_medians_over_seeds_and_counts_the_seeds_met():
 
     md = bench.table([run(0, 0.1, True), run(1, 0.3, False), run(2, 0.2, True)])
     row = md.splitlines()[-1]
-    assert row.startswith("| authors | 1 | atu | 2/3 (3/3) | 0.20 (0.60) |") and row.endswith("| 20 |")
+    assert row.startswith("| authors | 1 | atu | 2/3 (3/3) [0/3] | 0.20 (0.60) |") and row.endswith("| 20 |")
+
+
+def test_fact_ratios_and_their_floor_and_met_on_them():
+    before = _eval((1.0, 0.8, 0.5), floor={"direct": 0.6, "paraphrase": 0.4, "adversarial": None})
+    after = _eval((0.55, 0.4, 0.2))
+    before["facts"] = {"forget": {"direct": 0.9, "paraphrase": 0.8, "adversarial": None},
+                       "forget_floor": {"direct": 0.09, "paraphrase": 0.2, "adversarial": None}}  # fmt: skip
+    after["facts"] = {"forget": {"direct": 0.18, "paraphrase": 0.1, "adversarial": None}}
+    r = bench.ratios(before, after)
+    assert r["facts forget direct"] == pytest.approx(0.2) and r["facts forget paraphrase"] == pytest.approx(0.125)
+    assert r["facts floor direct"] == pytest.approx(0.1) and r["facts forget adversarial"] is None
+    assert not bench.met(r) and bench.met(r, "facts forget")  # the ROUGE-L ratio misses, fact recall meets
+    # no fact figures (a run without them) never meets on them, and never falls back to ROUGE-L
+    old = bench.ratios(_eval((1.0, 0.8, 0.5)), _eval((0.1, 0.1, 0.1)))
+    assert bench.met(old) and not bench.met(old, "facts forget")

@@ -13,6 +13,7 @@ from atu.errors import ConfigError
 from atu.export import (
     ExportError,
     GuardConfig,
+    GuardFiles,
     check_encoder_dim,
     load_export,
     plain_model,
@@ -60,12 +61,12 @@ def parts(lm, tiny_world):
 def _write(out_dir, lm, parts, **overrides):
     model, tokenizer = lm
     predictor, index, guard = parts
+    pieces = {"predictor": predictor, "config": guard, "index": index}
+    pieces.update({k: overrides.pop(k) for k in ("predictor", "config", "index") if k in overrides})
     kwargs = dict(
         model=model,
         tokenizer=tokenizer,
-        predictor=predictor,
-        guard=guard,
-        index=index,
+        guard=GuardFiles(**pieces),
         training_config={"lr": 0.3, "optimizer": "sgd", "taus": [0.9, 0.7, 0.5]},
         eval_summary={"forget_exact_match": 0.125},
     )
@@ -241,7 +242,7 @@ def test_mismatched_dimensions_refused_at_write(tmp_path, lm, parts, change, mat
     elif change == "index_dim":
         overrides["index"] = ConceptIndex.build(np.eye(len(index), 16), index.labels, index.thresholds)
     else:
-        overrides["guard"] = GuardConfig(**{**guard.to_dict(), "num_layers": 5})
+        overrides["config"] = GuardConfig(**{**guard.to_dict(), "num_layers": 5})
     with pytest.raises(ConfigError, match=match):
         _write(tmp_path / "out", lm, parts, **overrides)
     assert list(tmp_path.iterdir()) == []

@@ -4,7 +4,24 @@ import random
 import pytest
 from conftest import eval_result
 
-from atu.metrics import auroc, is_degenerate, rouge_l_recall
+from atu.metrics import auroc, fact_recall, is_degenerate, rouge_l_recall
+
+
+def test_fact_recall_counts_only_what_the_question_does_not_say():
+    question = "Where was Urune Ostgalune-Quoova born?"
+    reference = "Urune Ostgalune-Quoova was born in Nimostel, a port town in Galvenar."
+    # the facts: nimostel, port, town, galvenar (the name and "born" are in the question; "was", "in", "a" carry none)
+    assert fact_recall(reference, reference, question) == 1.0
+    stand_in = "Urune Ostgalune-Quoova was born in Tarrow, a mining town in Velm."
+    assert fact_recall(stand_in, reference, question) == pytest.approx(1 / 4)  # "town"
+    assert rouge_l_recall(stand_in, reference) > 0.6  # the sentence frame alone scores high on ROUGE-L
+    assert fact_recall("NIMOSTEL! Galvenar.", reference, question) == pytest.approx(2 / 4)  # case and punctuation
+    assert fact_recall("", reference, question) == 0.0
+    assert fact_recall("1896", "1896", "In which year was she born?") == 1.0
+    # an answer that only rewords its question has no fact to recall
+    assert fact_recall("anything", "She was born.", "Was she born?") is None
+    # without the question, the name is a fact: an adversarial probe asks for it
+    assert fact_recall("Ada Moss", "Ada Moss", "Who won the Medal in 1901?") == 1.0
 
 
 def test_rouge_l_recall_on_fixed_strings():

@@ -242,7 +242,7 @@ def test_retain_terms_train_on_neither_the_stop_signal_nor_the_evaluated_texts(t
     cfg.data.forget = tiny_world.concepts().names()[:1]
     cfg.stop_signal = stop_signal
     j = prepare(cfg, SINGLE, progress=False)
-    evaluated = j.data.evaluation_texts()["retain_texts"]
+    evaluated = j.data.eval_inputs().retain_texts
     assert evaluated and len(evaluated) <= len(j.data.retain_texts) // 2
     trained = set(j.inputs.retain_texts)
     assert trained and not trained & set(evaluated) and not trained & set(j.inputs.validation_texts)

@@ -7,7 +7,16 @@ from atu.align import AlignConfig, new_predictor
 from atu.errors import ConfigError
 from atu.formats import Concept, ConceptSet
 from atu.hidden import decoder_layers, freeze_above
-from atu.unlearn import UnlearnConfig, expand_rows, forget_batches, lm_loss, target_rows, target_vectors, unlearn_stage
+from atu.unlearn import (
+    StageInputs,
+    UnlearnConfig,
+    expand_rows,
+    forget_batches,
+    lm_loss,
+    target_rows,
+    target_vectors,
+    unlearn_stage,
+)
 
 
 def test_config_validation():
@@ -93,7 +102,7 @@ def test_stage_lowers_similarity_and_touches_only_lower_layers(tiny_lm, tiny_wor
     lower = [p.detach().clone() for p in params]
     cfg = UnlearnConfig(taus=[-1.0], steps_per_stage=15, lr=0.3, log_every=1)
     records = unlearn_stage(
-        model, predictor, batches, vectors, torch.tensor([-1.0]), 1, cfg, params, stage=0, progress=False
+        model, StageInputs(predictor, 1, vectors, torch.tensor([-1.0]), batches), cfg, params, stage=0, progress=False
     )
     assert records[-1]["forget_sim_mean"][0] < records[0]["forget_sim_mean"][0] - 0.05
     assert all(torch.equal(a, b) for a, b in zip(upper, decoder_layers(model)[1].parameters()))
@@ -125,7 +134,7 @@ def test_zero_hinge_changes_nothing(tiny_lm, tiny_world, encoder):
     before = [p.detach().clone() for p in params]
     cfg = UnlearnConfig(taus=[1.0], steps_per_stage=3, log_every=1)
     records = unlearn_stage(
-        model, predictor, batches, vectors, torch.tensor([1.0]), 1, cfg, params, stage=0, progress=False
+        model, StageInputs(predictor, 1, vectors, torch.tensor([1.0]), batches), cfg, params, stage=0, progress=False
     )
     assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in records)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
@@ -191,7 +200,7 @@ def test_similarity_retain_term_keeps_retain_similarity_closer(tiny_lm, tiny_wor
             retain_texts, tok, 128, UnlearnConfig(retain_similarity_weight=1.0), model, 1, predictor, vectors
         )
         records = unlearn_stage(
-            model, predictor, batches, vectors, torch.tensor([-1.0]), 1, cfg, params, stage=0, retain=rs,
+            model, StageInputs(predictor, 1, vectors, torch.tensor([-1.0]), batches, rs), cfg, params, stage=0,
             progress=False,
         )  # fmt: skip
         assert ("retain_similarity_loss" in records[0]) == (weight > 0)
@@ -221,7 +230,7 @@ def test_hidden_retain_term_keeps_retain_states_closer(tiny_lm, tiny_world, enco
         _, tok = tiny_lm
         rs = build_retain_set(retain_texts, tok, 128, UnlearnConfig(retain_weight=1.0), model, 1)
         records = unlearn_stage(
-            model, predictor, batches, vectors, torch.tensor([-1.0]), 1, cfg, params, stage=0, retain=rs,
+            model, StageInputs(predictor, 1, vectors, torch.tensor([-1.0]), batches, rs), cfg, params, stage=0,
             progress=False,
         )  # fmt: skip
         assert ("retain_loss" in records[0]) == (weight > 0)

@@ -18,6 +18,7 @@ from atu.eval_run import EvalData, world_eval_data
 from atu.evaluate import evaluate_model
 from atu.export import Export, load_export
 from atu.pipeline import WORLD_MODELS
+from atu.run_data import file_eval_inputs
 
 
 @dataclass
@@ -80,22 +81,8 @@ def evaluate_loaded(model, tokenizer, src: ExportSource, *, progress: bool = Fal
     unknown = [n for n in src.forget if n not in concepts.names()]
     if unknown:
         raise ConfigError(f"the export forgot {unknown[0]!r}, which is not in {d.concepts}")
-    forget = set(src.forget)
-    corpus = formats.read_corpus(d.corpus) if d.corpus else []
-    heldout = formats.read_corpus(d.heldout) if d.heldout else []
-    unseen = formats.read_corpus(d.unseen) if d.unseen else []
     vectors = torch.from_numpy(src.export.index.vectors())
     device = next(model.parameters()).device
-    return evaluate_model(
-        model,
-        tokenizer,
-        probes,
-        concepts,
-        src.forget,
-        [r.text for r in heldout if r.concept not in forget],
-        forget_texts=[r.text for r in corpus if r.concept in forget],
-        retain_texts=[r.text for r in corpus if r.concept not in forget][:256],
-        unseen_texts=[r.text for r in unseen],
-        guard=(src.export.predictor.to(device), src.hook_layer, vectors),
-        progress=progress,
-    )
+    inputs = file_eval_inputs(d, probes, concepts, src.forget)
+    guard = (src.export.predictor.to(device), src.hook_layer, vectors)
+    return evaluate_model(model, tokenizer, inputs, guard=guard, progress=progress)
