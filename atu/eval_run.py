@@ -10,9 +10,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from atu import formats
+from atu.concept_reader import ConceptReader
 from atu.errors import ConfigError
 from atu.evaluate import evaluate_model
 from atu.loading import load_lm
@@ -57,8 +56,7 @@ def evaluate_target(
         exp = load_export(target)
         model_ref = str(exp.model_dir)
         forget = forget or list(exp.index.labels)
-        vectors = torch.from_numpy(exp.index.vectors())
-        guard = (exp.predictor.to(device), exp.guard.hook_layer, vectors, exp.index.labels)
+        guard = exp
     concepts = formats.read_concepts(data.concepts)
     probes = formats.read_probes(data.probes)
     if not forget:
@@ -68,10 +66,10 @@ def evaluate_target(
         raise ConfigError(f"--forget names {unknown[0]!r}, which is not in {data.concepts}")
     model, tokenizer = load_lm(model_ref, device=device)
     guard_arg = None
-    if guard is not None:
-        predictor, layer, vectors, labels = guard
+    if guard is not None:  # the export's reader, on the concepts evaluated
+        labels = guard.index.labels
         rows = [labels.index(n) for n in forget if n in labels]
-        guard_arg = (predictor, layer, vectors[rows]) if rows else None
+        guard_arg = ConceptReader.from_export(guard, rows) if rows else None
     inputs = file_eval_inputs(data, probes, concepts, forget)
     result = evaluate_model(model, tokenizer, inputs, guard=guard_arg, progress=progress)
     result["model"] = model_ref

@@ -24,12 +24,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from atu.concept_reader import ConceptReader, text_batches
 from atu.formats import ConceptSet, Probe
-from atu.hidden import hidden_at
-from atu.losses import concept_similarity
 from atu.metrics import auroc, is_degenerate
 from atu.probes_eval import answer_probes, mean_recall_by_kind, stand_in_probes
-from atu.unlearn import content_mask, perplexity, tokenize_texts
+from atu.unlearn import perplexity
 
 
 def neighbour_names(concepts: ConceptSet, forget: Sequence[str]) -> list[str]:
@@ -41,13 +40,6 @@ def neighbour_names(concepts: ConceptSet, forget: Sequence[str]) -> list[str]:
             if n not in forget_set and n not in out and n in concepts.names():
                 out.append(n)
     return out
-
-
-def text_batches(texts: Sequence[str], tokenizer, max_length: int = 256, batch_size: int = 32):
-    return [
-        tokenize_texts(list(texts[i : i + batch_size]), tokenizer, max_length)
-        for i in range(0, len(texts), batch_size)
-    ]
 
 
 @dataclass
@@ -69,14 +61,14 @@ class EvalInputs:
 
 
 def evaluate_model(
-    model, tokenizer, inputs: EvalInputs, *, guard: tuple | None = None, progress: bool = False,
+    model, tokenizer, inputs: EvalInputs, *, guard: ConceptReader | None = None, progress: bool = False,
     max_new_tokens: int = 24,
 ) -> dict:  # fmt: skip
     """Probe recall for forgotten, neighbouring and other concepts, perplexity on held-out retain texts,
-    fluency, and, given the texts, membership-inference AUROC and (with ``guard`` = (predictor, hook layer,
-    concept vectors)) the predictor's leakage AUROC. With stand-ins (names of people the model never saw),
-    also ``forget_floor``: the same forget probes asked about those people instead, scored against the forgotten
-    person's answers: what knowing nothing about them already scores."""
+    fluency, and, given the texts, membership-inference AUROC and (with ``guard``) the predictor's leakage AUROC.
+    With stand-ins (names of people the model never saw), also ``forget_floor``: the same forget probes asked about
+    those people instead, scored against the forgotten person's answers: what knowing nothing about them already
+    scores."""
     forget_texts, retain_texts, unseen_texts = inputs.forget_texts, inputs.retain_texts, inputs.unseen_texts
     out = _probe_scores(model, tokenizer, inputs, progress=progress, max_new_tokens=max_new_tokens)
     perplexity_texts = inputs.perplexity_texts
@@ -89,10 +81,9 @@ def evaluate_model(
         out["mia_auroc"] = auroc(member, [-x for x in text_nll(model, tokenizer, unseen_texts)])
     out["leakage_auroc"] = None
     if guard is not None and forget_texts and retain_texts:
-        predictor, layer, vectors = guard
-        pos = text_leakage(model, predictor, tokenizer, forget_texts, vectors, layer)
-        neg = text_leakage(model, predictor, tokenizer, retain_texts, vectors, layer)
-        out["leakage_auroc"] = auroc(pos, neg)
+        out["leakage_auroc"] = auroc(
+            guard.leakage(model, tokenizer, forget_texts), guard.leakage(model, tokenizer, retain_texts)
+        )
     return out
 
 
@@ -127,33 +118,6 @@ def _probe_scores(model, tokenizer, inputs: EvalInputs, *, progress: bool, max_n
     return out
 
 
-def _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length):
-    """Per batch of ``texts``: the predictor's cosine to each concept (B, T, C) and the positions to count (B, T)."""
-    device = next(model.parameters()).device
-    predictor = predictor.to(device)
-    vectors = vectors.to(device).float()
-    # The predictor's positions cover align.max_length (+ a margin); a longer text is cut there, as in alignment.
-    max_length = min(max_length, predictor.config.max_len)
-    for ids, attn in text_batches(texts, tokenizer, max_length):
-        ids, attn = ids.to(device), attn.to(device)
-        pred = predictor(hidden_at(model, ids, attn, layer), attn)
-        yield concept_similarity(pred.float(), vectors), content_mask(ids, attn, tokenizer.bos_token_id)
-
-
-@torch.no_grad()
-def mean_similarity(
-    model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
-) -> list[float]:
-    """Mean cosine between the predictor's outputs and each concept vector over all tokens of ``texts`` (C,)."""
-    total = torch.zeros(vectors.shape[0])
-    count = 0
-    for sim, mask in _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length):
-        sim = sim[mask]  # (N, C)
-        total += sim.sum(0).cpu()
-        count += sim.shape[0]
-    return (total / max(count, 1)).tolist()
-
-
 @torch.no_grad()
 def text_nll(model, tokenizer, texts: Sequence[str], max_length: int = 256) -> list[float]:
     """Mean next-token NLL of each text (one number per text)."""
@@ -166,26 +130,6 @@ def text_nll(model, tokenizer, texts: Sequence[str], max_length: int = 256) -> l
         mask = attn[:, 1:].float()
         out += ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
     return out
-
-
-@torch.no_grad()
-def text_concept_scores(
-    model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
-) -> torch.Tensor:
-    """(N, C): per text and concept, the highest cosine over the text's positions (what the guard scores)."""
-    rows = [
-        sim.masked_fill(~mask[..., None], -2.0).amax(1).cpu()  # (B, T, C) -> (B, C)
-        for sim, mask in _concept_similarities(model, predictor, tokenizer, texts, vectors, layer, max_length)
-    ]
-    return torch.cat(rows) if rows else torch.zeros(0, vectors.shape[0])
-
-
-def text_leakage(
-    model, predictor, tokenizer, texts: Sequence[str], vectors: torch.Tensor, layer: int, max_length: int = 256
-) -> list[float]:
-    """Per text, the guard's score: the highest cosine to any concept over the text's positions."""
-    scores = text_concept_scores(model, predictor, tokenizer, texts, vectors, layer, max_length)
-    return scores.amax(-1).tolist() if scores.shape[1] else [-2.0] * len(texts)
 
 
 def fpr_thresholds(scores, fpr: float):

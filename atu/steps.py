@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from atu.concept_reader import ConceptReader
 from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
-from atu.evaluate import EvalInputs, evaluate_model, fpr_thresholds, mean_similarity, text_concept_scores, text_leakage
+from atu.evaluate import EvalInputs, evaluate_model, fpr_thresholds
 from atu.export import GuardConfig, GuardFiles, write_export
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
@@ -109,21 +110,21 @@ class Before:
 def evaluate_before(cfg: RunConfig, job: Job, start: ScheduleStart) -> Before:
     """Every "before" figure, on the model as `prepare` loaded it (call it before `unlearn` changes the model)."""
     texts = job.data.eval_inputs()
-    predictor, layer, vectors = start.aligned.predictor, start.layer, start.vectors
+    reader = ConceptReader(start.aligned.predictor, start.layer, start.vectors)
     probes = None
     if texts.probes:
         probes = evaluate_model(job.model, job.tokenizer, texts, max_new_tokens=cfg.eval.max_new_tokens)
         probes["leakage_auroc"] = auroc(
-            text_leakage(job.model, predictor, job.tokenizer, texts.forget_texts, vectors, layer),
-            text_leakage(job.model, predictor, job.tokenizer, texts.retain_texts, vectors, layer),
+            reader.leakage(job.model, job.tokenizer, texts.forget_texts),
+            reader.leakage(job.model, job.tokenizer, texts.retain_texts),
         )
-    return Before(probes, _similarity(job.model, predictor, job.tokenizer, texts, vectors, layer))
+    return Before(probes, _similarity(job.model, job.tokenizer, reader, texts))
 
 
-def _similarity(model, predictor, tokenizer, texts: EvalInputs, vectors, layer: int) -> dict:
+def _similarity(model, tokenizer, reader: ConceptReader, texts: EvalInputs) -> dict:
     return {
-        "forget": mean_similarity(model, predictor, tokenizer, texts.forget_texts, vectors, layer),
-        "retain": mean_similarity(model, predictor, tokenizer, texts.retain_texts, vectors, layer),
+        "forget": reader.mean_similarity(model, tokenizer, texts.forget_texts),
+        "retain": reader.mean_similarity(model, tokenizer, texts.retain_texts),
     }
 
 
@@ -141,17 +142,16 @@ def evaluate_after(cfg: RunConfig, job: Job, result: ScheduleResult, final) -> t
     """(probe figures of ``final``, or None without probes; the predictors' mean cosines on it): the exported
     predictor's, and the one that drove the last kept stage (before the final re-alignment)."""
     texts = job.data.eval_inputs()
-    layer, vectors = result.hook_layer, result.concept_vectors
+    reader = ConceptReader(result.predictor, result.hook_layer, result.concept_vectors)
     after = None
     if texts.probes:
         after = evaluate_model(
-            final, job.tokenizer, texts.without_floor(), guard=(result.predictor, layer, vectors),
-            max_new_tokens=cfg.eval.max_new_tokens,
-        )  # fmt: skip
-    similarity = {"after_final_predictor": _similarity(final, result.predictor, job.tokenizer, texts, vectors, layer)}
+            final, job.tokenizer, texts.without_floor(), guard=reader, max_new_tokens=cfg.eval.max_new_tokens
+        )
+    similarity = {"after_final_predictor": _similarity(final, job.tokenizer, reader, texts)}
     if result.driving_predictor is not None:
-        driving = _similarity(final, result.driving_predictor, job.tokenizer, texts, vectors, layer)
-        similarity["after_driving_predictor"] = driving
+        driving = ConceptReader(result.driving_predictor, result.hook_layer, result.concept_vectors)
+        similarity["after_driving_predictor"] = _similarity(final, job.tokenizer, driving, texts)
     return after, similarity
 
 
@@ -170,7 +170,7 @@ def build_guard(
     thresholds = np.asarray(final_thresholds, dtype=np.float32)
     calibrated = cfg.guard_fpr is not None and bool(job.data.validation)
     if calibrated:
-        held = text_concept_scores(final, predictor, job.tokenizer, job.data.validation, vectors, layer)
+        held = ConceptReader(predictor, layer, vectors).concept_scores(final, job.tokenizer, job.data.validation)
         thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
         logger.info(
             "guard thresholds at %.0f%% false positives on held-out texts: %s", 100 * cfg.guard_fpr, thresholds

@@ -39,6 +39,7 @@ import torch
 
 from atu import __version__
 from atu.baselines import BaselineConfig, run_baseline
+from atu.concept_reader import ConceptReader
 from atu.evaluate import evaluate_model
 from atu.formats import PROBE_KINDS
 from atu.loading import load_lm
@@ -105,7 +106,7 @@ def _world_data(plan: Plan, built: BuiltWorld, forget: list[str]) -> RunData:
     return load_run_data(cfg, {k: str(built.path(v)) for k, v in WORLD_FILES.items()})
 
 
-def _evaluate(model, tokenizer, data: RunData, guard: tuple | None = None) -> dict:
+def _evaluate(model, tokenizer, data: RunData, guard: ConceptReader | None = None) -> dict:
     """`evaluate_model` on exactly the inputs `atu.run.run` gives it."""
     ev = evaluate_model(model, tokenizer, data.eval_inputs().without_floor(), guard=guard)
     return {k: v for k, v in ev.items() if k != "answers"}
@@ -139,7 +140,9 @@ def atu_rows(plan: Plan, data: RunData, tokenizer, device: str) -> tuple[list[di
     def on_stage(record, *, model, predictor, concept_vectors, hook_layer) -> None:
         steps[0] += record["steps"]
         seconds = clock.training()
-        ev = clock.score(_evaluate, model, tokenizer, data, guard=(predictor, hook_layer, concept_vectors))
+        ev = clock.score(
+            _evaluate, model, tokenizer, data, guard=ConceptReader(predictor, hook_layer, concept_vectors)
+        )
         rows.append({"stage": record["stage"], "tau": record["tau"], "steps": steps[0], "seconds": round(seconds, 1),
                      "eval": ev})  # fmt: skip
 

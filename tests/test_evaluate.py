@@ -1,6 +1,6 @@
 import torch
 
-from atu.evaluate import text_concept_scores
+from atu.concept_reader import ConceptReader
 from atu.predictor import EmbeddingPredictor, PredictorConfig
 
 
@@ -14,7 +14,8 @@ def test_texts_longer_than_the_predictor_are_cut_not_refused(tiny_lm):
     texts = ["word " * 40, "a short one"]
     assert len(tokenizer(texts[0]).input_ids) > config.max_len
     vectors = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    scores = text_concept_scores(model, predictor, tokenizer, texts, vectors, layer=1)
+    reader = ConceptReader(predictor, 1, vectors)
+    scores = reader.concept_scores(model, tokenizer, texts)
     assert scores.shape == (2, 3) and bool(((scores >= -1) & (scores <= 1)).all())
-    cut = text_concept_scores(model, predictor, tokenizer, texts, vectors, layer=1, max_length=12)
+    cut = reader.concept_scores(model, tokenizer, texts, max_length=12)
     assert torch.allclose(scores, cut)  # the same as asking for the predictor's length

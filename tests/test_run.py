@@ -34,7 +34,7 @@ def test_run_writes_export_and_eval(tiny_run, tiny_world):
 
 
 def test_export_thresholds_are_calibrated_on_held_out_texts(tiny_run):
-    from atu.evaluate import text_concept_scores
+    from atu.concept_reader import ConceptReader
     from atu.loading import load_lm
     from atu.run_data import load_run_data, resolve_world
 
@@ -44,8 +44,7 @@ def test_export_thresholds_are_calibrated_on_held_out_texts(tiny_run):
     assert summary["guard_thresholds"] == pytest.approx(exp.index.thresholds.tolist(), abs=1e-4)
     data = load_run_data(cfg, resolve_world(cfg, progress=False)[1])
     model, tok = load_lm(exp.model_dir)
-    vectors = torch.from_numpy(exp.index.vectors())
-    held = text_concept_scores(model, exp.predictor, tok, data.validation, vectors, exp.guard.hook_layer).numpy()
+    held = ConceptReader.from_export(exp).concept_scores(model, tok, data.validation).numpy()
     above = (held > exp.index.thresholds[None, :]).mean(0)  # (C,) share of held-out texts the guard would flag
     assert (above <= 0.05).all(), above
     # Each threshold is one of the held-out scores (with the tiny world's 2 held-out texts: the highest).

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from atu.baselines import sequence_logprob
+from atu.concept_reader import text_batches
 from atu.errors import ConfigError
-from atu.evaluate import text_batches
 from atu.formats import CorpusRecord, Probe
 from atu.hidden import decoder_layers
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from atu import formats
+from atu.concept_reader import ConceptReader
 from atu.errors import ConfigError
 from atu.eval_run import EvalData, world_eval_data
 from atu.evaluate import evaluate_model
@@ -81,8 +82,6 @@ def evaluate_loaded(model, tokenizer, src: ExportSource, *, progress: bool = Fal
     unknown = [n for n in src.forget if n not in concepts.names()]
     if unknown:
         raise ConfigError(f"the export forgot {unknown[0]!r}, which is not in {d.concepts}")
-    vectors = torch.from_numpy(src.export.index.vectors())
-    device = next(model.parameters()).device
     inputs = file_eval_inputs(d, probes, concepts, src.forget)
-    guard = (src.export.predictor.to(device), src.hook_layer, vectors)
+    guard = ConceptReader(src.export.predictor, src.hook_layer, torch.from_numpy(src.export.index.vectors()))
     return evaluate_model(model, tokenizer, inputs, guard=guard, progress=progress)
