@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from atu.configs import dataclass_from_dict
 from atu.errors import ConfigError
 from atu.hidden import attach_lora, check_hook_layer, freeze_above
-from atu.unlearn import make_optimizer, tokenize_texts
+from atu.texts import tokenize_texts
+from atu.unlearn import make_optimizer
 
 BASELINES = ("ga", "gd", "npo")
 OPTIMIZERS = ("adam", "sgd")

@@ -11,14 +11,7 @@ import torch
 
 from atu.hidden import hidden_at
 from atu.losses import concept_similarity
-from atu.unlearn import content_mask, tokenize_texts
-
-
-def text_batches(texts: Sequence[str], tokenizer, max_length: int = 256, batch_size: int = 32):
-    return [
-        tokenize_texts(list(texts[i : i + batch_size]), tokenizer, max_length)
-        for i in range(0, len(texts), batch_size)
-    ]
+from atu.texts import content_mask, text_batches
 
 
 @dataclass

@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from atu.concept_reader import ConceptReader, text_batches
+from atu.concept_reader import ConceptReader
 from atu.formats import ConceptSet, Probe
 from atu.metrics import auroc, is_degenerate
 from atu.probes_eval import answer_probes, mean_recall_by_kind, stand_in_probes
-from atu.unlearn import perplexity
+from atu.texts import perplexity, text_batches
 
 
 def neighbour_names(concepts: ConceptSet, forget: Sequence[str]) -> list[str]:

@@ -13,7 +13,8 @@ import torch
 
 from atu.hidden import hidden_at
 from atu.losses import concept_similarity
-from atu.unlearn import ForgetBatch, content_mask, perplexity, tokenize_texts
+from atu.texts import content_mask, perplexity, tokenize_texts
+from atu.unlearn import ForgetBatch
 
 # Held-out forget perplexity must rise this many points more than the retain perplexity for a run to count as
 # having forgotten anything: a model that only drifts raises both alike.

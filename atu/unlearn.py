@@ -24,6 +24,7 @@ from atu.errors import ConfigError
 from atu.formats import ConceptSet
 from atu.hidden import hidden_at
 from atu.losses import concept_similarity, similarity_drift_loss, state_drift_loss, unlearning_loss
+from atu.texts import content_mask, lm_loss, tokenize_texts
 
 logger = logging.getLogger(__name__)
 
@@ -215,26 +216,6 @@ class ForgetBatch:
     concept_mask: torch.Tensor  # (B, C) bool: which concepts each text is about
 
 
-def tokenize_texts(texts: list[str], tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask) without touching the tokenizer's settings."""
-    ids = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in texts]
-    width = max(len(i) for i in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return input_ids, mask
-
-
-def content_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
-    """(B, T) bool: real tokens except BOS. BOS has one state for every text: pushing or scoring it says nothing
-    about the text, and pushing it would harm all texts."""
-    mask = attention_mask.bool()
-    return mask & (input_ids != bos_token_id) if bos_token_id is not None else mask
-
-
 def forget_batches(
     texts: list[str],
     concepts_of_text: list[list[int]],
@@ -257,13 +238,6 @@ def forget_batches(
             cmask[row, concepts_of_text[i]] = True
         out.append(ForgetBatch(input_ids, attn, pos, cmask))
     return out
-
-
-def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over real tokens (full forward)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
 
 
 @dataclass
@@ -570,18 +544,3 @@ def expand_rows(batches: list[ForgetBatch], n_kinds: int) -> list[ForgetBatch]:
     return [
         ForgetBatch(b.input_ids, b.attention_mask, b.position_mask, b.concept_mask.repeat(1, n_kinds)) for b in batches
     ]
-
-
-def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Token-weighted perplexity over fixed batches (a validation or evaluation signal)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for ids, attn in batches:
-            n = int(attn[:, 1:].sum())
-            total += lm_loss(model, ids.to(device), attn.to(device)).item() * n
-            count += n
-    model.train(was_training)
-    return math.exp(total / max(count, 1))

@@ -7,12 +7,12 @@ from atu.align import AlignConfig, new_predictor
 from atu.errors import ConfigError
 from atu.formats import Concept, ConceptSet
 from atu.hidden import decoder_layers, freeze_above
+from atu.texts import lm_loss
 from atu.unlearn import (
     StageInputs,
     UnlearnConfig,
     expand_rows,
     forget_batches,
-    lm_loss,
     target_rows,
     target_vectors,
     unlearn_stage,

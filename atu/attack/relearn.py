@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from atu.baselines import sequence_logprob
-from atu.concept_reader import text_batches
 from atu.errors import ConfigError
 from atu.formats import CorpusRecord, Probe
 from atu.hidden import decoder_layers
+from atu.texts import text_batches
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""Texts as a model's inputs: right-padded token batches, the positions that count, next-token loss and
+perplexity. Training, the stopping signal and the evaluation all read texts this way."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def tokenize_texts(texts: list[str], tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask) without touching the tokenizer's settings."""
+    ids = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in texts]
+    width = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def content_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    """(B, T) bool: real tokens except BOS. BOS has one state for every text: pushing or scoring it says nothing
+    about the text, and pushing it would harm all texts."""
+    mask = attention_mask.bool()
+    return mask & (input_ids != bos_token_id) if bos_token_id is not None else mask
+
+
+def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over real tokens (full forward)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Token-weighted perplexity over fixed batches (a validation or evaluation signal)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for ids, attn in batches:
+            n = int(attn[:, 1:].sum())
+            total += lm_loss(model, ids.to(device), attn.to(device)).item() * n
+            count += n
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+def text_batches(texts: Sequence[str], tokenizer, max_length: int = 256, batch_size: int = 32):
+    """``tokenize_texts`` in batches of ``batch_size``."""
+    return [
+        tokenize_texts(list(texts[i : i + batch_size]), tokenizer, max_length)
+        for i in range(0, len(texts), batch_size)
+    ]
