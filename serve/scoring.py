@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from atu.export import load_export
 from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor
+from atu.predictor_cache import PrefixState, extend
 from serve.backends import BACKENDS, make_backend
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ EXCERPT_CHARS = 80
 # Scoring only what follows ``since`` characters: the windows starting this far before it are scored again, since
 # the tokens of a word cut at the end of the text scored before may change once the rest of the word arrives.
 RESCORE_CHARS = 64
+# The predictor's work on the streams being scored, kept between their scorings (least recently used dropped first):
+# about 3.5 KB a token with the default predictor, so this holds some 18,000 tokens of streams.
+STREAM_CACHE_BYTES = 64 << 20
 _ARGSORT_MAX = 4096  # above this many concepts, the top_k are found by partition rather than a full sort
 
 
@@ -159,6 +164,19 @@ class Capture:
     completion_ids: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Pair ``i`` continues a stream that was scored before under ``key``: the predictor's rows of the tokens it
+    shares with that scoring are reused, so a stream scored as it grows costs one predictor row per new token.
+
+    ``chars``: None (score everything), or how much of the completion a clean score covered (only what follows is
+    scored, as with an int ``since``). ``final``: the stream's last scoring; its cached work is dropped."""
+
+    key: str
+    chars: int | None = None
+    final: bool = False
+
+
 @dataclass
 class _Part:
     text: str
@@ -209,6 +227,8 @@ class Scorer:
         self._resources = resources or ExitStack()
         self._lock = threading.Lock()
         self.rows_scored = 0  # predictor rows compared with the concepts, over all calls
+        self.rows_predicted = 0  # predictor rows computed, over all calls
+        self._streams: OrderedDict[str, PrefixState] = OrderedDict()  # by Resume.key, least recently used first
 
     # -- what the guard asks of the backend
 
@@ -299,7 +319,8 @@ class Scorer:
         ``since[i]``: None (score everything), or the length of a start of the completion scored before: then only
         the completion's windows from about there on are scored (see ``RESCORE_CHARS``) and not the prompt's, so a
         stream scored as it grows compares each window with the concepts about once. The predictor is causal: a
-        window's score does not change when text is added after it."""
+        window's score does not change when text is added after it. A ``Resume`` does the same and also reuses the
+        predictor's rows of the stream's last scoring."""
         if not isinstance(pairs, (list, tuple)):
             raise ValueError(f"pairs must be a list of (prompt, completion) str tuples, got {type(pairs).__name__}.")
         for i, pair in enumerate(pairs):
@@ -313,18 +334,17 @@ class Scorer:
         with self._lock:
             captures = list(captures) if captures is not None else [None] * len(pairs)
             items = self._tokenize([p for p, _ in pairs], [c for _, c in pairs], captures)
+            resumes = [s if isinstance(s, Resume) else None for s in since or [None] * len(pairs)]
             for item, start in zip(items, since or []):
-                if start is not None:
-                    self._skip_scored(item, start)
-            live = [it.ids for it in items if it.ids]  # no ids (both parts empty, no BOS): nothing to score
-            live_caps = [(c.key, c.release) if c else None for it, c in zip(items, captures) if it.ids]
-            preds = self._predict(live, live_caps) if live else None  # (B_live, T, D)
-            reports, b = [], 0
-            for it in items:
-                rows = preds[b, : len(it.ids)] if it.ids else np.zeros((0, self.index.dim), np.float32)
-                reports.append(self._report(rows, it))
-                b += bool(it.ids)
-            return reports
+                chars = start.chars if isinstance(start, Resume) else start
+                if chars is not None:
+                    self._skip_scored(item, chars)
+            live = [b for b, it in enumerate(items) if it.ids]  # no ids (both parts empty, no BOS): nothing to score
+            caps = [(captures[b].key, captures[b].release) if captures[b] else None for b in live]
+            preds = self._predict([items[b].ids for b in live], caps, [resumes[b] for b in live]) if live else []
+            found = dict(zip(live, preds))
+            empty = np.zeros((0, self.index.dim), np.float32)
+            return [self._report(found.get(b, empty), it) for b, it in enumerate(items)]
 
     # -- steps
 
@@ -382,17 +402,43 @@ class Scorer:
                 hi = mid - 1
         return lo
 
-    def _predict(self, sequences: list[list[int]], captures=None) -> np.ndarray:
-        """(B, T, D) float32 predictor outputs for right-padded sequences (zero rows at padding)."""
+    def _predict(self, sequences: list[list[int]], captures, resumes: list) -> list[np.ndarray]:
+        """(T_i, D) float32 predictor outputs per sequence: those of a stream (``resumes[i]``) from its cached start
+        on, the others in one padded batch."""
         states = self.backend.hidden_states(sequences, captures)  # list of (T_i, H)
-        width = max(len(s) for s in sequences)
-        hidden = torch.zeros((len(sequences), width, states[0].shape[1]), dtype=torch.float32)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for b, h in enumerate(states):
-            hidden[b, : len(h)] = torch.from_numpy(h)
-            mask[b, : len(h)] = 1
-        with torch.inference_mode():
-            return self.predictor(hidden, mask).float().numpy()
+        out: list[np.ndarray | None] = [None] * len(sequences)
+        if isinstance(self.predictor, EmbeddingPredictor):  # whose layers `extend` knows how to continue
+            for b, resume in enumerate(resumes):
+                if resume is not None:
+                    out[b] = self._extend_stream(resume, sequences[b], states[b])
+        batch = [b for b in range(len(sequences)) if out[b] is None]
+        if batch:
+            width = max(len(sequences[b]) for b in batch)
+            hidden = torch.zeros((len(batch), width, states[batch[0]].shape[1]), dtype=torch.float32)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, b in enumerate(batch):
+                hidden[row, : len(states[b])] = torch.from_numpy(states[b])
+                mask[row, : len(states[b])] = 1
+            with torch.inference_mode():
+                preds = self.predictor(hidden, mask).float().numpy()
+            for row, b in enumerate(batch):
+                out[b] = preds[row, : len(sequences[b])]
+                self.rows_predicted += len(sequences[b])
+        return out  # type: ignore[return-value]
+
+    def _extend_stream(self, resume: Resume, ids: list[int], states: np.ndarray) -> np.ndarray:
+        """The predictor's rows of a stream's sequence, computing only those past what it shares with the cached
+        state of its last scoring; the new state is cached unless this was the last scoring."""
+        cached = self._streams.pop(resume.key, None) or PrefixState()
+        shared = cached.common_prefix(ids)
+        state = extend(self.predictor, torch.from_numpy(states), cached.cut(shared), ids)
+        self.rows_predicted += len(ids) - shared
+        if not resume.final:
+            self._streams[resume.key] = state
+            total = sum(s.nbytes() for s in self._streams.values())
+            while total > STREAM_CACHE_BYTES and len(self._streams) > 1:
+                total -= self._streams.popitem(last=False)[1].nbytes()
+        return state.rows.float().numpy()
 
     def _ranked(self, best: np.ndarray) -> np.ndarray:
         """Concept rows to report, score descending (ties: lower row first); all of them or the top_k."""

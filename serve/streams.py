@@ -24,7 +24,7 @@ from aiohttp import web
 from serve import policy as pol
 from serve.exchange import Exchange
 from serve.responses import CLIENT_REQUEST_ID, UpstreamError, error_body
-from serve.scoring import Capture
+from serve.scoring import Capture, Resume
 from serve.upstream import DONE
 from serve.validate import ParsedRequest
 
@@ -32,8 +32,9 @@ from serve.validate import ParsedRequest
 class StreamState:
     """The events and text of one stream, per choice."""
 
-    def __init__(self, req: ParsedRequest, capture_key: str | None = None) -> None:
+    def __init__(self, req: ParsedRequest, capture_key: str | None = None, key: str = "") -> None:
         self.req = req
+        self.key = key  # names the stream's cached predictor work in the scorer (``Resume``)
         self.capture_key = capture_key  # the request was marked for the capture plugin and asked for token ids
         self.keep_ids = bool(req.body.get("return_token_ids"))  # the client asked for them too
         self.prompt_ids: dict[int, list[int]] = {}
@@ -71,9 +72,13 @@ class StreamState:
         prompts = [self.req.prompts[min(i // self.req.n, len(self.req.prompts) - 1)] for i in range(n_choices)]
         return [(prompts[i], self.texts.get(i, "")) for i in range(n_choices)]
 
-    def since(self) -> list[int]:
-        """Per choice, how much of its text a clean score covered (the scorer scores only what follows)."""
-        return [self.scored.get(i, 0) for i in range(len(self.pairs()))]
+    def since(self, final: bool = False) -> list[Resume]:
+        """Per choice, how much of its text a clean score covered (the scorer scores only what follows; ``final``:
+        all of it, the stream's last scoring), and where the scorer keeps the predictor's work on it."""
+        n = len(self.pairs())
+        if final:
+            return [Resume(f"{self.key}/{i}", None, final=True) for i in range(n)]
+        return [Resume(f"{self.key}/{i}", self.scored.get(i, 0)) for i in range(n)]
 
     def mark_scored(self) -> None:
         self.scored = {i: len(text) for i, text in self.texts.items()}
@@ -133,7 +138,7 @@ class Relay:
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex
-        self.state = StreamState(ex.req, ex.capture_key)
+        self.state = StreamState(ex.req, ex.capture_key, ex.request_id)
         self.out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": ex.request_id})  # fmt: skip
         self.released = False  # the final scoring read (and released) the captured states
@@ -151,7 +156,8 @@ class Relay:
 
     async def score(self, final: bool = False) -> list:
         """Reports of the whole text so far (the plugin may forget the captured states only once it is final)."""
-        reports = await self.ex.score(self.state.pairs(), self.state.captures(final))
+        since = self.state.since(final=True) if final and self.ex.hold else None  # a held stream was scored before
+        reports = await self.ex.score(self.state.pairs(), self.state.captures(final), since)
         self.released = final
         return reports
 

@@ -483,3 +483,45 @@ def test_since_scores_only_the_new_windows_with_the_whole_texts_scores():
     assert scorer.rows_scored < sum(min(end, len(text)) for end in range(5, len(text) + 5, 5)) / 3
     with pytest.raises(ValueError, match="since must have one entry per pair"):
         scorer.score_batch([("P", "a"), ("P", "b")], since=[0])
+
+
+def test_a_resumed_stream_computes_one_predictor_row_per_new_token_and_scores_as_the_whole_text():
+    """With a real (random) predictor: a stream scored as it grows (``Resume``) reuses the predictor's rows of what
+    it shared with its last scoring, so the rows computed grow linearly with its length, and every concept's best
+    score over the updates equals the whole text's; the final scoring drops the stream's cached work."""
+    from atu.predictor import EmbeddingPredictor, PredictorConfig
+    from serve.scoring import Resume
+
+    torch.manual_seed(0)
+    concepts = {ch: byte_id(ch) for ch in "abQzé"}
+
+    def scorer():
+        s = toy_scorer(concepts, max_tokens=1024)
+        config = PredictorConfig(DIM, DIM, d_model=32, n_layers=2, n_heads=4, max_len=1024)
+        s.predictor = EmbeddingPredictor(config).eval()
+        return s
+
+    text = "zz abQ " * 60 + "é end"
+    streamed, reference = scorer(), scorer()
+    reference.predictor.load_state_dict(streamed.predictor.state_dict())
+    whole = reference.score("P", text)
+    best, since, ends = {}, 0, list(range(5, len(text) + 5, 5))
+    for end in ends:
+        (report,) = streamed.score_batch([("P", text[:end])], since=[Resume("s/0", since)])
+        for s in report.completion:
+            best[s.concept] = max(best.get(s.concept, -1.0), s.score)
+        since = len(text[:end])
+    assert best == pytest.approx({s.concept: s.score for s in whole.completion}, abs=1e-4)
+    n_tokens = whole.n_tokens
+    # one row per token over the whole stream (the first scoring computes the prompt's and BOS's rows too)
+    assert streamed.rows_predicted == n_tokens, (streamed.rows_predicted, n_tokens)
+    assert "s/0" in streamed._streams
+    (final,) = streamed.score_batch([("P", text)], since=[Resume("s/0", None, final=True)])
+    assert streamed.rows_predicted == n_tokens  # nothing new to compute
+    assert [(s.concept, round(s.score, 4)) for s in final.completion] == [
+        (s.concept, round(s.score, 4)) for s in whole.completion
+    ]
+    assert "s/0" not in streamed._streams
+    # a pair that is not a stream is computed whole, as before
+    streamed.score_batch([("P", text)])
+    assert streamed.rows_predicted == 2 * n_tokens
