@@ -167,6 +167,7 @@ def _print_before_after(summary: dict, bounds=None) -> list[dict]:
             if f is not None and b:
                 cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
         click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
+    _print_facts(before, after)
     from atu.metrics import REFOUND_SHARE, similarity_criteria, unlearning_criteria
 
     unlearning = unlearning_criteria(before, after, **bounds.bounds())
@@ -189,6 +190,22 @@ def _print_before_after(summary: dict, bounds=None) -> list[dict]:
         click.echo(f"forgetting ({forgetting['schedule']} schedule): {state}{forgetting['why']}")
     click.echo(f"schedule: {summary['stop_reason']}")
     return unlearning + similarity
+
+
+def _print_facts(before: dict, after: dict) -> None:
+    """The forget probes' fact recall (the answer's words that its question does not already say), before and after,
+    with its floor: a second reading where ROUGE-L rewards repeating the answer's sentence frame."""
+    facts_b, facts_a = before.get("facts") or {}, after.get("facts") or {}
+    floor = facts_b.get("forget_floor") or {}
+    cells = []
+    for kind in PROBE_KINDS:
+        b, a = (facts_b.get("forget") or {}).get(kind), (facts_a.get("forget") or {}).get(kind)
+        if b is not None and a is not None:
+            f = floor.get(kind)
+            shown = (f"{a / b:.2f}" if b else "-") + ("" if f is None or not b else f"; floor {f / b:.2f}")
+            cells.append(f"{kind} {b:.3f} -> {a:.3f} ({shown})")
+    if cells:
+        click.echo("forget fact recall (answer words the question does not say), of before: " + ", ".join(cells))
 
 
 def _config_and_run_dir(fn):

@@ -116,6 +116,10 @@ def test_your_model_your_data_walkthrough(tmp_path):
             "--set", "unlearn.taus=[0.6,0.3]", "--set", "unlearn.steps_per_stage=4")  # fmt: skip
     assert "criteria (forget <= 0.25 of before" in r.output
     summary = json.loads((tmp_path / "run" / "eval.json").read_text())
+    # long answers: fact recall (the words the question does not say) is printed and kept beside ROUGE-L
+    facts = summary["before"]["facts"]["forget"]["direct"]
+    assert 0.0 <= facts <= 1.0 and f"direct {facts:.3f} -> " in r.output, r.output
+    assert all("facts" in row for row in summary["before"]["answers"])
     predictions = [row["prediction"] for row in summary["before"]["answers"]]
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in predictions]
     assert max(lengths) > 24, "answers were cut at the old 24-token limit"
