@@ -55,11 +55,15 @@ def check_hook_layer(model: nn.Module, layer: int) -> int:
     return layer
 
 
-def hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+def hidden_at(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int, past_key_values=None
+) -> torch.Tensor:
     """Output of decoder layer ``layer`` (1-based: ``layer`` decoder layers applied), shape (B, T, hidden).
 
     For ``layer < num_layers`` this equals transformers' ``hidden_states[layer]``. Gradients flow when the
-    caller has grad enabled.
+    caller has grad enabled. With ``past_key_values`` (a transformers cache of the sequence's first tokens)
+    ``input_ids`` are the tokens that follow them, ``attention_mask`` covers the whole sequence, and the cache is
+    extended with the new tokens' keys and values in the layers below the hook layer.
     """
     layers = decoder_layers(model)
     check_hook_layer(model, layer)
@@ -69,7 +73,10 @@ def hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
     handle = layers[layer - 1].register_forward_hook(stop)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if past_key_values is None:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=True)
     except _ReachedHookLayer as reached:
         return reached.hidden
     finally:

@@ -7,7 +7,8 @@ predictor L2-normalises its input, so its output does not change. ``captures`` m
 ``uses_captures``; so do ``capture_status`` and ``release``. ``make_backend`` builds any of them for an export.
 
 - ``HFBackend``: transformers, any device; the export's model with the decoder layers above ``L`` dropped, run
-  through ``atu.hidden.hidden_at`` in right-padded batches.
+  through ``atu.hidden.hidden_at`` in right-padded batches. A stream scored as it grows (``stream_states``) keeps
+  its keys and values, so each of its scorings runs the model over its new tokens only.
 - ``VLLMPoolingBackend``: a real vLLM server started with the pooling runner over a probe export (see
   ``serve.probe``); it holds only layers ``0..L-1`` and answers ``POST /pooling`` with one vector per token.
 - ``CaptureBackend``: the states vLLM computed while it generated, recorded by the in-engine capture plugin
@@ -22,6 +23,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_BATCH_TOKENS = 16_384  # padded tokens per forward pass of the HF backend; bounds activation memory
+STREAM_CACHE_BYTES = 256 << 20  # the HF backend's keys and values of streams kept between scorings (LRU beyond)
 
 
 class BackendError(AtuError):
@@ -84,6 +87,11 @@ class StateBackend:
     def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def stream_states(self, key: str, ids: Sequence[int], final: bool = False) -> np.ndarray:
+        """(T, H) states of one stream's sequence ``ids``, scored before under ``key``: a backend that can reuse its
+        work on the tokens the stream already had does so (``final``: the last call for ``key``)."""
+        return self.hidden_states([ids])[0]
+
     def capture_status(self) -> str | None:
         """None without a capture plugin; else "ok" or why the plugin does not answer (blocking: run off-loop)."""
         return None
@@ -107,6 +115,8 @@ class HFBackend(StateBackend):
         self.model, self.layer, self.device = model, layer, torch.device(device)
         self.hidden_size = int(model.config.hidden_size)
         self.max_batch_tokens = max_batch_tokens
+        self._streams: OrderedDict[str, tuple[list[int], object, np.ndarray]] = OrderedDict()  # ids, cache, states
+        self.tokens_run = 0  # tokens the model ran over, over all calls
 
     def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
         """(T_i, H) float32 states for each id list, batched with right padding."""
@@ -122,9 +132,48 @@ class HFBackend(StateBackend):
             with torch.inference_mode():
                 hidden = hidden_at(self.model, ids.to(self.device), mask.to(self.device), self.layer)  # (B, T, H)
             hidden = hidden.float().cpu().numpy()
+            self.tokens_run += sum(len(seqs[i]) for i in batch)
             for row, i in enumerate(batch):
                 out[i] = hidden[row, : len(seqs[i])]
         return out  # type: ignore[return-value]
+
+    def stream_states(self, key: str, ids: Sequence[int], final: bool = False) -> np.ndarray:
+        from transformers import DynamicCache
+
+        ids = check_id_lists([ids])[0]
+        old_ids, cache, old = self._streams.pop(key, None) or ([], DynamicCache(), np.zeros((0, self.hidden_size)))
+        shared = next((i for i, (a, b) in enumerate(zip(old_ids, ids)) if a != b), min(len(old_ids), len(ids)))
+        if shared == len(ids):  # nothing new; the model must still run over one token to give a state
+            shared -= 1
+        if cache.get_seq_length() > shared:
+            cache.crop(shared - cache.get_seq_length())  # drop what changed (a word cut at the end, re-tokenised)
+        new = torch.tensor([ids[shared:]], device=self.device)
+        mask = torch.ones((1, len(ids)), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            hidden = hidden_at(self.model, new, mask, self.layer, past_key_values=cache)[0].float().cpu().numpy()
+        self.tokens_run += len(ids) - shared
+        states = np.concatenate([old[:shared], hidden]).astype(np.float32, copy=False)
+        if not final:
+            self._streams[key] = (ids, cache, states)
+            self._evict()
+        return states
+
+    @property
+    def cached_streams(self) -> int:
+        """How many streams' keys and values are kept."""
+        return len(self._streams)
+
+    def _evict(self) -> None:
+        """Drop the least recently used streams' caches past ``STREAM_CACHE_BYTES``."""
+
+        def size(entry) -> int:
+            layers = getattr(entry[1], "layers", [])
+            kv = sum(t.numel() * t.element_size() for la in layers for t in (la.keys, la.values) if t is not None)
+            return kv + entry[2].nbytes
+
+        total = sum(size(e) for e in self._streams.values())
+        while total > STREAM_CACHE_BYTES and len(self._streams) > 1:
+            total -= size(self._streams.popitem(last=False)[1])
 
 
 class VLLMPoolingBackend(StateBackend):
@@ -233,6 +282,11 @@ class CaptureBackend(StateBackend):
             for i, h in zip(missing, self.fallback.hidden_states([seqs[i] for i in missing])):
                 out[i] = h
         return out  # type: ignore[return-value]
+
+    def stream_states(self, key: str, ids: Sequence[int], final: bool = False) -> np.ndarray:
+        """A stream that vLLM's capture does not hold (the guard marks every request it sends, so rarely)."""
+        self.fell_back += 1
+        return self.fallback.stream_states(key, ids, final)
 
     def capture_status(self) -> str:
         return "ok" if self.client.ping() else f"no answer on {self.client.path}"

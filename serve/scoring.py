@@ -250,6 +250,11 @@ class Scorer:
         self.backend.listener = listener
 
     @property
+    def cached_streams(self) -> int:
+        """How many streams' predictor work is kept for their next scoring."""
+        return len(self._streams)
+
+    @property
     def labels(self) -> list[str]:
         return list(self.index.labels)
 
@@ -405,7 +410,16 @@ class Scorer:
     def _predict(self, sequences: list[list[int]], captures, resumes: list) -> list[np.ndarray]:
         """(T_i, D) float32 predictor outputs per sequence: those of a stream (``resumes[i]``) from its cached start
         on, the others in one padded batch."""
-        states = self.backend.hidden_states(sequences, captures)  # list of (T_i, H)
+        # a stream's states from the backend's own cache of it, unless vLLM's capture holds them; the rest batched
+        alone = [b for b, r in enumerate(resumes) if r is not None and captures[b] is None]
+        states: list = [None] * len(sequences)
+        for b in alone:
+            states[b] = self.backend.stream_states(resumes[b].key, sequences[b], resumes[b].final)
+        rest = [b for b in range(len(sequences)) if states[b] is None]
+        if rest:
+            got = self.backend.hidden_states([sequences[b] for b in rest], [captures[b] for b in rest])
+            for b, h in zip(rest, got):
+                states[b] = h
         out: list[np.ndarray | None] = [None] * len(sequences)
         if isinstance(self.predictor, EmbeddingPredictor):  # whose layers `extend` knows how to continue
             for b, resume in enumerate(resumes):

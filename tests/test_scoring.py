@@ -515,13 +515,45 @@ def test_a_resumed_stream_computes_one_predictor_row_per_new_token_and_scores_as
     n_tokens = whole.n_tokens
     # one row per token over the whole stream (the first scoring computes the prompt's and BOS's rows too)
     assert streamed.rows_predicted == n_tokens, (streamed.rows_predicted, n_tokens)
-    assert "s/0" in streamed._streams
+    assert streamed.cached_streams == 1
     (final,) = streamed.score_batch([("P", text)], since=[Resume("s/0", None, final=True)])
     assert streamed.rows_predicted == n_tokens  # nothing new to compute
     assert [(s.concept, round(s.score, 4)) for s in final.completion] == [
         (s.concept, round(s.score, 4)) for s in whole.completion
     ]
-    assert "s/0" not in streamed._streams
+    assert streamed.cached_streams == 0
     # a pair that is not a stream is computed whole, as before
     streamed.score_batch([("P", text)])
     assert streamed.rows_predicted == 2 * n_tokens
+
+
+def test_hf_backend_runs_a_resumed_stream_over_its_new_tokens_only(export_dir, tiny_world):
+    """With the hf backend, a stream scored as it grows runs the model over each of its tokens about once (its keys
+    and values are kept), with the scores of running the whole prefix at every update; a changed ending (a word
+    re-tokenised once the rest of it arrives) is run again from where it changed."""
+    from serve.scoring import Resume
+
+    with (
+        Scorer.from_export(export_dir, backend="hf", top_k=None) as streamed,
+        Scorer.from_export(export_dir, backend="hf", top_k=None) as plain,
+    ):
+        person = streamed.labels[0]
+        prompt = chat_prompt(streamed.tokenizer, f"Tell me about {person}.")
+        answer = " ".join(p.answer for p in tiny_world.probes()[:12])
+        ends = list(range(7, len(answer), 7)) + [len(answer)]
+        since = 0
+        for end in ends:
+            (got,) = streamed.score_batch([(prompt, answer[:end])], since=[Resume("s/0", since)])
+            (want,) = plain.score_batch([(prompt, answer[:end])], since=[since])  # the prefix run again
+            assert [(s.concept, s.row) for s in got.completion] == [(s.concept, s.row) for s in want.completion]
+            assert [s.score for s in got.completion] == pytest.approx([s.score for s in want.completion], abs=1e-4)
+            since = end
+        (final,) = streamed.score_batch([(prompt, answer)], since=[Resume("s/0", None, final=True)])
+        (whole,) = plain.score_batch([(prompt, answer)])
+        assert [s.score for s in final.completion] == pytest.approx([s.score for s in whole.completion], abs=1e-4)
+        n = whole.n_tokens
+        run = streamed.backend.tokens_run
+        # every token once, plus the few run again at each update where the text was cut inside a word
+        assert n <= run <= n + 3 * len(ends), (run, n, len(ends))
+        assert run < plain.backend.tokens_run / 3  # far from running every prefix again
+        assert streamed.backend.cached_streams == 0  # the final scoring dropped the stream's cache
