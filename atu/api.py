@@ -85,7 +85,7 @@ class UnlearnResult:
 
     def criteria(self) -> list[dict]:
         """Every pass criterion of the config's ``eval`` section: ``{"name", "value", "target", "met"}``."""
-        from atu.metrics import similarity_criteria, unlearning_criteria
+        from atu.evaluation.metrics import similarity_criteria, unlearning_criteria
 
         s, bounds = self.summary, self.config.eval
         rows = unlearning_criteria(s["before"], s["after"], **bounds.bounds()) if s.get("before") else []

@@ -118,8 +118,8 @@ def world_build(config, source, tiny, seed, people, force, run_eval, sets, run_c
 
 
 def _print_probe_table(built) -> dict:
+    from atu.evaluation.probes import answer_probes, mean_recall_by_kind
     from atu.loading import load_lm
-    from atu.probes_eval import answer_probes, mean_recall_by_kind
 
     model, tokenizer = load_lm(built.model_dir)
     rows = answer_probes(model, tokenizer, built.probes(), progress=True)
@@ -168,7 +168,7 @@ def _print_before_after(summary: dict, bounds=None) -> list[dict]:
                 cells.append(f"{kind} {f:.3f} ({f / b:.2f} of before)")
         click.echo("forget floor, the same probes about people the model never saw: " + ", ".join(cells))
     _print_facts(before, after)
-    from atu.metrics import REFOUND_SHARE, similarity_criteria, unlearning_criteria
+    from atu.evaluation.metrics import REFOUND_SHARE, similarity_criteria, unlearning_criteria
 
     unlearning = unlearning_criteria(before, after, **bounds.bounds())
     click.echo(
@@ -341,7 +341,7 @@ def _print_eval(ev: dict) -> None:
 @friendly
 def eval_cmd(target, world_kind, probes, concepts, corpus, heldout, unseen, forget, out, device) -> None:
     """Evaluate TARGET (a model id or path, or an export) on probes: forget/neighbour/retain recall and more."""
-    from atu.eval_run import EvalData, evaluate_target, world_eval_data
+    from atu.evaluation.target import EvalData, evaluate_target, world_eval_data
 
     if world_kind:
         data = world_eval_data(tiny=world_kind == "tiny")
@@ -738,7 +738,7 @@ def attack() -> None:
 
 def _attack_source(export_dir, world_kind, probes, concepts, corpus, heldout, unseen, original):
     from atu.attack.source import export_source
-    from atu.eval_run import EvalData, world_eval_data
+    from atu.evaluation.target import EvalData, world_eval_data
 
     data = None
     if world_kind:

@@ -60,7 +60,7 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
 
     def bounds(self) -> dict[str, float]:
-        """The keyword arguments of `atu.metrics.unlearning_criteria`."""
+        """The keyword arguments of `atu.evaluation.metrics.unlearning_criteria`."""
         return {
             "forget_ratio": self.forget_ratio,
             "retain_ratio": self.retain_ratio,

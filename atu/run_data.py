@@ -9,7 +9,7 @@ from pathlib import Path
 
 from atu import formats
 from atu.errors import ConfigError
-from atu.evaluate import EvalInputs
+from atu.evaluation.evaluate import EvalInputs
 from atu.pipeline import RunConfig
 
 logger = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ import torch
 from atu.concept_reader import ConceptReader
 from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
-from atu.evaluate import EvalInputs, evaluate_model, fpr_thresholds
+from atu.evaluation.evaluate import EvalInputs, evaluate_model, fpr_thresholds
+from atu.evaluation.metrics import auroc
 from atu.export import GuardConfig, GuardFiles, write_export
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
-from atu.metrics import auroc
 from atu.pipeline import RunConfig
 from atu.run_data import RunData, load_run_data, resolve_world
 from atu.schedule import ScheduleInputs, ScheduleOptions, ScheduleResult, ScheduleStart, run_schedule, schedule_start

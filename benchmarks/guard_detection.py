@@ -12,8 +12,9 @@ For each export, its model answers every probe of the world greedily (the chat p
 completion text as a server would return it, leading space included, cut at end of sequence or newline), and
 ``serve.scoring.Scorer`` (transformers backend) scores each (prompt, completion). Three per-response signals for
 the forgotten concept: its completion score (the guard's per-response score), its prompt score, and the max of the
-two. For each: AUROC (``atu.metrics.auroc``) of forgotten-person probes against the other people's probes, and the
-flagged rate (score > the concept's threshold) on both groups, overall and per probe kind, before and after.
+two. For each: AUROC (``atu.evaluation.metrics.auroc``) of forgotten-person probes against the other people's
+probes, and the flagged rate (score > the concept's threshold) on both groups, overall and per probe kind, before
+and after.
 Targets: completion-score AUROC >= 0.9 before; the flagged rate on the forgotten person's probes falls
 after.
 
@@ -43,11 +44,11 @@ import torch
 
 from atu import __version__, cache, formats
 from atu.align import alignment_hidden, new_predictor, prepare_alignment, train_predictor
+from atu.evaluation.metrics import auroc, rouge_l_recall
 from atu.export import GuardFiles, load_export, write_export
 from atu.generation import chat_prompt, generate_answers
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
-from atu.metrics import auroc, rouge_l_recall
 from atu.pipeline import RunConfig
 from atu.world.build import BuiltWorld, build_world
 from atu.world.config import WorldConfig
@@ -94,7 +95,7 @@ def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> t
         thresholds = after.index.thresholds
         if after.guard.threshold_fpr is not None:  # calibrate like atu.run does, on this model and predictor
             from atu.concept_reader import ConceptReader
-            from atu.evaluate import fpr_thresholds
+            from atu.evaluation.evaluate import fpr_thresholds
             from atu.run_data import load_run_data, resolve_world
 
             validation = load_run_data(cfg, resolve_world(cfg, progress=False)[1]).validation

@@ -48,10 +48,10 @@ from atu.attack.relearn import RelearnConfig, default_relearn_texts, recovery, r
 from atu.attack.runs import INT8_KERNEL, mean_of_kinds, relearn_groups
 from atu.attack.source import export_source
 from atu.baselines import BaselineConfig, run_baseline
-from atu.evaluate import neighbour_names
+from atu.evaluation.evaluate import neighbour_names
+from atu.evaluation.probes import mean_recall_by_kind
 from atu.loading import load_lm
 from atu.pipeline import RunConfig, demo_settings
-from atu.probes_eval import mean_recall_by_kind
 from atu.run import run as run_atu
 from atu.run_data import load_run_data
 from atu.world.build import WORLD_FILES, build_world

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from atu import __version__, cache
-from atu.metrics import similarity_criteria, unlearning_criteria
+from atu.evaluation.metrics import similarity_criteria, unlearning_criteria
 from atu.pipeline import RunConfig, demo_settings
 from atu.run import run
 

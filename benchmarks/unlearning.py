@@ -11,9 +11,9 @@ Strengths come from one training run per method, scored part way:
   the last stage kept is the chosen setting.
 - Baselines: the model after the same number of optimizer steps as ATU at `Plan.baseline_cuts` of those cuts,
   evenly spread and always the last, at the Adam learning rate(s) of `Plan.baseline_lrs`.
-Every model is scored by `atu.evaluate.evaluate_model` on the inputs `atu run` uses. Leakage AUROC needs ATU's
-predictor, so the baselines report none. Seconds: the wall time to reach that strength (loading, training and, for
-ATU, the evaluation before and the alignment), scoring excluded.
+Every model is scored by `atu.evaluation.evaluate.evaluate_model` on the inputs `atu run` uses. Leakage AUROC needs
+ATU's predictor, so the baselines report none. Seconds: the wall time to reach that strength (loading, training and,
+for ATU, the evaluation before and the alignment), scoring excluded.
 
     python benchmarks/unlearning.py                  # the world: 1 then 3 people forgotten (about 23 min, 2 CPU cores)
     python benchmarks/unlearning.py --quick          # the tiny world (under a minute)
@@ -40,10 +40,10 @@ import torch
 from atu import __version__
 from atu.baselines import BaselineConfig, run_baseline
 from atu.concept_reader import ConceptReader
-from atu.evaluate import evaluate_model
+from atu.evaluation.evaluate import evaluate_model
+from atu.evaluation.metrics import unlearning_criteria
 from atu.formats import PROBE_KINDS
 from atu.loading import load_lm
-from atu.metrics import unlearning_criteria
 from atu.pipeline import RunConfig, demo_settings
 from atu.run import run as run_atu
 from atu.run_data import RunData, load_run_data

@@ -62,7 +62,7 @@ def test_catch_rates_count_leaks_and_false_flags():
 
 @pytest.mark.slow
 def test_relearning_trains_only_on_the_given_facts(tiny_world, tiny_lm):
-    from atu.evaluate import text_nll
+    from atu.evaluation.evaluate import text_nll
 
     concept, corpus, probes = _world_facts(tiny_world)
     model, tokenizer = tiny_lm

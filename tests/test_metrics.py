@@ -4,7 +4,7 @@ import random
 import pytest
 from conftest import eval_result
 
-from atu.metrics import auroc, fact_recall, is_degenerate, rouge_l_recall
+from atu.evaluation.metrics import auroc, fact_recall, is_degenerate, rouge_l_recall
 
 
 def test_fact_recall_counts_only_what_the_question_does_not_say():
@@ -79,7 +79,7 @@ def test_auroc_rejects_empty_and_nan():
 def test_fpr_thresholds_against_naive_count(n, fpr):
     import numpy as np
 
-    from atu.evaluate import fpr_thresholds
+    from atu.evaluation.evaluate import fpr_thresholds
 
     rng = np.random.default_rng(n)
     scores = np.round(rng.normal(size=(n, 3)), 1).astype(np.float32)  # rounded: plenty of ties
@@ -95,7 +95,7 @@ def test_fpr_thresholds_against_naive_count(n, fpr):
 def test_fpr_thresholds_rejects_bad_input():
     import numpy as np
 
-    from atu.evaluate import fpr_thresholds
+    from atu.evaluation.evaluate import fpr_thresholds
 
     with pytest.raises(ValueError, match="fpr must be in"):
         fpr_thresholds(np.zeros((3, 1)), 1.0)
@@ -104,7 +104,7 @@ def test_fpr_thresholds_rejects_bad_input():
 
 
 def test_unlearning_criteria_ratios_and_verdicts():
-    from atu.metrics import unlearning_criteria
+    from atu.evaluation.metrics import unlearning_criteria
 
     before = eval_result((1.0, 0.8, 0.0), (1.0, 0.5, 0.4), 10.0, 1.0)
     after = eval_result((0.25, 0.3, 0.1), (0.9, 0.5, 0.3), 11.5, 0.94)
@@ -129,7 +129,7 @@ def test_unlearning_criteria_ratios_and_verdicts():
 
 
 def test_similarity_criteria_per_concept():
-    from atu.metrics import similarity_criteria
+    from atu.evaluation.metrics import similarity_criteria
 
     report = {
         "before": {"forget": [0.5, 0.6], "retain": [0.32, 0.40]},
@@ -146,7 +146,7 @@ def test_similarity_criteria_per_concept():
 
 
 def test_refound_criterion_fails_when_realignment_finds_the_concept_again():
-    from atu.metrics import similarity_criteria
+    from atu.evaluation.metrics import similarity_criteria
 
     report = {
         "before": {"forget": [0.5, 0.3], "retain": [0.3, 0.35]},

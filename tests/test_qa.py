@@ -123,7 +123,7 @@ def test_your_model_your_data_walkthrough(tmp_path):
     predictions = [row["prediction"] for row in summary["before"]["answers"]]
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in predictions]
     assert max(lengths) > 24, "answers were cut at the old 24-token limit"
-    from atu.metrics import similarity_criteria, unlearning_criteria
+    from atu.evaluation.metrics import similarity_criteria, unlearning_criteria
 
     criteria = unlearning_criteria(summary["before"], summary["after"]) + similarity_criteria(
         summary["similarity"], summary["final_thresholds"], summary["forget"]

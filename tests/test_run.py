@@ -124,13 +124,13 @@ def test_cli_run_and_verify(tmp_path, tiny_world):
     assert result.exit_code == 0, result.output
     assert "forget" in result.output and "after/before" in result.output
     # The criteria line agrees with the evaluation the run wrote.
-    from atu.metrics import unlearning_criteria
+    from atu.evaluation.metrics import unlearning_criteria
 
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
     missed = [c["name"] for c in unlearning_criteria(summary["before"], summary["after"]) if not c["met"]]
     line = next(ln for ln in result.output.splitlines() if ln.startswith("criteria ("))
     assert line.endswith("all met") if not missed else all(name in line for name in missed)
-    from atu.metrics import similarity_criteria
+    from atu.evaluation.metrics import similarity_criteria
 
     crit = similarity_criteria(summary["similarity"], summary["final_thresholds"], summary["forget"])
     missed = [c["name"] for c in crit if not c["met"]]
@@ -296,8 +296,8 @@ def test_on_stage_hands_over_each_kept_stage_and_the_last_is_the_exported_model(
     """`run(on_stage=...)` (how benchmarks/unlearning.py scores the schedule cut after each stage): called once per
     stage in order, with the model in eval mode; what it sees after the last stage is the model that is exported,
     and generating with it there (as the benchmark's scoring does) does not change it."""
+    from atu.evaluation.probes import answer_probes
     from atu.loading import load_lm
-    from atu.probes_eval import answer_probes
 
     cfg = tiny_run_config(tmp_path / "run")
     cfg.data.forget = tiny_world.concepts().names()[:1]

@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from atu.evaluation.metrics import rouge_l_recall
 from atu.export import Export
 from atu.formats import Probe
 from atu.generation import chat_prompt, generate_answers
 from atu.hidden import check_hook_layer
-from atu.metrics import rouge_l_recall
 
 LEAK_RECALL = 0.5  # at least half of the true answer's words, in order: the fact is out
 STATE_SOURCES = ("own", "attacked")

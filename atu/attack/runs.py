@@ -15,9 +15,9 @@ from atu.attack.quantize import QuantConfig, bucket_collapse, collapse_summary, 
 from atu.attack.relearn import RelearnConfig, default_relearn_texts, held_out_probes, recovery, relearn
 from atu.attack.source import ExportSource, evaluate_loaded
 from atu.errors import ConfigError
+from atu.evaluation.probes import answer_probes, mean_recall_by_kind
 from atu.formats import PROBE_KINDS
 from atu.loading import load_lm
-from atu.probes_eval import answer_probes, mean_recall_by_kind
 
 logger = logging.getLogger(__name__)
 

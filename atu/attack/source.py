@@ -15,8 +15,8 @@ import torch
 from atu import formats
 from atu.concept_reader import ConceptReader
 from atu.errors import ConfigError
-from atu.eval_run import EvalData, world_eval_data
-from atu.evaluate import evaluate_model
+from atu.evaluation.evaluate import evaluate_model
+from atu.evaluation.target import EvalData, world_eval_data
 from atu.export import Export, load_export
 from atu.pipeline import WORLD_MODELS
 from atu.run_data import file_eval_inputs
@@ -75,8 +75,9 @@ def export_source(
 
 
 def evaluate_loaded(model, tokenizer, src: ExportSource, *, progress: bool = False) -> dict:
-    """`atu eval`'s evaluation (``atu.eval_run.evaluate_target`` on the export) of a model already in memory: the
-    same probes, perplexity texts, forget/retain/unseen texts, and the export's predictor for the leakage AUROC."""
+    """`atu eval`'s evaluation (``atu.evaluation.target.evaluate_target`` on the export) of a model already in
+    memory: the same probes, perplexity texts, forget/retain/unseen texts, and the export's predictor for the leakage
+    AUROC."""
     d = src.data
     concepts, probes = formats.read_concepts(d.concepts), formats.read_probes(d.probes)
     unknown = [n for n in src.forget if n not in concepts.names()]

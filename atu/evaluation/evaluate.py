@@ -13,8 +13,8 @@ similarity to the forgotten concepts separates forget texts from retain texts (1
 well the model's loss separates forget texts from texts about people it never saw (0.5: not at all, the goal);
 ``forget_floor`` what the model scores on the forget probes asked about people it never saw (the recall of knowing
 nothing: forgetting cannot go below it on average). ``facts`` holds the same figures in fact recall
-(`atu.metrics.fact_recall`: the share of an answer's words, other than the question's and function words, that
-the model's answer contains), whose floor is lower where answers repeat their question's frame.
+(`atu.evaluation.metrics.fact_recall`: the share of an answer's words, other than the question's and function
+words, that the model's answer contains), whose floor is lower where answers repeat their question's frame.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from atu.concept_reader import ConceptReader
+from atu.evaluation.metrics import auroc, is_degenerate
+from atu.evaluation.probes import answer_probes, mean_recall_by_kind, stand_in_probes
 from atu.formats import ConceptSet, Probe
-from atu.metrics import auroc, is_degenerate
-from atu.probes_eval import answer_probes, mean_recall_by_kind, stand_in_probes
 from atu.texts import perplexity, text_batches
 
 

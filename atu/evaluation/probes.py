@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from atu.evaluation.metrics import fact_recall, rouge_l_recall
 from atu.formats import PROBE_KINDS, ConceptSet, Probe
 from atu.generation import generate_answers
-from atu.metrics import fact_recall, rouge_l_recall
 
 
 def answer_probes(model, tokenizer, probes: Sequence[Probe], *, given: Sequence[str] | None = None, **kwargs):

@@ -13,7 +13,7 @@ from pathlib import Path
 from atu import formats
 from atu.concept_reader import ConceptReader
 from atu.errors import ConfigError
-from atu.evaluate import evaluate_model
+from atu.evaluation.evaluate import evaluate_model
 from atu.loading import load_lm
 from atu.run_data import file_eval_inputs
 

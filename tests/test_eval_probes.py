@@ -1,6 +1,6 @@
 def test_stand_in_probes_ask_about_someone_else_and_keep_the_answer():
+    from atu.evaluation.probes import stand_in_probes
     from atu.formats import Concept, ConceptSet, Probe
-    from atu.probes_eval import stand_in_probes
 
     cs = ConceptSet([Concept("Ada Moss", aliases=("Moss", "A. Moss"))])
     probes = [
