@@ -19,9 +19,9 @@ _EXPORTS = {
     "Data": ("atu.api", "Data"),
     "load_export": ("atu.api", "load_export"),
     "Scorer": ("serve.scoring", "Scorer"),
-    "RunConfig": ("atu.pipeline", "RunConfig"),
-    "DataConfig": ("atu.pipeline", "DataConfig"),
-    "EvalConfig": ("atu.pipeline", "EvalConfig"),
+    "RunConfig": ("atu.run_config", "RunConfig"),
+    "DataConfig": ("atu.run_config", "DataConfig"),
+    "EvalConfig": ("atu.run_config", "EvalConfig"),
     "AlignConfig": ("atu.align", "AlignConfig"),
     "UnlearnConfig": ("atu.unlearn", "UnlearnConfig"),
 }

@@ -18,7 +18,7 @@ from typing import Any
 
 from atu import formats
 from atu.errors import ConfigError
-from atu.pipeline import RunConfig
+from atu.run_config import RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -142,7 +142,7 @@ def _verdict(criteria: list[dict], value_format: str) -> str:
 def _print_before_after(summary: dict, bounds=None) -> list[dict]:
     """Print the before/after table and the criteria (``bounds``: the run's EvalConfig, default the project's
     figures); return every criterion checked."""
-    from atu.pipeline import EvalConfig
+    from atu.run_config import EvalConfig
 
     bounds = bounds or EvalConfig()
     before, after = summary.get("before"), summary.get("after")
@@ -249,7 +249,7 @@ def run_cmd(config: Path, out: Path | None, sets: tuple[str, ...], no_export: bo
 
 
 def _load_config(config: Path, out: Path | None, sets: tuple[str, ...] = ()):
-    from atu.pipeline import RunConfig
+    from atu.run_config import RunConfig
 
     cfg = RunConfig.load(config, sets)
     if out is not None:
@@ -613,8 +613,8 @@ def serve_cmd(
 def demo(out: Path, n_forget: int, tiny: bool, use_vllm: bool) -> None:
     """The whole job on the embedded world: build it (cached), forget people, export, evaluate, serve it with vLLM
     behind the guard."""
-    from atu.pipeline import RunConfig, demo_settings
     from atu.run import run
+    from atu.run_config import RunConfig, demo_settings
     from atu.world.build import build_world
     from atu.world.config import WorldConfig
 
@@ -706,7 +706,7 @@ def config_group() -> None:
 def config_show(config: Path, sets: tuple[str, ...]) -> None:
     """Print CONFIG resolved: every key, defaults filled in, values as they will be used, one line of help each."""
     from atu.config_tools import show
-    from atu.pipeline import RunConfig
+    from atu.run_config import RunConfig
 
     cfg = RunConfig.load(config, sets)
     click.echo(f"# {config}" + "".join(f" --set {s}" for s in sets))

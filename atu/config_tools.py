@@ -224,7 +224,7 @@ def reference(sections: Sequence[tuple[str, str, type]]) -> str:
 
 
 def reference_sections() -> list[tuple[str, str, type]]:
-    from atu.pipeline import RunConfig
+    from atu.run_config import RunConfig
     from atu.world.config import WorldConfig
 
     return [

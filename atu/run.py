@@ -1,5 +1,5 @@
 """The jobs behind `atu run`, `atu align`, `atu unlearn` and `atu export`, each composed of the steps of
-atu/steps.py; the config they run is a `RunConfig` (atu/pipeline.py).
+atu/steps.py; the config they run is a `RunConfig` (atu/run_config.py).
 
 `run` is the whole job: prepare, align, evaluate before, unlearn, evaluate after, build the guard, export. The others
 are its parts, for a job split in stages: `align` keeps the aligned predictor in ``aligned/``, `unlearn` keeps the
@@ -20,7 +20,7 @@ from atu import envs, steps
 from atu.aligned import initial_alignment
 from atu.distributed import SINGLE, Dist, from_environment
 from atu.errors import ConfigError
-from atu.pipeline import RunConfig
+from atu.run_config import RunConfig
 from atu.run_data import EVAL_RETAIN_TEXTS, RunData, load_run_data, resolve_world, split_corpus
 from atu.schedule import ScheduleOptions, ScheduleResult
 from atu.unlearned import UNLEARNED_DIR, load_unlearned, save_unlearned

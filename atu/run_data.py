@@ -10,7 +10,7 @@ from pathlib import Path
 from atu import formats
 from atu.errors import ConfigError
 from atu.evaluation.evaluate import EvalInputs
-from atu.pipeline import RunConfig
+from atu.run_config import RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from atu.evaluation.metrics import auroc
 from atu.export import GuardConfig, GuardFiles, write_export
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
-from atu.pipeline import RunConfig
+from atu.run_config import RunConfig
 from atu.run_data import RunData, load_run_data, resolve_world
 from atu.schedule import ScheduleInputs, ScheduleOptions, ScheduleResult, ScheduleStart, run_schedule, schedule_start
 from atu.unlearn import concept_window_texts, target_vectors

@@ -418,19 +418,19 @@ def unlearn_stage(
             pred = predictor(hidden_at(model, ids, attn, layer), attn)  # (B, T, D)
             loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
             total = loss
-            kept: dict[str, torch.Tensor] = {}
+            retain_losses: dict[str, torch.Tensor] = {}
             if use_retain:
                 pick = (step_offset + i) * dist.world + dist.rank
-                kept = retain_terms(model, predictor, vectors, retain, pick, layer, cfg)
-                total = total + weighted_retain(kept, cfg)
+                retain_losses = retain_terms(model, predictor, vectors, retain, pick, layer, cfg)
+                total = total + weighted_retain(retain_losses, cfg)
         mean_loss = dist.sum(loss.item()) / dist.world  # over the processes: the same decision on every one
         if mean_loss == 0.0 and use_retain:
-            total = weighted_retain(kept, cfg)
+            total = weighted_retain(retain_losses, cfg)
         grad_norm = _optimizer_step(opt, params, total, cfg, skip=mean_loss == 0.0 and not use_retain, dist=dist)
         if i % cfg.log_every == 0 or i == n_steps - 1:
             rec = {"step": step_offset + i, "stage": stage, "loss": mean_loss, "grad_norm": grad_norm.item()}
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
-            rec.update(_retain_stats(model, predictor, vectors, layer, kept, retain, autocast))
+            rec.update(_retain_stats(model, predictor, vectors, layer, retain_losses, retain, autocast))
             records.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if on_log is not None:
@@ -455,10 +455,10 @@ def _optimizer_step(opt, params: list[torch.nn.Parameter], total, cfg: UnlearnCo
     return grad_norm
 
 
-def _retain_stats(model, predictor, vectors, layer: int, kept: dict, retain, autocast) -> dict:
+def _retain_stats(model, predictor, vectors, layer: int, retain_losses: dict, retain, autocast) -> dict:
     """What a logged step records of the retain side: its retain terms, and the predictor's similarity to the
     concepts on the first retain batch."""
-    out = {k: v.item() for k, v in kept.items()}
+    out = {k: v.item() for k, v in retain_losses.items()}
     if retain is not None:
         out.update(_retain_similarity(model, predictor, retain, vectors, layer, autocast))
     return out

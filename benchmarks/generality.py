@@ -41,8 +41,8 @@ import yaml
 from atu import __version__
 from atu.config_tools import apply_overrides
 from atu.formats import PROBE_KINDS
-from atu.pipeline import RunConfig
 from atu.run import run as run_job
+from atu.run_config import RunConfig
 from atu.world.authors import generate_authors
 from atu.world.biographies import generate_biographies
 from atu.world.build import WORLD_FILES, build_world

@@ -49,7 +49,7 @@ from atu.export import GuardFiles, load_export, write_export
 from atu.generation import chat_prompt, generate_answers
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
-from atu.pipeline import RunConfig
+from atu.run_config import RunConfig
 from atu.world.build import BuiltWorld, build_world
 from atu.world.config import WorldConfig
 from serve.scoring import Scorer, part_rows

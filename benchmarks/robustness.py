@@ -51,8 +51,8 @@ from atu.baselines import BaselineConfig, run_baseline
 from atu.evaluation.evaluate import neighbour_names
 from atu.evaluation.probes import mean_recall_by_kind
 from atu.loading import load_lm
-from atu.pipeline import RunConfig, demo_settings
 from atu.run import run as run_atu
+from atu.run_config import RunConfig, demo_settings
 from atu.run_data import load_run_data
 from atu.world.build import WORLD_FILES, build_world
 

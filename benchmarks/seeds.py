@@ -26,8 +26,8 @@ import yaml
 
 from atu import __version__, cache
 from atu.evaluation.metrics import similarity_criteria, unlearning_criteria
-from atu.pipeline import RunConfig, demo_settings
 from atu.run import run
+from atu.run_config import RunConfig, demo_settings
 
 DEFAULT_CONFIGS = ["configs/world.yaml", "configs/world_three.yaml"]
 

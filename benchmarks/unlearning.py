@@ -1,7 +1,7 @@
 """Unlearning quality: ATU against gradient ascent (ga), gradient difference (gd) and NPO on the embedded world.
 
 ATU runs at its chosen setting: exactly what `atu demo` and configs/world.yaml / configs/world_three.yaml run
-(`atu.pipeline.demo_settings`). Every method gets the same data (forget texts: the forgotten people's corpus records
+(`atu.run_config.demo_settings`). Every method gets the same data (forget texts: the forgotten people's corpus records
 and the texts naming them, as ATU's `data.mentions`; gd's retain texts: all the others), the same parameter budget
 (decoder layers 0..L-1 fully trained, L = ATU's hook layer) and the same number of optimizer steps.
 
@@ -44,8 +44,8 @@ from atu.evaluation.evaluate import evaluate_model
 from atu.evaluation.metrics import unlearning_criteria
 from atu.formats import PROBE_KINDS
 from atu.loading import load_lm
-from atu.pipeline import RunConfig, demo_settings
 from atu.run import run as run_atu
+from atu.run_config import RunConfig, demo_settings
 from atu.run_data import RunData, load_run_data
 from atu.world.build import WORLD_FILES, BuiltWorld, build_world
 from atu.world.config import WorldConfig

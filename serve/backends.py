@@ -10,7 +10,7 @@ predictor L2-normalises its input, so its output does not change. ``captures`` m
   through ``atu.hidden.hidden_at`` in right-padded batches. A stream scored as it grows (``stream_states``) keeps
   its keys and values, so each of its scorings runs the model over its new tokens only.
 - ``VLLMPoolingBackend``: a real vLLM server started with the pooling runner over a probe export (see
-  ``serve.probe``); it holds only layers ``0..L-1`` and answers ``POST /pooling`` with one vector per token.
+  ``serve.pooling_model``); it holds only layers ``0..L-1`` and answers ``POST /pooling`` with one vector per token.
 - ``CaptureBackend``: the states vLLM computed while it generated, recorded by the in-engine capture plugin
   (``serve.capture``) under a key the guard gave the request; texts with no capture (``/v1/leakage``, a
   completion whose re-tokenisation differs from the generated tokens) go to a fallback backend.
@@ -177,7 +177,7 @@ class HFBackend(StateBackend):
 
 
 class VLLMPoolingBackend(StateBackend):
-    """Layer-``L`` states from a vLLM pooling server over a probe export (``serve.probe.pooling_server``).
+    """Layer-``L`` states from a vLLM pooling server over a probe export (``serve.pooling_model.pooling_server``).
 
     Request (vLLM 0.32 ``POST /pooling``, ``PoolingCompletionRequest``)::
 
@@ -206,7 +206,7 @@ class VLLMPoolingBackend(StateBackend):
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
             raise BackendError(
                 f"vLLM pooling server {self.base_url} unreachable or slower than {self.timeout:.0f}s ({err}); "
-                "start it with serve.probe.pooling_server or use backend='hf'."
+                "start it with serve.pooling_model.pooling_server or use backend='hf'."
             ) from err
 
     def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
@@ -340,7 +340,7 @@ def make_backend(
         raise ValueError(f"backend must be one of {BACKENDS}, got {kind!r}.")
     if kind == "vllm":
         if pooling_url is None:
-            from serve.probe import pooling_server, probe_export
+            from serve.pooling_model import pooling_server, probe_export
 
             pooling_url = resources.enter_context(pooling_server(probe_export(export.root), max_model_len=max_tokens))
         return VLLMPoolingBackend(pooling_url, timeout=timeout, hidden_size=export.guard.hidden_size)

@@ -229,7 +229,7 @@ def upstream_servers(opts: ServeOptions) -> Iterator[Upstreams]:
                 "--enforce-eager; see the README's recipe)."
             )
         if backend == "vllm" and up.pooling_url is None:
-            from serve.probe import pooling_server, probe_export
+            from serve.pooling_model import pooling_server, probe_export
 
             up.pooling_url = stack.enter_context(pooling_server(probe_export(export_dir)))
         yield up

@@ -277,7 +277,7 @@ class Scorer:
 
         ``backend="hf"`` loads the model (layers above the hook layer dropped) on ``device``. ``backend="vllm"``
         reads states from a vLLM pooling server over the export's probe: the one at ``pooling_url``, or, when it is
-        None, one this scorer starts (``serve.probe.pooling_server``) and owns: ``close()`` stops it.
+        None, one this scorer starts (``serve.pooling_model.pooling_server``) and owns: ``close()`` stops it.
         ``backend="capture"`` reads the states that the capture plugin (``serve.capture``) recorded in the vLLM
         server generating the answers, over ``capture_socket``; what was not recorded goes to an ``hf`` backend.
         """

@@ -67,7 +67,7 @@ def eval_result(forget, retain=(1.0, 0.7, 0.5), ppl=10.0, fluency=1.0) -> dict:
 
 def tiny_run_config(out, **unlearn):
     """A run on the tiny world that takes seconds: few epochs, two short stages."""
-    from atu.pipeline import RunConfig
+    from atu.run_config import RunConfig
 
     raw = {
         "model": "world:tiny",

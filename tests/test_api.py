@@ -18,7 +18,7 @@ def readme_example() -> str:
 
 
 def test_lazy_exports():
-    from atu.pipeline import EvalConfig, RunConfig
+    from atu.run_config import EvalConfig, RunConfig
     from serve.scoring import Scorer
 
     assert atu.RunConfig is RunConfig and atu.EvalConfig is EvalConfig and atu.Scorer is Scorer

@@ -7,7 +7,7 @@ from atu.cli import main
 from atu.config_tools import apply_overrides, describe, reference, reference_sections, show
 from atu.configs import coerce
 from atu.errors import ConfigError
-from atu.pipeline import RunConfig
+from atu.run_config import RunConfig
 from atu.unlearn import UnlearnConfig
 from atu.world.config import WorldConfig
 

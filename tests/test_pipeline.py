@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from atu.errors import ConfigError
-from atu.pipeline import RunConfig
+from atu.run_config import RunConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -42,8 +42,8 @@ def test_bad_configs(raw, message):
 
 @pytest.mark.parametrize("name, n", [("world.yaml", 1), ("world_three.yaml", 3)])
 def test_world_configs_are_what_the_demo_runs(name, n):
-    """configs/world*.yaml and `atu demo --forget N` (atu.pipeline.world_settings) hold the same settings."""
-    from atu.pipeline import world_settings
+    """configs/world*.yaml and `atu demo --forget N` (atu.run_config.world_settings) hold the same settings."""
+    from atu.run_config import world_settings
 
     cfg = RunConfig.load(CONFIGS / name)
     demo = RunConfig.from_dict({"model": "world", "data": {"forget": cfg.data.forget}, **world_settings(n)})

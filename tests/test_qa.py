@@ -51,7 +51,7 @@ def test_one_code_path_makes_corpus_probes_and_heldout(tmp_path):
 
 
 def test_plain_retain_texts_feed_the_stopping_signal_and_retain_terms(tmp_path, tiny_world):
-    from atu.pipeline import RunConfig
+    from atu.run_config import RunConfig
     from atu.run_data import load_run_data, resolve_world
 
     first = tiny_world.concepts().names()[0]

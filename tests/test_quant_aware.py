@@ -57,8 +57,8 @@ def test_bad_quant_aware_settings_are_config_errors():
 
 @pytest.mark.slow
 def test_a_quant_aware_run_measures_its_budget_on_the_quantized_model(tiny_world, tmp_path):
-    from atu.pipeline import RunConfig
     from atu.run import run
+    from atu.run_config import RunConfig
 
     def config(out, **unlearn):
         return RunConfig.from_dict({

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from atu.pipeline import RunConfig
 from atu.run import run
+from atu.run_config import RunConfig
 
 pytestmark = pytest.mark.slow
 

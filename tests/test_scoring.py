@@ -18,7 +18,7 @@ from atu.index import ConceptIndex
 from atu.loading import load_lm
 from atu.vllm_check import free_port
 from serve.backends import BackendError, VLLMPoolingBackend, check_id_lists, length_batches
-from serve.probe import kv_cache_bytes, probe_export, probe_key
+from serve.pooling_model import kv_cache_bytes, probe_export, probe_key
 from serve.scoring import RESCORE_CHARS, Scorer, excerpt_span, part_rows, truncation, window_char_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ from atu.errors import ConfigError
 from atu.evaluation.evaluate import evaluate_model
 from atu.evaluation.target import EvalData, world_eval_data
 from atu.export import Export, load_export
-from atu.pipeline import WORLD_MODELS
+from atu.run_config import WORLD_MODELS
 from atu.run_data import file_eval_inputs
 
 
