@@ -112,7 +112,18 @@ class HFBackend(StateBackend):
         model, _ = load_lm(model_dir, device=device, dtype="float32" if device == "cpu" else None)
         check_hook_layer(model, layer)
         del decoder_layers(model)[layer:]  # never run (hidden_at stops at `layer`); frees their memory
-        self.model, self.layer, self.device = model, layer, torch.device(device)
+        self._attach(model, layer, max_batch_tokens)
+
+    @classmethod
+    def from_model(cls, model, layer: int, *, max_batch_tokens: int = MAX_BATCH_TOKENS) -> HFBackend:
+        """A backend over a model already in memory (left whole: the caller may still use its upper layers)."""
+        check_hook_layer(model, layer)
+        backend = cls.__new__(cls)
+        backend._attach(model, layer, max_batch_tokens)
+        return backend
+
+    def _attach(self, model, layer: int, max_batch_tokens: int) -> None:
+        self.model, self.layer, self.device = model, layer, next(model.parameters()).device
         self.hidden_size = int(model.config.hidden_size)
         self.max_batch_tokens = max_batch_tokens
         self._streams: OrderedDict[str, tuple[list[int], object, np.ndarray]] = OrderedDict()  # ids, cache, states

@@ -23,7 +23,6 @@ from atu.evaluation.metrics import rouge_l_recall
 from atu.export import Export
 from atu.formats import Probe
 from atu.generation import chat_prompt, generate_answers
-from atu.hidden import check_hook_layer
 
 LEAK_RECALL = 0.5  # at least half of the true answer's words, in order: the fact is out
 STATE_SOURCES = ("own", "attacked")
@@ -32,17 +31,9 @@ SCORE_BATCH = 64
 
 def _model_backend(model, layer: int):
     """``serve.backends.HFBackend`` over a model already in memory (an attacked model never written to disk)."""
-    from serve.backends import MAX_BATCH_TOKENS, HFBackend
+    from serve.backends import HFBackend
 
-    class ModelBackend(HFBackend):
-        def __init__(self) -> None:  # HFBackend loads from a directory; this one keeps the given model
-            check_hook_layer(model, layer)
-            self.model, self.layer = model, layer
-            self.device = next(model.parameters()).device
-            self.hidden_size = int(model.config.hidden_size)
-            self.max_batch_tokens = MAX_BATCH_TOKENS
-
-    return ModelBackend()
+    return HFBackend.from_model(model, layer)
 
 
 def export_scorer(export: Export, states_model, tokenizer):
