@@ -48,57 +48,61 @@ class PrefixState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _attention(layer, x: torch.Tensor, state: PrefixState, i: int, start: int) -> torch.Tensor:
-    """Layer ``i``'s self-attention of the new positions ``x`` (N, E) over the cached and new keys; the new keys and
-    values are appended to ``state``."""
-    attn = layer.self_attn
-    heads = attn.num_heads
-    n, width = x.shape
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # (N, E) each
-
-    def split(t):  # (N, E) -> (heads, N, head_dim)
-        return t.reshape(n, heads, width // heads).transpose(0, 1)
-
-    q, k, v = split(q), split(k), split(v)
-    if i < len(state.keys):
-        state.keys[i] = torch.cat([state.keys[i], k], dim=1)
-        state.values[i] = torch.cat([state.values[i], v], dim=1)
-    else:
-        state.keys.append(k)
-        state.values.append(v)
-    keys, values = state.keys[i], state.values[i]  # (heads, start + N, head_dim)
-    # new position j (absolute start + j) sees keys 0..start + j
-    allowed = torch.arange(keys.shape[1])[None, :] <= (start + torch.arange(n))[:, None]  # (N, start + N)
-    scores = (q @ keys.transpose(1, 2)) / math.sqrt(width // heads)  # (heads, N, start + N)
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    out = (weights @ values).transpose(0, 1).reshape(n, width)  # (N, E)
-    return attn.out_proj(out)
-
-
-@torch.inference_mode()
 def extend(predictor, hidden: torch.Tensor, state: PrefixState, ids: list[int]) -> PrefixState:
     """The predictor's rows for the sequence ``ids`` whose layer states are ``hidden`` (T, input_dim), from
     ``state``, the cached computation of some start of it (its ``len(state)`` first positions, which must equal the
     first tokens of ``ids``). Returns the state of the whole sequence; ``.rows`` (T, output_dim) are its outputs,
     equal (up to float rounding) to ``predictor(hidden[None])[0]``. Only ``T - len(state)`` rows are computed."""
+    return extend_batch(predictor, [hidden], [state], [ids])[0]
+
+
+@torch.inference_mode()
+def extend_batch(predictor, hidden: list[torch.Tensor], states: list[PrefixState], ids: list[list[int]]):
+    """``extend`` for several sequences in one pass: their new positions right-padded into one batch, each one's
+    cached keys and values laid before its new ones. Returns the states of the whole sequences."""
     cfg = predictor.config
-    start, total = len(state), len(ids)
-    if hidden.shape[0] != total:
-        raise ValueError(f"hidden has {hidden.shape[0]} rows for {total} ids.")
-    if total > cfg.max_len:
-        raise ValueError(f"Sequence length {total} exceeds the predictor's max_len {cfg.max_len}.")
-    if state.ids != list(ids[:start]):
-        raise ValueError("the cached state is not a start of these ids.")
-    out = PrefixState(list(ids), list(state.keys), list(state.values), state.rows)
-    if start == total:
-        return out
-    dtype = predictor.proj_in.weight.dtype
-    h = hidden[start:].float()
+    for h, s, seq in zip(hidden, states, ids):
+        if h.shape[0] != len(seq) or len(seq) > cfg.max_len or s.ids != list(seq[: len(s)]):
+            raise ValueError("each hidden must have one row per id, within max_len, after a cached start of them")
+    starts, totals = [len(s) for s in states], [len(seq) for seq in ids]
+    news = [t - s for s, t in zip(starts, totals)]
+    width, longest, batch = max(max(news), 1), max(totals), len(states)
+    # The per-token layers run on the new positions packed flat, (M, .) with M = sum of the new counts, so that a
+    # stream's first scoring (its whole prompt) pads no one else; only attention lays them out per sequence.
+    where_b = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(news)])  # (M,)
+    where_t = torch.cat([torch.arange(n) for n in news])  # (M,) index among the sequence's new positions
+    h = torch.cat([hidden[b][starts[b] :].float() for b in range(batch)])  # (M, input_dim)
+    pos = torch.cat([torch.arange(starts[b], totals[b]) for b in range(batch)])
     h = h / h.norm(dim=-1, keepdim=True).clamp(min=1e-12) * math.sqrt(cfg.input_dim)  # as in forward
-    x = predictor.proj_in(h.to(dtype)) + predictor.pos_emb(torch.arange(start, total))  # (N, d_model)
+    dtype = predictor.proj_in.weight.dtype
+    x = predictor.proj_in(h.to(dtype)) + predictor.pos_emb(pos)  # (M, d_model)
+    start = torch.tensor(starts)
+    # query t of sequence b sits at position starts[b] + t and sees keys 0..starts[b] + t
+    allowed = torch.arange(longest)[None, None, :] <= (start[:, None] + torch.arange(width)[None, :])[..., None]
+    out = [PrefixState(list(seq)) for seq in ids]
     for i, layer in enumerate(predictor.layers):
-        x = x + _attention(layer, layer.norm1(x), out, i, start)
+        attn, heads = layer.self_attn, layer.self_attn.num_heads
+        e = x.shape[-1]
+        d = e // heads
+        qkv = torch.zeros((batch, width, 3 * e), dtype=x.dtype)
+        qkv[where_b, where_t] = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = (t.reshape(batch, width, heads, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, N, d)
+        keys = torch.zeros((batch, heads, longest, d))
+        values = torch.zeros((batch, heads, longest, d))
+        for b in range(batch):
+            if starts[b]:
+                keys[b, :, : starts[b]], values[b, :, : starts[b]] = states[b].keys[i], states[b].values[i]
+            keys[b, :, starts[b] : totals[b]] = k[b, :, : news[b]]
+            values[b, :, starts[b] : totals[b]] = v[b, :, : news[b]]
+            out[b].keys.append(keys[b, :, : totals[b]].clone())
+            out[b].values.append(values[b, :, : totals[b]].clone())
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(d)  # (B, heads, N, L)
+        weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+        mixed = (weights @ values).transpose(1, 2).reshape(batch, width, e)[where_b, where_t]  # (M, E)
+        x = x + attn.out_proj(mixed)
         x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
-    new_rows = predictor.proj_out(predictor.norm(x))  # (N, output_dim)
-    out.rows = new_rows if state.rows is None or start == 0 else torch.cat([state.rows, new_rows])
+    rows = predictor.proj_out(predictor.norm(x))  # (M, output_dim)
+    for b, new in enumerate(rows.split(news)):
+        old = states[b].rows
+        out[b].rows = new if old is None or starts[b] == 0 else torch.cat([old, new])
     return out

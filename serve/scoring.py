@@ -37,7 +37,7 @@ import torch
 from atu.export import load_export
 from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor
-from atu.predictor_cache import PrefixState, extend
+from atu.predictor_cache import PrefixState, extend_batch
 from serve.backends import BACKENDS, make_backend
 
 logger = logging.getLogger(__name__)
@@ -421,10 +421,12 @@ class Scorer:
             for b, h in zip(rest, got):
                 states[b] = h
         out: list[np.ndarray | None] = [None] * len(sequences)
-        if isinstance(self.predictor, EmbeddingPredictor):  # whose layers `extend` knows how to continue
-            for b, resume in enumerate(resumes):
-                if resume is not None:
-                    out[b] = self._extend_stream(resume, sequences[b], states[b])
+        streams = [b for b, r in enumerate(resumes) if r is not None]
+        if streams and isinstance(self.predictor, EmbeddingPredictor):  # whose layers `extend_batch` continues
+            rows = self._extend_streams([resumes[b] for b in streams], [sequences[b] for b in streams],
+                                        [states[b] for b in streams])  # fmt: skip
+            for b, r in zip(streams, rows):
+                out[b] = r
         batch = [b for b in range(len(sequences)) if out[b] is None]
         if batch:
             width = max(len(sequences[b]) for b in batch)
@@ -440,19 +442,22 @@ class Scorer:
                 self.rows_predicted += len(sequences[b])
         return out  # type: ignore[return-value]
 
-    def _extend_stream(self, resume: Resume, ids: list[int], states: np.ndarray) -> np.ndarray:
-        """The predictor's rows of a stream's sequence, computing only those past what it shares with the cached
-        state of its last scoring; the new state is cached unless this was the last scoring."""
-        cached = self._streams.pop(resume.key, None) or PrefixState()
-        shared = cached.common_prefix(ids)
-        state = extend(self.predictor, torch.from_numpy(states), cached.cut(shared), ids)
-        self.rows_predicted += len(ids) - shared
-        if not resume.final:
-            self._streams[resume.key] = state
-            total = sum(s.nbytes() for s in self._streams.values())
-            while total > STREAM_CACHE_BYTES and len(self._streams) > 1:
-                total -= self._streams.popitem(last=False)[1].nbytes()
-        return state.rows.float().numpy()
+    def _extend_streams(self, resumes: list[Resume], ids: list[list[int]], states: list[np.ndarray]):
+        """The predictor's rows of streams' sequences, in one pass that computes only the rows past what each
+        shares with the cached state of its last scoring; the new states are cached unless this was the last
+        scoring."""
+        cached = [self._streams.pop(r.key, None) or PrefixState() for r in resumes]
+        shared = [c.common_prefix(seq) for c, seq in zip(cached, ids)]
+        starts = [c.cut(n) for c, n in zip(cached, shared)]
+        new = extend_batch(self.predictor, [torch.from_numpy(h) for h in states], starts, ids)
+        self.rows_predicted += sum(len(seq) - n for seq, n in zip(ids, shared))
+        for r, state in zip(resumes, new):
+            if not r.final:
+                self._streams[r.key] = state
+        total = sum(s.nbytes() for s in self._streams.values())
+        while total > STREAM_CACHE_BYTES and len(self._streams) > 1:
+            total -= self._streams.popitem(last=False)[1].nbytes()
+        return [state.rows.float().numpy() for state in new]
 
     def _ranked(self, best: np.ndarray) -> np.ndarray:
         """Concept rows to report, score descending (ties: lower row first); all of them or the top_k."""
