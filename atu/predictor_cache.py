@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from atu.texts import common_prefix
+
 
 @dataclass
 class PrefixState:
@@ -28,11 +30,7 @@ class PrefixState:
 
     def common_prefix(self, ids: list[int]) -> int:
         """How many leading positions ``ids`` shares with the cached ones (their rows are reused as they are)."""
-        n = min(len(self.ids), len(ids))
-        for i in range(n):
-            if self.ids[i] != ids[i]:
-                return i
-        return n
+        return common_prefix(self.ids, ids)
 
     def cut(self, n: int) -> PrefixState:
         """The state of the first ``n`` positions."""
@@ -48,18 +46,13 @@ class PrefixState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def extend(predictor, hidden: torch.Tensor, state: PrefixState, ids: list[int]) -> PrefixState:
-    """The predictor's rows for the sequence ``ids`` whose layer states are ``hidden`` (T, input_dim), from
-    ``state``, the cached computation of some start of it (its ``len(state)`` first positions, which must equal the
-    first tokens of ``ids``). Returns the state of the whole sequence; ``.rows`` (T, output_dim) are its outputs,
-    equal (up to float rounding) to ``predictor(hidden[None])[0]``. Only ``T - len(state)`` rows are computed."""
-    return extend_batch(predictor, [hidden], [state], [ids])[0]
-
-
 @torch.inference_mode()
 def extend_batch(predictor, hidden: list[torch.Tensor], states: list[PrefixState], ids: list[list[int]]):
-    """``extend`` for several sequences in one pass: their new positions right-padded into one batch, each one's
-    cached keys and values laid before its new ones. Returns the states of the whole sequences."""
+    """The predictor's rows for each sequence ``ids[b]`` whose layer states are ``hidden[b]`` (T_b, input_dim), from
+    ``states[b]``, the cached computation of some start of it (its ``len(states[b])`` first positions, which must
+    equal the first tokens of ``ids[b]``). Returns the states of the whole sequences; ``.rows`` (T_b, output_dim)
+    equal (up to float rounding) ``predictor(hidden[b][None])[0]``, and only ``T_b - len(states[b])`` rows of each
+    are computed, all sequences in one pass."""
     cfg = predictor.config
     for h, s, seq in zip(hidden, states, ids):
         if h.shape[0] != len(seq) or len(seq) > cfg.max_len or s.ids != list(seq[: len(s)]):

@@ -23,6 +23,12 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int) -> tuple[torch.
     return input_ids, mask
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens the id lists ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def content_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
     """(B, T) bool: real tokens except BOS. BOS has one state for every text: pushing or scoring it says nothing
     about the text, and pushing it would harm all texts."""

@@ -23,7 +23,6 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,6 +34,8 @@ import torch
 from atu.errors import AtuError
 from atu.hidden import check_hook_layer, decoder_layers, hidden_at
 from atu.loading import load_lm
+from atu.texts import common_prefix
+from serve.stream_cache import StreamCache
 
 if TYPE_CHECKING:
     from atu.export import Export
@@ -126,7 +127,7 @@ class HFBackend(StateBackend):
         self.model, self.layer, self.device = model, layer, next(model.parameters()).device
         self.hidden_size = int(model.config.hidden_size)
         self.max_batch_tokens = max_batch_tokens
-        self._streams: OrderedDict[str, tuple[list[int], object, np.ndarray]] = OrderedDict()  # ids, cache, states
+        self._streams = StreamCache(STREAM_CACHE_BYTES)  # (ids, transformers cache, states) by stream key
         self.tokens_run = 0  # tokens the model ran over, over all calls
 
     def hidden_states(self, sequences: Sequence[Sequence[int]], captures=None) -> list[np.ndarray]:
@@ -152,8 +153,8 @@ class HFBackend(StateBackend):
         from transformers import DynamicCache
 
         ids = check_id_lists([ids])[0]
-        old_ids, cache, old = self._streams.pop(key, None) or ([], DynamicCache(), np.zeros((0, self.hidden_size)))
-        shared = next((i for i, (a, b) in enumerate(zip(old_ids, ids)) if a != b), min(len(old_ids), len(ids)))
+        old_ids, cache, old = self._streams.pop(key) or ([], DynamicCache(), np.zeros((0, self.hidden_size)))
+        shared = common_prefix(old_ids, ids)
         if shared == len(ids):  # nothing new; the model must still run over one token to give a state
             shared -= 1
         if cache.get_seq_length() > shared:
@@ -165,26 +166,15 @@ class HFBackend(StateBackend):
         self.tokens_run += len(ids) - shared
         states = np.concatenate([old[:shared], hidden]).astype(np.float32, copy=False)
         if not final:
-            self._streams[key] = (ids, cache, states)
-            self._evict()
+            layers = getattr(cache, "layers", [])
+            kv = sum(t.numel() * t.element_size() for la in layers for t in (la.keys, la.values) if t is not None)
+            self._streams.put(key, (ids, cache, states), kv + states.nbytes)
         return states
 
     @property
     def cached_streams(self) -> int:
         """How many streams' keys and values are kept."""
         return len(self._streams)
-
-    def _evict(self) -> None:
-        """Drop the least recently used streams' caches past ``STREAM_CACHE_BYTES``."""
-
-        def size(entry) -> int:
-            layers = getattr(entry[1], "layers", [])
-            kv = sum(t.numel() * t.element_size() for la in layers for t in (la.keys, la.values) if t is not None)
-            return kv + entry[2].nbytes
-
-        total = sum(size(e) for e in self._streams.values())
-        while total > STREAM_CACHE_BYTES and len(self._streams) > 1:
-            total -= size(self._streams.popitem(last=False)[1])
 
 
 class VLLMPoolingBackend(StateBackend):

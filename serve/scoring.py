@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor
 from atu.predictor_cache import PrefixState, extend_batch
 from serve.backends import BACKENDS, make_backend
+from serve.stream_cache import StreamCache
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Scorer:
         self._lock = threading.Lock()
         self.rows_scored = 0  # predictor rows compared with the concepts, over all calls
         self.rows_predicted = 0  # predictor rows computed, over all calls
-        self._streams: OrderedDict[str, PrefixState] = OrderedDict()  # by Resume.key, least recently used first
+        self._streams = StreamCache(STREAM_CACHE_BYTES)  # PrefixState by Resume.key
 
     # -- what the guard asks of the backend
 
@@ -446,17 +446,14 @@ class Scorer:
         """The predictor's rows of streams' sequences, in one pass that computes only the rows past what each
         shares with the cached state of its last scoring; the new states are cached unless this was the last
         scoring."""
-        cached = [self._streams.pop(r.key, None) or PrefixState() for r in resumes]
+        cached = [self._streams.pop(r.key) or PrefixState() for r in resumes]
         shared = [c.common_prefix(seq) for c, seq in zip(cached, ids)]
         starts = [c.cut(n) for c, n in zip(cached, shared)]
         new = extend_batch(self.predictor, [torch.from_numpy(h) for h in states], starts, ids)
         self.rows_predicted += sum(len(seq) - n for seq, n in zip(ids, shared))
         for r, state in zip(resumes, new):
             if not r.final:
-                self._streams[r.key] = state
-        total = sum(s.nbytes() for s in self._streams.values())
-        while total > STREAM_CACHE_BYTES and len(self._streams) > 1:
-            total -= self._streams.popitem(last=False)[1].nbytes()
+                self._streams.put(r.key, state, state.nbytes())
         return [state.rows.float().numpy() for state in new]
 
     def _ranked(self, best: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from atu.predictor import EmbeddingPredictor, PredictorConfig
-from atu.predictor_cache import PrefixState, extend, extend_batch
+from atu.predictor_cache import PrefixState, extend_batch
 
 
 @pytest.fixture
@@ -28,12 +28,12 @@ def test_growing_sequences_in_one_batch_match_the_full_forward(predictor):
 
 def test_a_changed_ending_is_computed_again_from_where_it_changed(predictor):
     h, ids = torch.randn(30, 24), list(range(30))
-    state = extend(predictor, h[:20], PrefixState(), ids[:20])
+    (state,) = extend_batch(predictor, [h[:20]], [PrefixState()], [ids[:20]])
     other = ids[:15] + [99] * 15  # the same first 15 tokens, then different ones
     h2 = torch.cat([h[:15], torch.randn(15, 24)])
     shared = state.common_prefix(other)
     assert shared == 15
-    got = extend(predictor, h2, state.cut(shared), other)
+    (got,) = extend_batch(predictor, [h2], [state.cut(shared)], [other])
     torch.testing.assert_close(got.rows, predictor(h2[None])[0].detach(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="cached start"):
-        extend(predictor, h2, state, other)  # the cached tokens are not a start of these
+        extend_batch(predictor, [h2], [state], [other])  # the cached tokens are not a start of these
