@@ -490,7 +490,13 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
     "--stream-score-every",
     default=8,
     show_default=True,
-    help="block: score a stream every N chunks (nothing unscored is sent).",
+    help="block: score a stream first after N chunks (nothing unscored is sent), then in groups twice the last.",
+)
+@click.option(
+    "--stream-score-max-every",
+    default=64,
+    show_default=True,
+    help="block: the largest group of chunks held before a scoring.",
 )
 @friendly
 def serve_cmd(
@@ -522,6 +528,7 @@ def serve_cmd(
     timeout,
     max_body_bytes,
     stream_score_every,
+    stream_score_max_every,
 ) -> None:
     """Serve EXPORT_DIR with vLLM behind the leakage guard (OpenAI-compatible); Ctrl-C stops both.
 
@@ -566,6 +573,7 @@ def serve_cmd(
             max_body_bytes=max_body_bytes,
             upstream_timeout=timeout,
             stream_score_every=stream_score_every,
+            stream_score_max_every=stream_score_max_every,
             audit_path=None if no_audit else str(audit_path),
             audit_store_text=store_text,
         )

@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import tempfile
 import threading
@@ -105,7 +106,8 @@ def markdown(res: dict) -> str:
         f"Export: `{res['export']}`; random prompts of {res['input_len']} tokens, {res['output_len']} output tokens; "
         f"{res['pairs']} bare/guarded pairs per level, alternating, one vLLM server. tok/s: median output tokens/s "
         "of the passes; ratio: median of the per-pair guarded/bare ratios (min, max, IQR of those ratios). CPU: "
-        "user+system ms per completed request, over each pass (median of the passes).",
+        "user+system ms per completed request, over each pass (median of the passes)."
+        + (f" Guard options: `{res['guard_args']}`." if res.get("guard_args") else ""),
         "",
         "| policy | requests | concurrency | bare tok/s | guarded tok/s | guarded/bare | min | max | IQR | target "
         "| guard CPU ms/req | vLLM CPU ms/req bare | vLLM CPU ms/req guarded | failed |",
@@ -369,6 +371,9 @@ def parse_args() -> argparse.Namespace:
         help="the guard's hidden states: recorded inside vLLM by the capture plugin (atu serve's default), or "
         "re-computed by transformers",
     )
+    ap.add_argument(
+        "--guard-args", default="", help="more `atu serve` options for the guard, e.g. '--stream-score-max-every 8'"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     if args.quick:
@@ -397,6 +402,7 @@ def main() -> None:
         "concurrency",
         "modes",
         "policies",
+        "guard_args",
     )
     res = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -410,7 +416,7 @@ def main() -> None:
     # One vLLM server for every target, started as `atu serve` starts it for the chosen backend: for capture, the
     # plugin on (it records only the requests the guard marks) and prefix caching off (random prompts share none).
     vllm_args, env = ["--served-model-name", MODEL_NAME], {}
-    guard_args = ["--model-name", MODEL_NAME, "--backend", cfg.backend]
+    guard_args = ["--model-name", MODEL_NAME, "--backend", cfg.backend, *shlex.split(cfg.guard_args)]
     if cfg.backend == "capture":
         capture_args, env = capture_vllm(cfg.export, sock)
         vllm_args += capture_args

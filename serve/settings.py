@@ -32,8 +32,12 @@ class GuardSettings:
     upstream_key: str | None = None  # sent to the upstream as "Authorization: Bearer <key>" (atu serve's own vLLM)
     upstream_timeout: float = 60.0  # seconds for a whole non-streamed upstream answer (or between stream chunks)
     connect_timeout: float = 5.0  # seconds to reach the upstream server; past it the guard answers 503
-    # Streams under "block": text is held back until scored, in groups of this many chunks (1 = every chunk).
+    # Streams under "block": text is held back until scored, first in groups of stream_score_every chunks (1 = every
+    # chunk), each group twice the last up to stream_score_max_every. A scoring's fixed cost (one predictor call per
+    # batch) then comes a logarithmic number of times for short streams, while the first bytes wait only for the
+    # first group; set both equal for groups of one size.
     stream_score_every: int = 8
+    stream_score_max_every: int = 64
     max_batch: int = 32  # scoring requests batched together in one model forward
     refusal: str = DEFAULT_REFUSAL  # what a blocked completion is replaced with
     audit_path: str | None = None  # SQLite audit log; None: no audit log
@@ -64,8 +68,8 @@ class GuardSettings:
             raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}.")
         if self.disclose not in DISCLOSURE:
             raise ConfigError(f"disclose must be one of {DISCLOSURE}, got {self.disclose!r}.")
-        ints = ("max_body_bytes", "stream_score_every", "max_batch", "max_concurrency", "max_n", "max_tokens")
-        for name in (*ints, "max_prompts", "max_scoring_queue"):
+        ints = ("max_body_bytes", "stream_score_every", "stream_score_max_every", "max_batch", "max_concurrency")
+        for name in (*ints, "max_n", "max_tokens", "max_prompts", "max_scoring_queue"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}.")

@@ -6,8 +6,11 @@ its audit record committed, and one more event carrying the ``leakage`` annotati
 unscored reaches the client, but it is never cut.)
 
 ``block``: no text reaches the client unscored. Events are held back and the text added since the last score is
-scored every ``stream_score_every`` content events (only the new windows: the predictor is causal, so the windows
-scored before keep their scores; see ``Scorer.score_batch``'s ``since``), and the whole completion at the end. A
+scored when a group of content events is complete: the first group is ``stream_score_every`` events, each next one
+twice the last, up to ``stream_score_max_every`` (only the new windows are scored: the predictor is causal, so the
+windows scored before keep their scores; see ``Scorer.score_batch``'s ``since``), and the whole completion at the
+end. Each scoring has a fixed cost beside its arithmetic, so growing groups keep a short stream's scorings few while
+its first bytes still wait for the first group only. A
 clean score releases what was held; a flagged one drops it and ends the stream with a ``content_filter`` event
 that carries the annotation of the whole text so far. Nothing is sent before the first clean score, so when the
 upstream or the scorer fails early the client still gets a proper 503/504.
@@ -142,6 +145,9 @@ class Relay:
         self.out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": ex.request_id})  # fmt: skip
         self.released = False  # the final scoring read (and released) the captured states
+        settings = ex.guard.settings
+        self.group = settings.stream_score_every  # content events held before the next scoring
+        self.max_group = max(settings.stream_score_every, settings.stream_score_max_every)
 
     async def send(self, data: bytes) -> None:
         ex = self.ex
@@ -192,7 +198,7 @@ class Relay:
                     continue
                 state.held.append(event)
                 state.unscored += got_text
-                if state.unscored >= ex.guard.settings.stream_score_every:
+                if state.unscored >= self.group:
                     outcome = await self._score_held(released)
                     if outcome is not None:
                         return outcome
@@ -220,6 +226,7 @@ class Relay:
                 await self.send(b"".join(released))
             return await self.finish(pol.CUT, await self._cut_reports(reports))
         state.mark_scored()
+        self.group = min(2 * self.group, self.max_group)
         released += state.held
         state.held.clear()
         return None

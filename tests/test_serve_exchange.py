@@ -154,6 +154,24 @@ def test_block_stream_scores_only_new_windows_and_still_cuts_a_late_leak(upstrea
     assert "Q" not in streamed_text(events, False) and events[-2]["leakage"]["action"] == "cut"
 
 
+@pytest.mark.parametrize("max_every, most", [(1, None), (64, 12)])
+def test_block_stream_groups_grow_so_scorings_stay_few(upstream, tmp_path, max_every, most):
+    """Groups of 1, 2, 4, ... up to max_every chunks: a 200-chunk stream is scored about log2(64) + 200 / 64 times,
+    and still cut with nothing of the leak sent; with max_every 1 it is scored at every chunk."""
+    upstream.chunks = ["abc "] * 200 + ["Quinn ", "x"]
+    scorer = toy_scorer({"Quinn": byte_id("Q")}, max_tokens=4096)
+    calls = []
+    states = scorer.backend.hidden_states
+    scorer.backend.hidden_states = lambda seqs, captures=None: calls.append(len(seqs)) or states(seqs, captures)
+    settings = dict(policy="block", stream_score_every=1, stream_score_max_every=max_every)
+    with guard(upstream, tmp_path, scorer, **settings) as (base, path):
+        events = sse_events(ask(base, stream=True)[2])
+    assert "Q" not in streamed_text(events, False) and events[-2]["leakage"]["action"] == "cut"
+    assert streamed_text(events, False).startswith("abc abc")  # clean groups were released before the cut
+    assert len(calls) >= 202 if most is None else 6 <= len(calls) <= most
+    assert actions(path) == ["cut"]
+
+
 # -- failures ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stream", [False, True])
 def test_upstream_refusal_is_passed_on_and_its_failure_is_a_502(upstream, tmp_path, stream):
