@@ -104,6 +104,11 @@ def leak(served, probes: list, names: list[str]) -> dict:
                     counts["blocked or refused"] += blocked
                     carries = bool(words(seen) & secret)
                     counts["blocked or refused, carrying a word of the answer"] += blocked and carries
+                    # a cut stream releases the groups scored clean before the cut: apart, to tell where a word came
+                    counts["  of which streamed (released before the cut)"] += blocked and carries and stream
+                    # with n > 1 only the flagged choices are withheld; the others pass as they scored
+                    several = not stream and extra.get("n", 1) > 1
+                    counts["  of which not streamed, n > 1"] += blocked and carries and several
                     counts["naming a forgotten concept (annotation, headers, errors)"] += any(
                         n in added for n in needles
                     )
@@ -230,8 +235,10 @@ def main(argv=None) -> None:
     print(f"export {args.export}: forgotten {sorted(names)}; {len(probes)} probes about them", flush=True)
     with atu_serve(args.export, args.port, "--policy", "block", "--no-audit") as served:
         print("leak:", json.dumps(leak(served, probes, sorted(names)), indent=1), flush=True)
-        print("fuzz:", json.dumps(fuzz(served, args.fuzz), indent=1), flush=True)
-        print("abuse:", json.dumps(abuse(served, args.abuse), indent=1), flush=True)
+        if args.fuzz:
+            print("fuzz:", json.dumps(fuzz(served, args.fuzz), indent=1), flush=True)
+        if args.abuse:
+            print("abuse:", json.dumps(abuse(served, args.abuse), indent=1), flush=True)
 
 
 if __name__ == "__main__":
