@@ -7,13 +7,14 @@ Nothing here reads evaluation probes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from atu.hidden import hidden_at
 from atu.losses import concept_similarity
-from atu.texts import content_mask, perplexity, tokenize_texts
+from atu.texts import content_mask, perplexity, token_nll, tokenize_texts
 from atu.unlearn import ForgetBatch
 
 # Held-out forget perplexity must rise this many points more than the retain perplexity for a run to count as
@@ -62,6 +63,7 @@ class HeldOut:
 
     forget: list[tuple[torch.Tensor, torch.Tensor]]  # token batches of held-out texts about forgotten concepts
     retain: list[tuple[torch.Tensor, torch.Tensor]]  # token batches of held-out retain texts (the stop signal's)
+    retain_keep: list[torch.Tensor] | None = None  # per retain batch, the positions the budget reads (None: all)
 
     @classmethod
     def build(cls, forget_texts: list[str], retain_texts: list[str], tokenizer, max_length: int) -> HeldOut:
@@ -70,8 +72,17 @@ class HeldOut:
 
         return cls(batches(forget_texts), batches(retain_texts))
 
+    def keep_predictable(self, model, min_prob: float) -> float:
+        """From now on the retain perplexity reads only the tokens ``model`` gives at least ``min_prob``: what it
+        knows of the retained texts, not the tokens it cannot predict at all, whose perplexity a small change to
+        the model moves either way. Returns the share of tokens kept."""
+        nll = token_nll(model, self.retain)
+        self.retain_keep = [(n <= -math.log(min_prob)) & attn[:, 1:].bool() for n, (_, attn) in zip(nll, self.retain)]
+        real = sum(int(attn[:, 1:].sum()) for _, attn in self.retain)
+        return sum(int(k.sum()) for k in self.retain_keep) / max(real, 1)
+
     def retain_perplexity(self, model) -> float:
-        return perplexity(model, self.retain)
+        return perplexity(model, self.retain, self.retain_keep)
 
     def forget_perplexity(self, model) -> float | None:
         """None when there are no held-out forget texts."""

@@ -257,6 +257,13 @@ class _Schedule:
         model, params = make_trainable(model, layer, ucfg)
         dist.broadcast_(params.values())  # LoRA's adapters start random
         with self.view(model):
+            if ucfg.budget_min_prob > 0 and dist.main:
+                share = held.keep_predictable(model, ucfg.budget_min_prob)
+                self.log({"event": "budget_tokens", "min_prob": ucfg.budget_min_prob, "share": share})
+                if share == 0:
+                    logger.warning("no held-out retain token has probability >= %s: the budget reads every token",
+                                   ucfg.budget_min_prob)  # fmt: skip
+                    held.retain_keep = None
             before = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)  # the first one decides
             forget_before = held.forget_perplexity(model) if dist.main else None
         return _Stages(model, params, layer, start.data, rows, start.vectors, batches, retain, held, plan,

@@ -43,8 +43,29 @@ def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
 
 
-def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Token-weighted perplexity over fixed batches (a validation or evaluation signal)."""
+def token_nll(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per batch, (B, T-1) next-token NLL of every position (0 at padding), on the CPU, the model in eval mode."""
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for ids, attn in batches:
+            ids, attn = ids.to(device), attn.to(device)
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out.append((nll * attn[:, 1:]).cpu())
+    model.train(was_training)
+    return out
+
+
+def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]], keep: list | None = None) -> float:
+    """Token-weighted perplexity over fixed batches (a validation or evaluation signal); ``keep``: per batch, (B, T-1)
+    bool of the next-token positions that count (default: every real token)."""
+    if keep is not None:
+        nll = token_nll(model, batches)
+        total = sum(float(n[k].sum()) for n, k in zip(nll, keep))
+        return math.exp(total / max(sum(int(k.sum()) for k in keep), 1))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training

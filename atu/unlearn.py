@@ -90,6 +90,10 @@ class UnlearnConfig:
     retain_similarity_margin: float = 0.0  # a retain position's cosine may move this far before the term counts it
     retain_pool: int = 512  # retain texts the retain term cycles through (their reference states are kept in memory)
     retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
+    # The budget's perplexity over only the held-out retain tokens the original model gives at least this probability
+    # (0: every token). A small model cannot predict most tokens of phrasings it never saw; their perplexity moves a
+    # lot either way with any change to the model and says nothing of what it knows.
+    budget_min_prob: float = 0.0
     # A stage that breaks the budget is undone and tried again, this many times, before the schedule stops: with a
     # placed schedule at half the step down (and the steps after it halved too), else at half the learning rate
     # (which stays halved for the stages after it).
@@ -134,6 +138,8 @@ class UnlearnConfig:
                 "unlearn.extra_stages and progress_min must be >= 0 and progress_patience >= 1, got "
                 f"{self.extra_stages}, {self.progress_min}, {self.progress_patience}"
             )
+        if not 0 <= self.budget_min_prob < 1:
+            raise ConfigError(f"unlearn.budget_min_prob must be in [0, 1), got {self.budget_min_prob}")
         if not self.stage_epochs > 0 or self.budget_retries < 0:
             raise ConfigError(
                 f"unlearn.stage_epochs must be > 0 and budget_retries >= 0, got {self.stage_epochs}, "

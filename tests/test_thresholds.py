@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atu.errors import ConfigError
 from atu.progress import FORGET_MARGIN, forgetting_verdict
 from atu.thresholds import place_thresholds, quantile
 
@@ -142,3 +143,42 @@ def test_refining_a_stage_halves_the_step_from_there_on_and_keeps_the_floor():
     assert past.stage(7) is not None and past.stage(8) is None  # the two stages left (4, 5) are four half ones
     with pytest.raises(ValueError):
         Plan(list(p.taus), ["name"], None).refine(0)  # the absolute schedule halves the rate instead
+
+
+class Bigram(torch.nn.Module):
+    """A language model whose next-token logits are a table row of the current token: each probability is known."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_the_budget_can_read_only_the_tokens_the_model_could_predict():
+    from atu.progress import HeldOut
+
+    table = torch.zeros(5, 5)
+    table[1, 2] = 6.0  # after 1 comes 2 with p ~ 0.94; every other next token is uniform (p 0.2)
+    ids = torch.tensor([[1, 2, 3, 1, 2, 0], [4, 1, 2, 4, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    held = HeldOut([], [(ids, attn)])
+    model = Bigram(table.clone())
+    full = held.retain_perplexity(model)
+    assert held.keep_predictable(model, 0.5) == pytest.approx(3 / 8)  # the three 1 -> 2 of the eight next tokens
+    p12 = torch.softmax(table[1], 0)[2]
+    assert held.retain_perplexity(model) == pytest.approx(float(1 / p12), rel=1e-5)
+    with torch.no_grad():  # a change to what the model could never predict moves only the full perplexity
+        model.table[3] = torch.tensor([0.0, 0.0, 0.0, 0.0, 3.0])
+        model.table[4, 0] = -2.0
+    assert held.retain_perplexity(model) == pytest.approx(float(1 / p12), rel=1e-5)
+    assert HeldOut([], [(ids, attn)]).retain_perplexity(model) != pytest.approx(full, rel=1e-3)
+    with torch.no_grad():  # and a change to what it could predict moves the budget's perplexity
+        model.table[1, 2] = 2.0
+    assert held.retain_perplexity(model) > 1.5 / p12
+    from atu.unlearn import UnlearnConfig
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="budget_min_prob"):
+            UnlearnConfig(budget_min_prob=bad)
