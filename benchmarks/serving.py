@@ -39,6 +39,7 @@ import statistics
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from functools import partial
@@ -232,8 +233,11 @@ def complete(url: str, prompt, max_tokens: int, timeout: float = 300.0) -> dict:
     req = urllib.request.Request(
         url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:  # say why: the body holds the guard's or vLLM's reason
+        raise RuntimeError(f"{url}: HTTP {e.code}: {e.read()[:1000]!r}") from None
 
 
 def closed_loop(url: str, prompts: list, concurrency: int, max_tokens: int) -> dict:
@@ -430,7 +434,12 @@ def main() -> None:
             args = [*guard_args, "--upstream", bare.url, "--policy", policy, "--audit", audit]
             with atu_serve(cfg.export, free_port(), *args) as served:
                 urls = {"bare": bare.url, "guarded": served.guard_url}
-                rows, res["single"][policy] = bench_policy(cfg, policy, urls, {"guard": served.pid, "vllm": bare.pid})
+                try:
+                    rows, res["single"][policy] = bench_policy(cfg, policy, urls, {"guard": served.pid,
+                                                                                  "vllm": bare.pid})  # fmt: skip
+                except Exception:
+                    print("the guard's last output:\n" + "\n".join(served.output[-40:]), flush=True)
+                    raise
                 res["rows"] += rows
     res["wall_seconds"] = round(time.time() - t0, 1)
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from serve.responses import UpstreamError
 from serve.settings import GuardSettings
 
 DONE = "[DONE]"  # the literal that ends an OpenAI stream
+KEEPALIVE_SECONDS = 3.0  # an idle connection to vLLM is kept this long for the next request
 
 
 class Upstream:
@@ -25,7 +26,9 @@ class Upstream:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)  # concurrency is the client's to choose
+        # concurrency is the client's to choose. Idle connections are dropped before the server's own keep-alive
+        # (uvicorn's 5 s, vLLM's default) closes them, so that a request is not sent on a connection being closed.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_SECONDS)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
     async def close(self) -> None:
@@ -73,10 +76,18 @@ class Upstream:
         if self.settings.upstream_key:
             headers["Authorization"] = f"Bearer {self.settings.upstream_key}"
         url = self.settings.upstream_url + path
-        try:
-            return await self.session.request(method, url, data=body, headers=headers, timeout=self._timeout(stream))
-        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
-            raise self.failure(e, "open") from None
+        for attempt in range(2):
+            try:
+                return await self.session.request(
+                    method, url, data=body, headers=headers, timeout=self._timeout(stream)
+                )
+            except aiohttp.ServerDisconnectedError as e:
+                # Closed before any answer: a reused keep-alive connection the server was closing as the request
+                # went out, which it never read. Sent once more, on a fresh connection.
+                if attempt:
+                    raise self.failure(e, "open") from None
+            except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+                raise self.failure(e, "open") from None
 
     async def read(self, resp: aiohttp.ClientResponse) -> bytes:
         """The whole body of an open response."""

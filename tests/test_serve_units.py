@@ -309,3 +309,43 @@ def test_guard_sends_its_upstream_key_and_never_the_clients():
         loop.call_soon_threadsafe(loop.stop)
     assert seen == ["Bearer run-key"]
     assert "run-key" not in json.dumps(settings.public_dict())
+
+
+def test_upstream_sends_again_once_when_the_server_closes_before_answering():
+    """A connection closed before any answer (a keep-alive connection the server was closing) is retried once on a
+    fresh one; a server that always does so is a 503."""
+    from serve.metrics import GuardMetrics
+    from serve.responses import UpstreamError
+    from serve.upstream import Upstream
+
+    async def main(closes: int):
+        seen = []
+
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            seen.append(1)
+            if len(seen) <= closes:  # read the request, answer nothing, hang up
+                writer.close()
+                return
+            body = b'{"ok": true}'
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))  # fmt: skip
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        up = Upstream(GuardSettings(f"http://127.0.0.1:{port}", port=0), GuardMetrics())
+        await up.start()
+        try:
+            return await up.call("POST", "/v1/completions", b"{}"), len(seen)  # aiohttp itself retries only a GET
+        except UpstreamError as e:
+            return e, len(seen)
+        finally:
+            await up.close()
+            server.close()
+
+    (status, raw), tries = asyncio.run(main(closes=1))
+    assert status == 200 and raw == b'{"ok": true}' and tries == 2
+    err, tries = asyncio.run(main(closes=5))
+    assert isinstance(err, UpstreamError) and err.status == 503 and tries == 2
