@@ -60,7 +60,7 @@ class RunResult:
     hook_layer: int
     stop_reason: str
     processes: int  # data-parallel processes that shared the alignment and unlearning steps
-    stages: list[dict]  # per kept stage: stage, tau, rise, val_ppl, heldout_forget_ppl_ratio, refines, stage_seconds
+    stages: list[dict]  # per kept stage: stage, tau, steps, rise, val_ppl, heldout_forget_ppl_ratio, refines, seconds
     align: dict  # the initial alignment's metrics
     final_thresholds: list[float]
     forgetting: dict  # whether held-out texts about the concepts were forgotten
@@ -73,7 +73,7 @@ class RunResult:
 
     @classmethod
     def of(cls, data: RunData, result: ScheduleResult, processes: int) -> RunResult:
-        keys = ("stage", "tau", "rise", "val_ppl", "heldout_forget_ppl_ratio", "refines", "stage_seconds")
+        keys = ("stage", "tau", "steps", "rise", "val_ppl", "heldout_forget_ppl_ratio", "refines", "stage_seconds")
         stages = [{k: s.get(k) for k in keys} for s in result.stages]
         return cls(
             data.forget, result.hook_layer, result.stop_reason, processes, stages, result.align_metrics,

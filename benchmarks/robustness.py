@@ -137,7 +137,7 @@ def unlearn_all(plan: Plan, methods, forget: list[str], seed: int, out: str) -> 
         raw["out"] = str(Path(out) / "quant_aware")
         q = run_atu(RunConfig.from_dict(raw, "benchmark config"), progress=False, export=True)
         models["atu-q4"] = load_lm(Path(q["export"]) / "model")[0]
-    steps = len(summary["stages"]) * cfg.unlearn.steps_per_stage
+    steps = sum(s["steps"] for s in summary["stages"])  # the optimizer steps of the stages ATU kept
     world = build_world(plan.unlearning().world())
     data = load_run_data(cfg, {k: str(world.path(v)) for k, v in WORLD_FILES.items()})
     for method in [m for m in methods if m not in ("atu", "atu-q4")]:
