@@ -92,8 +92,9 @@ class UnlearnConfig:
     retain_budget: float = 0.10  # stop when held-out retain perplexity rises by more than this fraction
     # The budget's perplexity over only the held-out retain tokens the original model gives at least this probability
     # (0: every token). A small model cannot predict most tokens of phrasings it never saw; their perplexity moves a
-    # lot either way with any change to the model and says nothing of what it knows.
-    budget_min_prob: float = 0.0
+    # lot either way with any change to the model and says nothing of what it knows. The progress signal reads the
+    # same perplexity.
+    budget_min_prob: float = 0.1
     # A stage that breaks the budget is undone and tried again, this many times, before the schedule stops: with a
     # placed schedule at half the step down (and the steps after it halved too), else at half the learning rate
     # (which stays halved for the stages after it).
