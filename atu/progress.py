@@ -75,11 +75,12 @@ class HeldOut:
     def keep_predictable(self, model, min_prob: float) -> float:
         """From now on the retain perplexity reads only the tokens ``model`` gives at least ``min_prob``: what it
         knows of the retained texts, not the tokens it cannot predict at all, whose perplexity a small change to
-        the model moves either way. Returns the share of tokens kept."""
+        the model moves either way. Returns the share of tokens kept; when it is 0, every token stays counted."""
         nll = token_nll(model, self.retain)
-        self.retain_keep = [(n <= -math.log(min_prob)) & attn[:, 1:].bool() for n, (_, attn) in zip(nll, self.retain)]
-        real = sum(int(attn[:, 1:].sum()) for _, attn in self.retain)
-        return sum(int(k.sum()) for k in self.retain_keep) / max(real, 1)
+        keep = [(n <= -math.log(min_prob)) & attn[:, 1:].bool() for n, (_, attn) in zip(nll, self.retain)]
+        kept = sum(int(k.sum()) for k in keep)
+        self.retain_keep = keep if kept else None
+        return kept / max(sum(int(attn[:, 1:].sum()) for _, attn in self.retain), 1)
 
     def retain_perplexity(self, model) -> float:
         return perplexity(model, self.retain, self.retain_keep)

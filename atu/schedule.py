@@ -263,7 +263,6 @@ class _Schedule:
                 if share == 0:
                     logger.warning("no held-out retain token has probability >= %s: the budget reads every token",
                                    ucfg.budget_min_prob)  # fmt: skip
-                    held.retain_keep = None
             before = dist.from_main(held.retain_perplexity(model) if dist.main else 0.0)  # the first one decides
             forget_before = held.forget_perplexity(model) if dist.main else None
         return _Stages(model, params, layer, start.data, rows, start.vectors, batches, retain, held, plan,

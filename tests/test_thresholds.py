@@ -177,6 +177,8 @@ def test_the_budget_can_read_only_the_tokens_the_model_could_predict():
     with torch.no_grad():  # and a change to what it could predict moves the budget's perplexity
         model.table[1, 2] = 2.0
     assert held.retain_perplexity(model) > 1.5 / p12
+    assert held.keep_predictable(model, 0.99) == 0  # nothing that sure: the budget reads every token again
+    assert held.retain_perplexity(model) == pytest.approx(HeldOut([], [(ids, attn)]).retain_perplexity(model))
     from atu.unlearn import UnlearnConfig
 
     for bad in (-0.1, 1.0):
