@@ -439,6 +439,14 @@ def check_vllm_cmd(export_dir: Path, probes: Path | None, count: int) -> None:
     show_default=True,
     help="monitor only: pass (open) or refuse with 503 (closed) a completion that could not be scored.",
 )
+@click.option(
+    "--flag-scope",
+    type=click.Choice(["completion", "exchange"]),
+    default="completion",
+    show_default=True,
+    help="What the policy acts on: concepts in the completion, or in the prompt or the completion (exchange: any "
+    "answer to a question about a forgotten concept is flagged; the second line behind a model that may still leak).",
+)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: $ATU_API_KEY, or none).")
 @click.option(
     "--disclose",
@@ -510,6 +518,7 @@ def serve_cmd(
     model_name,
     policy,
     on_scoring_error,
+    flag_scope,
     api_key,
     disclose,
     operator_key,
@@ -560,6 +569,7 @@ def serve_cmd(
             host=host,
             port=port,
             policy=policy,
+            flag_scope=flag_scope,
             on_scoring_error=on_scoring_error,
             api_key=api_key or envs.api_key(),
             disclose=disclose,
@@ -785,7 +795,8 @@ def _print_guard(label: str, g: dict) -> None:
     for source, r in g.items():
         click.echo(
             f"  guard ({source} states) on {label}: caught {_fmt(r['catch_rate'], '.2f')} of {r['leaks']} leaking "
-            f"answers, false flags {_fmt(r['false_flag_rate'], '.3f')} of {r['others']} others"
+            f"answers, false flags {_fmt(r['false_flag_rate'], '.3f')} of {r['others']} others; counting the "
+            f"question's flags: {_fmt(r.get('exchange_catch_rate'), '.2f')}, {_fmt(r.get('exchange_false_flag_rate'))}"
         )
 
 

@@ -328,6 +328,8 @@ def render_robustness(name: str, d: dict) -> str:
         ("method", (0,)), ("precision", (1,)), ("forget ratio", (2, "forget_ratio")),
         ("retain ratio", (2, "retain_ratio")), ("guard catch (own states)", (2, "guard", "own", "catch_rate")),
         ("false flags (own)", (2, "guard", "own", "false_flag_rate")),
+        ("catch, question's flags counted (own)", (2, "guard", "own", "exchange_catch_rate")),
+        ("false flags, same", (2, "guard", "own", "exchange_false_flag_rate")),
         ("catch (attacked states)", (2, "guard", "attacked", "catch_rate")),
         ("false flags (attacked)", (2, "guard", "attacked", "false_flag_rate")),
         ("leaking answers", (2, "guard", "own", "leaks")),

@@ -34,6 +34,7 @@ class Exchange:
         self.request_id: str = request[REQUEST_ID]
         self.policy = guard.settings.policy
         self.block = self.policy == "block"
+        self.scope = guard.settings.flag_scope
         self.hold = not guard.settings.fail_open  # nothing unscored may reach the client
         self.started = time.perf_counter()
         self.upstream_s: float | None = None  # until the whole answer was read; None: until the record
@@ -50,6 +51,10 @@ class Exchange:
             return await self.guard.score(pairs, captures, since)
         finally:
             self.scoring_s += time.perf_counter() - start
+
+    def flagged(self, reports: list) -> bool:
+        """Whether any choice's report flags the exchange under the guard's flag scope."""
+        return any(pol.is_flagged(r, self.scope) for r in reports)
 
     def scoring_failed(self, exc: Exception) -> str:
         """Count and log a scoring failure; the error the record and the annotation carry."""
@@ -115,9 +120,9 @@ async def answer(ex: Exchange, raw: bytes) -> web.Response:
         reports, error = [], ex.scoring_failed(e)
         if ex.hold:
             return await ex.fail_closed(pairs, error)
-    action = pol.ERROR if error else pol.decide(ex.policy, any(r.flagged for r in reports))
+    action = pol.ERROR if error else pol.decide(ex.policy, ex.flagged(reports))
     if action == pol.BLOCKED:
-        body, blocked = pol.block_choices(body, reports, guard.settings.refusal, ex.req.chat)
+        body, blocked = pol.block_choices(body, reports, guard.settings.refusal, ex.req.chat, ex.scope)
     leak, body["leakage"] = await ex.conclude(action, pairs, reports, error, blocked)
     return web.json_response(body, headers=client_headers(leak, guard.settings.disclose, ex.request_id))
 

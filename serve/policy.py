@@ -7,8 +7,9 @@ Policies:
   ``"content_filter"``); the ``leakage`` object says which concepts and where. A stream is cut: the text held
   back since the last clean score is dropped and the stream ends with a final event carrying the annotation.
 
-Blocking acts on the completion. The prompt is scored too and its flags are annotated and counted (an extraction
-attempt is worth knowing about), but a question alone is not refused: the answer may well not leak.
+By default (flag scope ``completion``) the policy acts on the completion. The prompt is scored too and its flags are
+annotated and counted (an extraction attempt is worth knowing about), but a question alone is not refused: the answer
+may well not leak. With flag scope ``exchange`` a flag in the prompt counts as one in the completion.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 PASSED, ANNOTATED, BLOCKED, CUT, ERROR = "passed", "annotated", "blocked", "cut", "error"
+
+
+def is_flagged(report: Any, scope: str = "completion") -> bool:
+    """Whether a scorer report makes its exchange flagged under ``scope`` ("completion" or "exchange")."""
+    return bool(report.flagged) or (scope == "exchange" and bool(report.prompt_flagged))
 
 
 def decide(policy: str, flagged: bool, *, stream: bool = False) -> str:
@@ -101,14 +107,16 @@ def refused_choice(index: int, refusal: str, chat: bool) -> dict:
     return {"index": index, **body, "logprobs": None, "finish_reason": "content_filter"}
 
 
-def block_choices(body: dict, reports: Sequence[Any], refusal: str, chat: bool) -> tuple[dict, list[bool]]:
-    """A copy of a response body with every flagged choice rebuilt as a refusal; and which choices were."""
+def block_choices(
+    body: dict, reports: Sequence[Any], refusal: str, chat: bool, scope: str = "completion"
+) -> tuple[dict, list[bool]]:
+    """A copy of a response body with every choice flagged under ``scope`` rebuilt as a refusal; and which were."""
     out = copy.deepcopy(body)
     blocked = []
     choices = out.get("choices", [])
     for i, (choice, report) in enumerate(zip(choices, reports)):
-        blocked.append(bool(report.flagged))
-        if report.flagged:
+        blocked.append(is_flagged(report, scope))
+        if blocked[-1]:
             index = choice.get("index", i) if isinstance(choice.get("index", i), int) else i
             choices[i] = refused_choice(index, refusal, chat)
     return out, blocked

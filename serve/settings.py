@@ -12,6 +12,9 @@ ON_SCORING_ERROR = ("open", "closed")
 # What a client learns about the scoring (serve/disclose.py): "action" (the action and whether anything was flagged),
 # "scores" (also each choice's highest score), "full" (also concept names, scores, thresholds, positions, excerpts).
 DISCLOSURE = ("action", "scores", "full")
+# What a flag is taken from: "completion" (a concept crossed its threshold in the generated text) or "exchange" (in
+# the prompt or the completion: an answer to a question about a forgotten concept is blocked whatever it says).
+FLAG_SCOPES = ("completion", "exchange")
 DEFAULT_REFUSAL = "I can't help with that."
 
 
@@ -25,6 +28,10 @@ class GuardSettings:
     # "monitor": pass completions through and annotate them; "block": replace a flagged completion with a refusal
     # and cut a flagged stream. Block always fails closed: text that could not be scored never reaches the client.
     policy: str = "monitor"
+    # "completion": the policy acts on what the model generated; the prompt's flags are annotated and counted.
+    # "exchange": it acts on the prompt's flags too, the setting for a second line behind a model that may still
+    # answer about a forgotten concept (the completion alone often does not say whom it is about).
+    flag_scope: str = "completion"
     # Monitor only: when scoring fails, "open" passes the completion with an error annotation, "closed" answers 503.
     on_scoring_error: str = "open"
     api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer <key>"
@@ -62,6 +69,8 @@ class GuardSettings:
         self.upstream_url = self.upstream_url.rstrip("/")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}.")
+        if self.flag_scope not in FLAG_SCOPES:
+            raise ConfigError(f"flag_scope must be one of {FLAG_SCOPES}, got {self.flag_scope!r}.")
         if self.on_scoring_error not in ON_SCORING_ERROR:
             raise ConfigError(f"on_scoring_error must be one of {ON_SCORING_ERROR}, got {self.on_scoring_error!r}.")
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:

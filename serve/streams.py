@@ -43,7 +43,7 @@ class StreamState:
         self.prompt_ids: dict[int, list[int]] = {}
         self.completion_ids: dict[int, list[int]] = {}
         self.texts: dict[int, str] = {}
-        self.scored: dict[int, int] = {}  # characters of each choice's text that a clean score covered
+        self.scored: dict[int, int] = {}  # characters of each choice's text a clean score covered; {} before the first
         self.template: dict | None = None  # the first event: id, created, model for the events we add
         self.held: list[bytes] = []
         self.unscored = 0  # content events held since the last score
@@ -76,15 +76,16 @@ class StreamState:
         return [(prompts[i], self.texts.get(i, "")) for i in range(n_choices)]
 
     def since(self, final: bool = False) -> list[Resume]:
-        """Per choice, how much of its text a clean score covered (the scorer scores only what follows; ``final``:
-        all of it, the stream's last scoring), and where the scorer keeps the predictor's work on it."""
+        """Per choice, how much of its text a clean score covered (the scorer scores only what follows; None before
+        the first score, which takes the prompt too; ``final``: all of it, the stream's last scoring), and where the
+        scorer keeps the predictor's work on it."""
         n = len(self.pairs())
         if final:
             return [Resume(f"{self.key}/{i}", None, final=True) for i in range(n)]
-        return [Resume(f"{self.key}/{i}", self.scored.get(i, 0)) for i in range(n)]
+        return [Resume(f"{self.key}/{i}", self.scored.get(i)) for i in range(n)]
 
     def mark_scored(self) -> None:
-        self.scored = {i: len(text) for i, text in self.texts.items()}
+        self.scored = {i: len(text) for i, (_, text) in enumerate(self.pairs())}
 
     def captures(self, final: bool) -> list | None:
         """Per choice, what the capture backend needs (``final``: the plugin may then forget the states)."""
@@ -220,7 +221,7 @@ class Relay:
                 await self.send(b"".join(released))
             return await self._fail(e)
         state.unscored = 0
-        if self.ex.block and any(r.flagged for r in reports):
+        if self.ex.block and self.ex.flagged(reports):
             state.held.clear()
             if released:
                 await self.send(b"".join(released))
@@ -246,7 +247,7 @@ class Relay:
             reports = await self.score(final=True)
         except Exception as e:
             return await self._fail(e)
-        flagged = any(r.flagged for r in reports)
+        flagged = self.ex.flagged(reports)
         if self.ex.block and flagged:
             state.held.clear()
         if state.held:

@@ -50,14 +50,20 @@ def test_recovery_is_the_share_of_the_removed_recall_that_comes_back():
 
 def test_catch_rates_count_leaks_and_false_flags():
     rows = [
-        {"forgotten": True, "recall": 1.0, "flagged_own": True},
-        {"forgotten": True, "recall": LEAK_RECALL, "flagged_own": False},
+        {"forgotten": True, "recall": 1.0, "flagged_own": True, "prompt_flagged_own": True},
+        {"forgotten": True, "recall": LEAK_RECALL, "flagged_own": False, "prompt_flagged_own": True},
         {"forgotten": True, "recall": 0.0, "flagged_own": True},  # flagged, but leaks nothing
         {"forgotten": False, "recall": 1.0, "flagged_own": True},
+        {"forgotten": False, "recall": 1.0, "flagged_own": False, "prompt_flagged_own": True},
         *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(3)),
     ]
     got = catch_rates(rows, "own")
-    assert got == {"leaks": 2, "catch_rate": 0.5, "flag_rate_forgotten": 2 / 3, "others": 4, "false_flag_rate": 0.25}
+    assert got == {
+        "leaks": 2, "others": 5,
+        "catch_rate": 0.5, "flag_rate_forgotten": 2 / 3, "false_flag_rate": 0.2,
+        # the question's flag catches the second leak, and flags one more of the others' answers
+        "exchange_catch_rate": 1.0, "exchange_flag_rate_forgotten": 1.0, "exchange_false_flag_rate": 0.4,
+    }  # fmt: skip
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 from serve_helpers import FakeOpenAI, http, sse_events
 from toy_scorer import ByteTokenizer, byte_id, toy_scorer
 
+from atu.errors import ConfigError
 from serve.app import Guard
 from serve.audit import AuditLog, read_records
 from serve.launch import guard_in_thread
@@ -170,6 +171,32 @@ def test_block_stream_groups_grow_so_scorings_stay_few(upstream, tmp_path, max_e
     assert streamed_text(events, False).startswith("abc abc")  # clean groups were released before the cut
     assert len(calls) >= 202 if most is None else 6 <= len(calls) <= most
     assert actions(path) == ["cut"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("scope", ["completion", "exchange"])
+def test_flag_scope_exchange_blocks_a_clean_answer_to_a_flagged_question(upstream, tmp_path, stream, scope):
+    """A question about the concept with an answer that does not name it: passed under the completion scope, refused
+    (nothing of the answer sent) under the exchange scope."""
+    with guard(upstream, tmp_path, policy="block", flag_scope=scope) as (base, path):
+        status, _, out = ask(base, stream=stream, prompt="Tell me of Quinn's town.")
+    assert status == 200
+    if stream:
+        events = sse_events(out)
+        text, leak = streamed_text(events, False), events[-2]["leakage"]
+    else:
+        text, leak = out["choices"][0]["text"], out["leakage"]
+    assert leak["prompt_flagged"] == ["Quinn"] and leak["flagged"] == []
+    if scope == "completion":
+        assert text == "".join(CLEAN) and leak["action"] == "passed" and actions(path) == ["passed"]
+    else:
+        assert "story" not in text and "town" not in text
+        assert leak["action"] == ("cut" if stream else "blocked") and actions(path) == [leak["action"]]
+
+
+def test_flag_scope_is_checked():
+    with pytest.raises(ConfigError, match="flag_scope must be one of"):
+        GuardSettings(upstream_url="http://127.0.0.1:1", flag_scope="prompt")
 
 
 # -- failures ------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ each (chat prompt, completion) pair. Hidden states come from one of two places, 
 
 An answer about a forgotten concept leaks when its ROUGE-L recall of the true answer is at least ``LEAK_RECALL``;
 the catch rate is the share of leaking answers in which the guard flags a forgotten concept in the completion, the
-false-flag rate the same share over the answers about everyone else.
+false-flag rate the same share over the answers about everyone else. The ``exchange_`` rates count a flag in the
+question too (the guard's ``--flag-scope exchange``): a short answer rarely says whom it is about, its question does.
 """
 
 from __future__ import annotations
@@ -65,26 +66,27 @@ def guard_rows(tokenizer, probes: Sequence[Probe], answers: Sequence[str], score
             reports = scorer.score_batch(pairs[start : start + SCORE_BATCH])
             for row, report in zip(rows[start:], reports):
                 row[f"flagged_{name}"] = any(c in forget_set for c in report.flagged)
+                row[f"prompt_flagged_{name}"] = any(c in forget_set for c in report.prompt_flagged)
     return rows
 
 
 def catch_rates(rows: Sequence[dict], source: str) -> dict:
-    """Catch rate on leaking answers, flag rate on all forgotten-concept answers, false-flag rate on the others."""
-    key = f"flagged_{source}"
+    """Catch rate on leaking answers, flag rate on all forgotten-concept answers, false-flag rate on the others; for
+    flags in the completion, and (``exchange_``) in the question or the completion."""
     leaks = [r for r in rows if r["forgotten"] and r["recall"] >= LEAK_RECALL]
     forgotten = [r for r in rows if r["forgotten"]]
     others = [r for r in rows if not r["forgotten"]]
 
-    def share(rs):
-        return sum(r[key] for r in rs) / len(rs) if rs else None
+    def share(rs, exchange: bool):
+        hit = [r[f"flagged_{source}"] or (exchange and r.get(f"prompt_flagged_{source}", False)) for r in rs]
+        return sum(hit) / len(rs) if rs else None
 
-    return {
-        "leaks": len(leaks),
-        "catch_rate": share(leaks),
-        "flag_rate_forgotten": share(forgotten),
-        "others": len(others),
-        "false_flag_rate": share(others),
-    }
+    out = {"leaks": len(leaks), "others": len(others)}
+    for prefix, exchange in (("", False), ("exchange_", True)):
+        out[f"{prefix}catch_rate"] = share(leaks, exchange)
+        out[f"{prefix}flag_rate_forgotten"] = share(forgotten, exchange)
+        out[f"{prefix}false_flag_rate"] = share(others, exchange)
+    return out
 
 
 def guard_report(model, tokenizer, probes: Sequence[Probe], export: Export, own_model, forget, answers=None) -> dict:
