@@ -18,10 +18,13 @@ nothing here reads a probe before the evaluation.
     python benchmarks/generality.py                    # all corpora, 1 and 3 concepts, seeds 0-2, atu/ga/npo
     python benchmarks/generality.py --quick            # tiny corpora and models (a few minutes)
     python benchmarks/generality.py --corpora authors --people 1 --seeds 0 --methods atu
+    python benchmarks/generality.py --combine A.json B.json --name all   # tables and claims of runs made apart
 
 Writes DIR/generality.json (every run's before/after evaluation and its seconds) and DIR/generality.md (one row per
-corpus, people and method: medians over seeds, and in how many seeds every figure was met). Every figure is
-measured on this run.
+corpus, people and method: medians over seeds, and in how many seeds every figure was met), and below it the
+paper's claim per corpus and number of people: does ATU forget at least as much as each baseline at an equal retain
+score? Every figure is measured on this run (with ``--combine``: read from the runs' JSON files, only those made at
+the same settings as this checkout's, none run again).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from atu.world.config import WorldConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FORGET_MAX, RETAIN_MIN, PPL_MAX = 0.25, 0.90, 1.10  # the figures each run is held to
+EQUAL = 0.02  # two medians closer than this count as equal in the claim (one probe answer moves a ratio more)
 
 
 def shipped_settings() -> dict:
@@ -186,6 +190,51 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _forget_retain(runs: list[dict]) -> tuple[float | None, float | None]:
+    """(forget, retain) of a group of runs: the median over seeds of the mean forget ratio over the kinds the data
+    has, and of the lowest retain ratio over its kinds."""
+
+    def forget(r):
+        xs = [r["ratios"].get(f"forget {k}") for k in PROBE_KINDS]
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    def retain(r):
+        xs = [r["ratios"].get(f"retain {k}") for k in PROBE_KINDS]
+        xs = [x for x in xs if x is not None]
+        return min(xs) if xs else None
+
+    return _median([forget(r) for r in runs]), _median([retain(r) for r in runs])
+
+
+def claim(atu: tuple, base: tuple) -> str:
+    """The paper's claim for ATU's (forget, retain) against one baseline's: holds, fails, or no equal-retain point."""
+    (fa, ra), (fb, rb) = atu, base
+    if None in (fa, ra, fb, rb):
+        return "not measured"
+    if fa <= fb + EQUAL and ra >= rb - EQUAL:
+        return "holds"
+    if fa > fb + EQUAL and rb >= ra - EQUAL:
+        return "fails: the baseline forgets more at an equal or better retain"
+    return "no equal-retain point: ATU forgets more but keeps less"
+
+
+def claims(runs: list[dict]) -> str:
+    """One line per corpus, people and baseline: both (forget, retain) medians and the claim."""
+    head = ["corpus", "people", "baseline", "ATU forget / retain", "baseline forget / retain", "seeds", "claim"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for corpus, people in sorted({(r["corpus"], r["people"]) for r in runs}):
+        group = [r for r in runs if (r["corpus"], r["people"]) == (corpus, people)]
+        atu = [r for r in group if r["method"] == "atu"]
+        for method in sorted({r["method"] for r in group} - {"atu"}):
+            base = [r for r in group if r["method"] == method]
+            a, b = _forget_retain(atu), _forget_retain(base)
+            shown = [" / ".join("-" if x is None else f"{x:.2f}" for x in pair) for pair in (a, b)]
+            lines.append(f"| {corpus} | {people} | {method} | {shown[0]} | {shown[1]} | {len(atu)} / {len(base)} | "
+                         f"{claim(a, b)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _save(path: Path, quick: bool, runs: list[dict]) -> None:
     result = {
         "atu_version": __version__,
@@ -209,6 +258,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "results")
     ap.add_argument("--name", default="generality", help="file stem of the results")
     ap.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: tabulate the runs of these result files made at this checkout's settings",
+    )
+    ap.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="change a setting of configs/default.yaml for every run (e.g. stop_signal=retain_corpus)",
     )  # fmt: skip
@@ -219,6 +275,11 @@ def main(argv=None) -> dict:
     done = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
     # read once: what every run of this invocation runs and records
     settings = apply_overrides(shipped_settings(), args.overrides)
+    if args.combine:
+        runs = combine(args.combine, settings)
+        _save(json_path, args.quick, runs)
+        print(write_tables(args.out_dir / f"{args.name}.md", runs, args.quick))
+        return {"runs": runs}
     runs = [r for r in done if r.get("settings") == settings]
     with tempfile.TemporaryDirectory(prefix="atu_corpora_") as work:
         for corpus in args.corpora:
@@ -238,10 +299,35 @@ def main(argv=None) -> dict:
                         shown = {k: round(v, 3) for k, v in r["ratios"].items() if v is not None}
                         print(f"  met={r['met']} {json.dumps(shown)}")
                         _save(json_path, args.quick, runs)
+    md = write_tables(args.out_dir / f"{args.name}.md", runs, args.quick)
+    print(md)
+    return {"runs": runs}
+
+
+def combine(files: list[Path], settings: dict) -> list[dict]:
+    """The runs of ``files`` made at ``settings`` (a later file's run replaces an earlier one of the same corpus,
+    people, seed and method); raises SystemExit naming what is missing when none is."""
+    found: dict[tuple, dict] = {}
+    skipped = 0
+    for f in files:
+        for r in json.loads(Path(f).read_text())["runs"]:
+            if r.get("settings") != settings:
+                skipped += 1
+                continue
+            found[(r["corpus"], r["people"], r["seed"], r["method"])] = r
+    if skipped:
+        print(f"left out {skipped} runs made at other settings than this checkout's", flush=True)
+    if not found:
+        raise SystemExit("no run in those files was made at this checkout's settings")
+    return list(found.values())
+
+
+def write_tables(path: Path, runs: list[dict], quick: bool) -> str:
+    """The markdown of ``runs``: the table of medians and the claims; returns the table."""
     md = table(runs)
-    (args.out_dir / f"{args.name}.md").write_text(
+    path.write_text(
         "# Generality: after/before ratios (medians over seeds)\n\n"
-        f"Written by `python benchmarks/generality.py{' --quick' if args.quick else ''}`; a run meets the figures "
+        f"Written by `python benchmarks/generality.py{' --quick' if quick else ''}`; a run meets the figures "
         f"when forget <= {FORGET_MAX} of before on direct and on paraphrase or adversarial, retain >= {RETAIN_MIN} "
         f"on every kind and perplexity <= {PPL_MAX}x. Forget cells: the ratio, (the floor: what the model scored "
         "before about people it never saw, over her score), [the share of her score above that floor still there]; "
@@ -249,10 +335,12 @@ def main(argv=None) -> dict:
         "columns: the same ratio in fact recall (the share of the answer's words that its question does not already "
         "say and that carry a fact), (its floor); [facts] counts the seeds that meet the figures with it.\n\n"
         + md
-        + "\n"
+        + "\n\n## The paper's claim: ATU forgets at least as much as the baseline at an equal retain score\n\n"
+        f"Forget: median over seeds of the mean forget ratio over the probe kinds; retain: median of the lowest "
+        f"retain ratio. Medians within {EQUAL} count as equal. Every method ran inside the same schedule and retain "
+        "budget, each at its own default step.\n\n" + claims(runs) + "\n"
     )
-    print(md)
-    return {"runs": runs}
+    return md
 
 
 if __name__ == "__main__":

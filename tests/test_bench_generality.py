@@ -1,5 +1,6 @@
 """The pure functions of benchmarks/generality.py, on hand-made evaluations."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -74,3 +75,35 @@ def test_fact_ratios_and_their_floor_and_met_on_them():
     # no fact figures (a run without them) never meets on them, and never falls back to ROUGE-L
     old = bench.ratios(_eval((1.0, 0.8, 0.5)), _eval((0.1, 0.1, 0.1)))
     assert bench.met(old) and not bench.met(old, "facts forget")
+
+
+def test_claim_holds_fails_or_has_no_equal_retain_point():
+    assert bench.claim((0.20, 0.95), (0.30, 0.95)) == "holds"
+    assert bench.claim((0.31, 0.95), (0.30, 0.96)) == "holds"  # within EQUAL on both
+    assert bench.claim((0.40, 0.95), (0.20, 0.95)).startswith("fails")
+    assert bench.claim((0.40, 0.95), (0.20, 0.80)).startswith("no equal-retain point")  # GA forgets more, keeps less
+    assert bench.claim((0.20, 0.80), (0.40, 0.95)).startswith("no equal-retain point")
+    assert bench.claim((None, 0.9), (0.2, 0.9)) == "not measured"
+
+
+def test_claims_compare_medians_of_the_mean_forget_and_lowest_retain(tmp_path):
+    def run(method, seed, forget, retain, settings=None):
+        return {"corpus": "bios", "people": 1, "method": method, "seed": seed, "settings": settings or {"a": 1},
+                "ratios": {"forget direct": forget, "forget paraphrase": forget / 2, "forget adversarial": None,
+                           "retain direct": 1.0, "retain paraphrase": retain}}  # fmt: skip
+
+    runs = [run("atu", 0, 0.4, 0.95), run("atu", 1, 0.2, 0.97), run("atu", 2, 0.32, 0.99), run("ga", 0, 0.8, 0.96)]
+    line = bench.claims(runs).splitlines()[-1]
+    # ATU: mean forget 0.3, 0.15, 0.24 -> median 0.24; lowest retain median 0.97. GA: 0.6 / 0.96
+    assert line == "| bios | 1 | ga | 0.24 / 0.97 | 0.60 / 0.96 | 3 / 1 | holds |"
+    # combining files keeps only the runs made at the given settings, a later file's run replacing an earlier one
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"runs": runs[:2] + [run("npo", 0, 0.1, 0.9, {"a": 2})]}))
+    b.write_text(json.dumps({"runs": [run("atu", 1, 0.9, 0.9)]}))
+    got = bench.combine([a, b], {"a": 1})
+    assert sorted((r["method"], r["seed"], r["ratios"]["forget direct"]) for r in got) == [
+        ("atu", 0, 0.4),
+        ("atu", 1, 0.9),
+    ]
+    with pytest.raises(SystemExit, match="no run"):
+        bench.combine([a], {"a": 3})
