@@ -3,6 +3,7 @@ brute-force loop over positions, the probe export, and (slow) the real vLLM pool
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -269,6 +270,9 @@ def test_report_to_dict_is_json_with_stable_keys():
         "row",
     }
     assert d["completion"][0]["span"] == [1, 2] and d["flagged"] == ["a"]
+    # every field of a ConceptScore, as dataclasses.asdict gives them (the span as a list)
+    score = report.completion[0]
+    assert score.to_dict() == {**dataclasses.asdict(score), "span": list(score.span)}
 
 
 # ---------------------------------------------------------------------------------------------- the tiny export
