@@ -216,6 +216,8 @@ def claim(atu: tuple, base: tuple) -> str:
         return "holds"
     if fa > fb + EQUAL and rb >= ra - EQUAL:
         return "fails: the baseline forgets more at an equal or better retain"
+    if fa > fb + EQUAL:
+        return "no equal-retain point: the baseline forgets more but keeps less"
     return "no equal-retain point: ATU forgets more but keeps less"
 
 
