@@ -126,6 +126,8 @@ def markdown(res: dict) -> str:
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     for policy, s in res["single"].items():
+        if s is None:
+            continue
         lines += [
             "",
             f"{policy}: non-streamed {s['max_tokens']}-token completion, one at a time ({s['n']} each): p50 bare "
@@ -318,7 +320,10 @@ def single_latency(urls: dict[str, str], prompt: str, n: int, max_tokens: int) -
     return out
 
 
-def latency_summary(cfg, urls: dict[str, str]) -> dict:
+def latency_summary(cfg, urls: dict[str, str]) -> dict | None:
+    """The single-request latency figure; None when ``--single 0`` leaves it out."""
+    if cfg.single < 1:
+        return None
     prompt = "Where was the first person born?"
     single_latency(urls, prompt, 3, cfg.output_len)  # warm both paths
     lat = single_latency(urls, prompt, cfg.single, cfg.output_len)
@@ -366,7 +371,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prompts-per-client", type=int, default=8, help="prompts per pass = this x concurrency (>= 16)")
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--single", type=int, default=30, help="sequential non-streamed requests for the latency figure")
+    ap.add_argument(
+        "--single", type=int, default=30, help="sequential non-streamed requests for the latency figure (0: none)"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 prompts per client, 2 pairs, levels 1 and 8")
     ap.add_argument(
         "--backend",

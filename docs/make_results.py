@@ -227,7 +227,7 @@ def render_serving_pairs(name: str, d: dict) -> str:
     out.append(columns(d.get("rows") or [], rows))
     notes = [r["note"] for r in d.get("rows") or [] if r.get("note")]
     out += [f"- {n}" for n in notes]
-    single = d.get("single") or {}
+    single = {k: v for k, v in (d.get("single") or {}).items() if v}
     if single:
         cols = [("policy", ("policy",)), ("requests", ("n",)), ("paired added p50 ms", ("added_paired_p50_ms",))]
         out.append("\n" + columns([{"policy": k, **v} for k, v in sorted(single.items())], cols))
