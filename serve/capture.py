@@ -14,6 +14,8 @@ How it works (vLLM 0.32, V1 engine, eager mode):
 - The guard marks the requests it wants recorded with ``vllm_xargs: {"atu_capture": KEY}`` (vLLM passes them on
   as ``SamplingParams.extra_args``). For those, each step's rows are stored by token position with the token id
   that was fed there, so chunked prefill and a preempted request's recomputation land in the right place.
+  On a GPU the step's rows are copied to pinned host memory on a side stream (``DeviceStep``): the engine never
+  waits for the copy; a reader of the store waits for copies still running.
 - A thread in the engine process answers the guard on a Unix socket: the rows and token ids recorded under the
   asked keys, optionally releasing them. Rows not asked for are dropped oldest-first beyond a memory
   budget (``ATU_CAPTURE_MAX_MIB``, 256 by default).
@@ -33,8 +35,9 @@ import socketserver
 import stat
 import struct
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +100,10 @@ class CaptureStore:
         self._released: OrderedDict[str, None] = OrderedDict()
         self._rows = 0
         self._lock = threading.Lock()
+        # Steps whose rows are still on their way to host memory (a GPU's copy runs beside the next step), oldest
+        # first. One thread at a time moves them into the entries, so a reader never misses a step being moved.
+        self._pending: deque[tuple[list[tuple[str, str, int]], Any]] = deque()
+        self._settling = threading.Lock()
 
     def record(self, key: str, request_id: str, start: int, ids: np.ndarray, rows: np.ndarray) -> None:
         """Rows ``rows`` (n, H) of tokens ``ids`` (n,) at positions ``start..start+n-1`` of ``request_id``."""
@@ -117,8 +124,42 @@ class CaptureStore:
                 logger.warning("capture store full: dropped %s/%s (%d rows) before the guard read it",
                                old_key, old_req, old.n)  # fmt: skip
 
+    def defer(self, marked: list[tuple[str, str, int]], step) -> None:
+        """One step's rows, still being copied: ``marked`` lists (key, request id, rows) in row order and
+        ``step.wait()`` gives ``(rows, ids, starts)`` (ids None when the step had no token ids; ``starts``: each
+        request's first position). Steps whose copy has finished are recorded now, without waiting for the rest."""
+        with self._lock:
+            self._pending.append((marked, step))
+        if self._settling.acquire(blocking=False):  # else a reader is settling them: the engine never waits
+            try:
+                self._settle(block=False)
+            finally:
+                self._settling.release()
+
+    def pending(self) -> int:
+        """Steps deferred and not yet recorded."""
+        with self._lock:
+            return len(self._pending)
+
+    def _settle(self, block: bool) -> None:
+        """Record deferred steps in order: all of them (``block``), or those whose copy has finished."""
+        while True:
+            with self._lock:
+                if not self._pending or not (block or self._pending[0][1].ready()):
+                    return
+                marked, step = self._pending.popleft()
+            rows, ids, starts = step.wait()
+            at = 0
+            for (key, req_id, count), start in zip(marked, starts):
+                tok = ids[at : at + count] if ids is not None else np.full(count, -1, np.int64)
+                self.record(key, req_id, int(start), tok.astype(np.int64), rows[at : at + count])
+                at += count
+
     def take(self, keys: list[str], release: bool) -> dict[str, list[Captured]]:
-        """Copies of what is recorded under each key (engine request ids ascending); ``release`` forgets them."""
+        """Copies of what is recorded under each key (engine request ids ascending); ``release`` forgets them.
+        Steps still being copied are waited for first, so a reader sees every step that ran before it asked."""
+        with self._settling:
+            self._settle(block=True)
         wanted = set(keys)
         out: dict[str, list[Captured]] = {k: [] for k in keys}
         with self._lock:
@@ -294,6 +335,53 @@ def decoder_layer_list(model):
     return layers
 
 
+class HostStep:
+    """A step's selected tensors already in host memory (the CPU engine: nothing to wait for)."""
+
+    def __init__(self, rows, ids, starts) -> None:
+        self._arrays = (rows.numpy(), None if ids is None else ids.numpy(), starts.numpy())
+
+    def ready(self) -> bool:
+        return True
+
+    def wait(self):
+        return self._arrays
+
+
+class DeviceStep:
+    """A step's selected tensors copied from the GPU to pinned host memory on a side stream.
+
+    The copy is queued after the step's work on the side stream and an event marks its end; the engine goes on
+    to its next step at once. The gathered device tensors are tied to the side stream (``record_stream``), so the
+    caching allocator does not hand their memory out before the copy has read it. ``wait`` blocks on the event
+    only (the guard's reader, never the engine)."""
+
+    def __init__(self, rows, ids, starts, stream) -> None:
+        import torch
+
+        stream.wait_stream(torch.cuda.current_stream(rows.device))
+        self._host = []
+        with torch.cuda.stream(stream):
+            for t in (rows, ids, starts):
+                if t is None or not t.is_cuda:  # a host tensor (the runner's CPU buffer): copy before it is reused
+                    self._host.append(None if t is None else t.clone())
+                    continue
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(stream)
+                self._host.append(host)
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+
+    def ready(self) -> bool:
+        return bool(self._event.query())
+
+    def wait(self):
+        self._event.synchronize()
+        rows, ids, starts = self._host
+        return rows.numpy(), None if ids is None else ids.numpy(), starts.numpy()
+
+
 class _EngineCapture:
     """Installed on one model runner: the forward hook, the store and the socket server."""
 
@@ -306,6 +394,7 @@ class _EngineCapture:
         self.store = CaptureStore(dim, max(1, max_bytes // (4 * dim)), layer)  # float32 rows
         self.rows = None  # token indices (in this step's batch) of the marked requests; None: record nothing
         self.states = None  # (len(rows), H) of the current forward, set by the hook
+        self._stream = None  # the side stream of the GPU copies (created at the first one)
 
         def hook(_module, _args, output):
             if self.rows is not None:
@@ -313,9 +402,9 @@ class _EngineCapture:
                     else (output, None)  # fmt: skip
                 # Only the marked requests' rows, gathered (a copy) before the next layer's fused add-norm
                 # overwrites its inputs in place.
-                idx = self.rows.to(hidden.device)
+                idx = self.rows.to(hidden.device, non_blocking=True)
                 states = hidden[idx] + residual[idx] if residual is not None else hidden[idx]
-                self.states = states.detach().float().cpu()
+                self.states = states.detach().float()  # stays on the device; ``save`` starts its copy
 
         layers[layer - 1].register_forward_hook(hook)
         self.server = serve_store(self.store, path)
@@ -343,19 +432,27 @@ class _EngineCapture:
         self.rows = torch.from_numpy(np.concatenate([np.arange(first, first + n) for _, _, first, n in marked]))
 
     def save(self, marked, input_ids, positions) -> None:
-        states = self.states
+        """Start moving the marked requests' rows, token ids and first positions to host memory (on a GPU without
+        waiting for the copy) and hand them to the store."""
+        import torch
+
+        states, rows = self.states, self.rows
         self.rows = self.states = None
         if states is None:
             return
-        ids = input_ids.detach().cpu().numpy() if input_ids is not None else None
-        pos = positions.detach().cpu().numpy()
-        if pos.ndim > 1:  # M-RoPE positions (3, T): the first row is the text position
-            pos = pos[0]
-        rows, at = states.numpy(), 0  # the marked requests' rows, one after another in ``marked`` order
-        for key, req_id, first, count in marked:
-            tok = ids[first : first + count] if ids is not None else np.full(count, -1, np.int64)
-            self.store.record(key, req_id, int(pos[first]), tok.astype(np.int64), rows[at : at + count])
-            at += count
+        device = states.device
+        firsts = torch.from_numpy(np.array([first for _, _, first, _ in marked], dtype=np.int64))
+        if positions.ndim > 1:  # M-RoPE positions (3, T): the first row is the text position
+            positions = positions[0]
+        starts = positions[firsts.to(positions.device, non_blocking=True)]
+        ids = input_ids[rows.to(input_ids.device, non_blocking=True)] if input_ids is not None else None
+        if device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
+            step = DeviceStep(states, ids, starts, self._stream)
+        else:
+            step = HostStep(states, None if ids is None else ids.cpu(), starts.cpu())
+        self.store.defer([(key, req_id, count) for key, req_id, _, count in marked], step)
 
 
 def _wrap_runner(cls, layer: int, path: str, max_bytes: int) -> None:

@@ -62,6 +62,46 @@ def test_store_ignores_rows_of_a_released_key():
     assert len(store) == 0 and store.take(["a"], release=False)["a"] == []
 
 
+class _Step:
+    """A step whose copy to host memory finishes when the test says so (as a GPU's side-stream copy would)."""
+
+    def __init__(self, rows, ids, starts, ready=False):
+        self.arrays, self.done, self.waited = (rows, ids, np.array(starts)), ready, False
+
+    def ready(self):
+        return self.done
+
+    def wait(self):
+        self.waited = True
+        return self.arrays
+
+
+def test_store_records_deferred_steps_in_order_and_a_reader_waits_for_the_rest():
+    store = CaptureStore(dim=4)
+    first = _Step(_rows(5), np.arange(10, 15), [0, 0])  # a prefill step of two requests, copy still running
+    store.defer([("k", "r1", 3), ("j", "r2", 2)], first)
+    later = _Step(_rows(1, start=3), np.array([13]), [3], ready=True)  # the next decode step, already copied
+    store.defer([("k", "r1", 1)], later)
+    assert store.pending() == 2 and len(store) == 0  # nothing is recorded ahead of an unfinished earlier step
+    first.done = True
+    store.defer([("j", "r2", 1)], _Step(_rows(1, start=9), None, [2], ready=True))  # the engine's next step
+    assert store.pending() == 0 and len(store) == 2 and first.waited
+    got = store.take(["k", "j"], release=True)
+    assert got["k"][0].ids.tolist() == [10, 11, 12, 13]
+    np.testing.assert_array_equal(got["k"][0].rows, np.concatenate([_rows(3), _rows(1, start=3)]))
+    assert got["j"][0].ids.tolist() == [13, 14, -1]  # a step without token ids records -1 at its positions
+    np.testing.assert_array_equal(got["j"][0].rows, np.concatenate([_rows(2, start=3), _rows(1, start=9)]))
+
+
+def test_a_reader_waits_for_steps_still_being_copied():
+    store = CaptureStore(dim=4)
+    step = _Step(_rows(2), np.array([7, 8]), [0])
+    store.defer([("k", "r", 2)], step)
+    assert store.pending() == 1
+    (got,) = store.take(["k"], release=False)["k"]  # not ready: the reader waits for it instead of missing it
+    assert step.waited and got.ids.tolist() == [7, 8] and store.pending() == 0
+
+
 def test_answer_round_trips_through_the_wire_format():
     found = {"k1": [Captured("r1", np.array([5, 6, 7]), _rows(3))], "k2": [], "k3": [
         Captured("r2", np.array([9]), _rows(1, start=7)), Captured("r3", np.array([1, 2]), _rows(2))]}  # fmt: skip
