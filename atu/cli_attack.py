@@ -59,7 +59,11 @@ def _print_guard(label: str, g: dict) -> None:
         click.echo(
             f"  guard ({source} states) on {label}: caught {_fmt(r['catch_rate'], '.2f')} of {r['leaks']} leaking "
             f"answers, false flags {_fmt(r['false_flag_rate'], '.3f')} of {r['others']} others; counting the "
-            f"question's flags: {_fmt(r.get('exchange_catch_rate'), '.2f')}, {_fmt(r.get('exchange_false_flag_rate'))}"
+            f"question's flags: {_fmt(r.get('exchange_catch_rate'), '.2f')}, "
+            f"{_fmt(r.get('exchange_false_flag_rate'))}; "
+            f"with the name check (atu serve's default) {_fmt(r.get('names_catch_rate'), '.2f')}, "
+            f"{_fmt(r.get('names_false_flag_rate'))}, and the question's flags too "
+            f"{_fmt(r.get('names_exchange_catch_rate'), '.2f')}, {_fmt(r.get('names_exchange_false_flag_rate'))}"
         )
 
 

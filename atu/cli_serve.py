@@ -65,6 +65,12 @@ from atu.cli_errors import friendly
 @click.option("--max-prompts", default=32, show_default=True, help="Most prompts in one completions request.")
 @click.option("--scoring-timeout", default=30.0, show_default=True, help="Seconds one scoring may take.")
 @click.option(
+    "--match-names/--no-match-names",
+    default=True,
+    show_default=True,
+    help="Flag a forgotten concept whose name is written in the prompt or completion, whatever its score.",
+)
+@click.option(
     "--backend",
     type=click.Choice(["auto", "capture", "hf", "vllm"]),
     default="auto",
@@ -125,6 +131,7 @@ def serve_cmd(
     max_tokens,
     max_prompts,
     scoring_timeout,
+    match_names,
     backend,
     capture_socket,
     device,
@@ -177,6 +184,7 @@ def serve_cmd(
             max_tokens=max_tokens,
             max_prompts=max_prompts,
             scoring_timeout=scoring_timeout,
+            match_names=match_names,
             max_body_bytes=max_body_bytes,
             upstream_timeout=timeout,
             stream_score_every=stream_score_every,

@@ -86,7 +86,12 @@ def make_guard(
     from serve.scoring import Scorer
 
     scorer = Scorer.from_export(
-        export_dir, backend=backend, device=device, pooling_url=pooling_url, capture_socket=capture_socket
+        export_dir,
+        backend=backend,
+        device=device,
+        pooling_url=pooling_url,
+        capture_socket=capture_socket,
+        match_names=settings.match_names,
     )
     audit = AuditLog(settings.audit_path, store_text=settings.audit_store_text) if settings.audit_path else None
     return Guard(settings, scorer, scorer.tokenizer, audit=audit)  # the export's tokenizer, loaded once

@@ -16,7 +16,7 @@ concept's score in a part is its highest cosine over those rows (``ConceptIndex.
 
 A score's ``position`` is the index, in that part's own tokens (``tokenizer(part, add_special_tokens=False)``,
 whatever was truncated), of the token where the predicted window starts; its ``span``/``excerpt`` is the text
-from there, about ``excerpt_chars`` characters, clipped to the part. Too long a sequence (over the predictor's
+from there, about ``EXCERPT_CHARS`` characters, clipped to the part. Too long a sequence (over the predictor's
 ``max_len`` or the model's ``max_position_embeddings``) loses its oldest prompt tokens first, then its oldest
 completion tokens; the report says so (``truncated``).
 """
@@ -38,6 +38,7 @@ from atu.index import ConceptIndex
 from atu.predictor import EmbeddingPredictor
 from atu.predictor_cache import PrefixState, extend_batch
 from serve.backends import BACKENDS, make_backend
+from serve.names import NameMatcher
 from serve.stream_cache import StreamCache
 
 logger = logging.getLogger(__name__)
@@ -111,11 +112,12 @@ class ConceptScore:
     concept: str
     score: float  # highest cosine over the part's rows; -1.0 when the part has none
     threshold: float
-    flagged: bool  # score > threshold
+    flagged: bool  # score > threshold, or the concept's name is written in the part
     position: int  # token index, in the part's tokens, where the best-scoring window starts (-1 if none)
     span: tuple[int, int]  # [start, end) characters of the excerpt in the part's text
     excerpt: str  # the text the window predicted (about EXCERPT_CHARS characters)
     row: int = -1  # predictor row (token index in the scored sequence) that reached the score; -1 if none
+    named: bool = False  # the concept's name is written in the part (the excerpt then starts at it)
 
     def to_dict(self) -> dict:
         # written out, not dataclasses.asdict: every report of every exchange goes through here, and asdict's
@@ -129,6 +131,7 @@ class ConceptScore:
             "span": list(self.span),
             "excerpt": self.excerpt,
             "row": self.row,
+            "named": self.named,
         }
 
 
@@ -194,6 +197,7 @@ class _Part:
     first_row: int  # sequence index of that token
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # predictor rows scoring the part
     ids: list[int] = field(default_factory=list)  # the part's own tokens (decoded for spans when offsets is None)
+    names_from: int = 0  # character where the search for concept names starts (text before it was searched)
 
 
 @dataclass
@@ -222,8 +226,8 @@ class Scorer:
         *,
         max_tokens: int,
         top_k: int | None = 5,
-        excerpt_chars: int = EXCERPT_CHARS,
         resources: ExitStack | None = None,
+        names: NameMatcher | None = None,
     ):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None (every concept), got {top_k!r}.")
@@ -232,7 +236,8 @@ class Scorer:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("the scorer needs a fast tokenizer (character offsets); load it with use_fast=True.")
         self.backend, self.tokenizer, self.predictor, self.index = backend, tokenizer, predictor.eval(), index
-        self.max_tokens, self.top_k, self.excerpt_chars = max_tokens, top_k, excerpt_chars
+        self.max_tokens, self.top_k, self.excerpt_chars = max_tokens, top_k, EXCERPT_CHARS
+        self.names = names  # concept names written out also flag (serve/names.py); None: the predictor alone
         self._resources = resources or ExitStack()
         self._lock = threading.Lock()
         self.rows_scored = 0  # predictor rows compared with the concepts, over all calls
@@ -281,6 +286,7 @@ class Scorer:
         top_k: int | None = 5,
         timeout: float = 30.0,
         capture_socket: str | None = None,
+        match_names: bool = True,
     ) -> Scorer:
         """A scorer over the export at ``export_dir``.
 
@@ -289,6 +295,7 @@ class Scorer:
         None, one this scorer starts (``serve.pooling_model.pooling_server``) and owns: ``close()`` stops it.
         ``backend="capture"`` reads the states that the capture plugin (``serve.capture``) recorded in the vLLM
         server generating the answers, over ``capture_socket``; what was not recorded goes to an ``hf`` backend.
+        ``match_names``: a concept whose name is written in a part is flagged there whatever its score.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -301,8 +308,9 @@ class Scorer:
         with ExitStack() as resources:  # handed to the scorer on success, closed (server stopped) on failure
             states = make_backend(backend, export, resources, max_tokens=max_tokens, device=device,
                                   pooling_url=pooling_url, capture_socket=capture_socket, timeout=timeout)  # fmt: skip
+            names = NameMatcher(export.index.labels) if match_names else None
             scorer = cls(states, tokenizer, export.predictor, export.index, max_tokens=max_tokens, top_k=top_k,
-                         resources=resources.pop_all())  # fmt: skip
+                         resources=resources.pop_all(), names=names)  # fmt: skip
         return scorer
 
     def close(self) -> None:
@@ -398,6 +406,8 @@ class Scorer:
         part = item.completion
         stable = self._tokens_within(part, max(0, int(since) - RESCORE_CHARS))
         item.prompt.rows = item.prompt.rows[:0]
+        item.prompt.names_from = len(item.prompt.text)
+        part.names_from = max(0, int(since) - (self.names.max_chars if self.names is not None else 0))
         # row t scores the window starting at part token t + 1 - first_row + base; rows before token `stable` read
         # only tokens that were already there (and stay), so they were scored before with the same result
         part.rows = part.rows[part.rows + 1 - part.first_row + part.base >= stable]
@@ -478,9 +488,17 @@ class Scorer:
         best, where = self.index.concept_scores(preds[part.rows])  # (C,), (C,) index into part.rows or -1
         self.rows_scored += len(part.rows)
         thresholds, labels = self.index.thresholds, self.index.labels
-        hit = np.flatnonzero(best > thresholds)
+        named = self.names.find(part.text, part.names_from) if self.names is not None else {}
+        over = best > thresholds
+        if named:
+            over = over.copy()
+            over[list(named)] = True
+        hit = np.flatnonzero(over)
         flagged = [labels[c] for c in hit[np.lexsort((hit, -best[hit]))]]  # score descending
         keep = self._ranked(best)
+        if named:  # a named concept is always reported, whatever its rank by score
+            shown = set(keep.tolist())
+            keep = np.concatenate([keep, np.array([c for c in sorted(named) if c not in shown], dtype=np.int64)])
         found = where[keep] >= 0
         rows = np.full(len(keep), -1, dtype=np.int64)
         rows[found] = part.rows[where[keep][found]]
@@ -493,10 +511,15 @@ class Scorer:
             starts[found] = [len(decode(part.ids[:p], skip_special_tokens=True)) for p in positions[found]]
         scores = []
         for c, row, pos, start, ok in zip(keep, rows, positions, starts, found):
-            span = excerpt_span(part.text, start, self.excerpt_chars) if ok else (0, 0)
             score, thr = float(best[c]), float(thresholds[c])
+            name_at = named.get(int(c))
+            if name_at is not None and not score > thr:  # flagged by its name: the excerpt shows where it is written
+                start, ok = name_at[0], True
+            span = excerpt_span(part.text, start, self.excerpt_chars) if ok else (0, 0)
             excerpt = part.text[span[0] : span[1]]
-            scores.append(ConceptScore(labels[c], score, thr, score > thr, int(pos), span, excerpt, int(row)))
+            is_named = name_at is not None
+            flag = score > thr or is_named
+            scores.append(ConceptScore(labels[c], score, thr, flag, int(pos), span, excerpt, int(row), is_named))
         return scores, flagged, float(best.max()) if len(part.rows) else -1.0
 
     def _report(self, rows: np.ndarray, item: _Item) -> LeakageReport:

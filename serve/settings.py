@@ -62,6 +62,8 @@ class GuardSettings:
     max_prompts: int = 32  # prompts in one /v1/completions request
     max_scoring_queue: int = 1024  # exchanges waiting to be scored; past it a request is answered 429
     scoring_timeout: float = 30.0  # seconds one scoring may take; past it the exchange fails as scoring failures do
+    # A concept whose name is written out in a part is flagged there whatever the predictor scores (serve/names.py).
+    match_names: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.upstream_url, str) or not self.upstream_url.startswith(("http://", "https://")):

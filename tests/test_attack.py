@@ -53,16 +53,23 @@ def test_catch_rates_count_leaks_and_false_flags():
         {"forgotten": True, "recall": 1.0, "flagged_own": True, "prompt_flagged_own": True},
         {"forgotten": True, "recall": LEAK_RECALL, "flagged_own": False, "prompt_flagged_own": True},
         {"forgotten": True, "recall": 0.0, "flagged_own": True},  # flagged, but leaks nothing
+        {"forgotten": True, "recall": 1.0, "flagged_own": False, "named": True},  # her name is the answer
+        {"forgotten": True, "recall": 1.0, "flagged_own": False, "prompt_named": True},  # her name is asked about
         {"forgotten": False, "recall": 1.0, "flagged_own": True},
         {"forgotten": False, "recall": 1.0, "flagged_own": False, "prompt_flagged_own": True},
-        *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(3)),
+        {"forgotten": False, "recall": 1.0, "flagged_own": False, "prompt_named": True},
+        *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(2)),
     ]
     got = catch_rates(rows, "own")
     assert got == {
-        "leaks": 2, "others": 5,
-        "catch_rate": 0.5, "flag_rate_forgotten": 2 / 3, "false_flag_rate": 0.2,
+        "leaks": 4, "others": 5,
+        "catch_rate": 0.25, "flag_rate_forgotten": 0.4, "false_flag_rate": 0.2,
         # the question's flag catches the second leak, and flags one more of the others' answers
-        "exchange_catch_rate": 1.0, "exchange_flag_rate_forgotten": 1.0, "exchange_false_flag_rate": 0.4,
+        "exchange_catch_rate": 0.5, "exchange_flag_rate_forgotten": 0.6, "exchange_false_flag_rate": 0.4,
+        # the name written in the answer catches the third; asked about in the question, the fourth
+        "names_catch_rate": 0.5, "names_flag_rate_forgotten": 0.6, "names_false_flag_rate": 0.2,
+        "names_exchange_catch_rate": 1.0, "names_exchange_flag_rate_forgotten": 1.0,
+        "names_exchange_false_flag_rate": 0.6,
     }  # fmt: skip
 
 

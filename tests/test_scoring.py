@@ -268,6 +268,7 @@ def test_report_to_dict_is_json_with_stable_keys():
         "span",
         "excerpt",
         "row",
+        "named",
     }
     assert d["completion"][0]["span"] == [1, 2] and d["flagged"] == ["a"]
     # every field of a ConceptScore, as dataclasses.asdict gives them (the span as a list)
