@@ -206,7 +206,8 @@ def score_export(export_dir: Path, world: BuiltWorld, probes: list[formats.Probe
 
     t0 = time.time()
     rows = []
-    with Scorer.from_export(export_dir, backend="hf", device="cpu", top_k=None) as scorer:
+    # the predictor's detection alone: a name written out would flag whatever the score says
+    with Scorer.from_export(export_dir, backend="hf", device="cpu", top_k=None, match_names=False) as scorer:
         threshold = float(scorer.thresholds[scorer.labels.index(concept)])
         pairs = list(zip(prompts, answers))
         for start in range(0, len(pairs), SCORE_BATCH):
