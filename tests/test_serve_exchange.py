@@ -260,3 +260,33 @@ def test_scoring_failure_fails_open_under_monitor(upstream, tmp_path, stream):
     leak = sse_events(out)[-2]["leakage"] if stream else out["leakage"]
     assert leak == {"action": "error", "error": "scoring failed", "flagged": [], "policy": "monitor",
                     "choices": [], "max_score": None, "prompt_flagged": []}  # fmt: skip
+
+
+@pytest.mark.parametrize("match", [True, False])
+def test_a_name_written_out_is_blocked_whatever_the_predictor_scores(upstream, tmp_path, match):
+    """The concept's vector is nowhere in the text; its name is. With the name check the stream is cut as the name
+    completes (the group that completes it is never sent); without it the stream passes whole."""
+    from toy_scorer import TABLE, Identity, TableBackend
+
+    from atu.index import ConceptIndex
+    from serve.names import NameMatcher
+    from serve.scoring import Scorer
+
+    label = "Ada Lovelace"
+    index = ConceptIndex.build(TABLE[[byte_id("#")]], [label], [0.99])
+    scorer = Scorer(TableBackend(TABLE), ByteTokenizer(), Identity(), index, max_tokens=4096, top_k=5,
+                    names=NameMatcher([label]) if match else None)  # fmt: skip
+    upstream.chunks = ["the ", "story ", "of ", "Ada ", "lovelace ", "is ", "long"]
+    with guard(upstream, tmp_path, scorer, policy="block", stream_score_every=1, stream_score_max_every=1) as (
+        base,
+        path,
+    ):
+        status, _, out = ask(base, stream=True)
+    events = sse_events(out)
+    text, leak = streamed_text(events, False), events[-2]["leakage"]
+    assert status == 200
+    if match:
+        assert text == "the story of Ada " and leak["action"] == "cut" and leak["flagged"] == [label]
+        assert actions(path) == ["cut"]
+    else:
+        assert text == "".join(upstream.chunks) and leak["action"] == "passed" and actions(path) == ["passed"]
