@@ -38,11 +38,12 @@ from atu.cli_errors import friendly
 )
 @click.option(
     "--flag-scope",
-    type=click.Choice(["completion", "exchange"]),
+    type=click.Choice(["completion", "named", "exchange"]),
     default="completion",
     show_default=True,
-    help="What the policy acts on: concepts in the completion, or in the prompt or the completion (exchange: any "
-    "answer to a question about a forgotten concept is flagged; the second line behind a model that may still leak).",
+    help="What the policy acts on: concepts flagged in the completion; or also those whose name the prompt writes "
+    "(named); or also those the prompt's score flags (exchange). The wider scopes are the second line behind a model "
+    "that may still leak: an answer to a question about a forgotten person is flagged.",
 )
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: $ATU_API_KEY, or none).")
 @click.option(

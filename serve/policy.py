@@ -9,7 +9,8 @@ Policies:
 
 By default (flag scope ``completion``) the policy acts on the completion. The prompt is scored too and its flags are
 annotated and counted (an extraction attempt is worth knowing about), but a question alone is not refused: the answer
-may well not leak. With flag scope ``exchange`` a flag in the prompt counts as one in the completion.
+may well not leak. With flag scope ``named`` a forgotten name written in the prompt counts as a flag in the
+completion; with ``exchange`` any flag in the prompt does.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ PASSED, ANNOTATED, BLOCKED, CUT, ERROR = "passed", "annotated", "blocked", "cut"
 
 
 def is_flagged(report: Any, scope: str = "completion") -> bool:
-    """Whether a scorer report makes its exchange flagged under ``scope`` ("completion" or "exchange")."""
-    return bool(report.flagged) or (scope == "exchange" and bool(report.prompt_flagged))
+    """Whether a scorer report makes its exchange flagged under ``scope``: "completion" (a concept flagged in the
+    completion), "named" (or named in the prompt) or "exchange" (or flagged in the prompt, by name or score)."""
+    if report.flagged:
+        return True
+    if scope == "exchange":
+        return bool(report.prompt_flagged)
+    return scope == "named" and any(getattr(s, "named", False) for s in report.prompt)
 
 
 def decide(policy: str, flagged: bool, *, stream: bool = False) -> str:

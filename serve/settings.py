@@ -14,7 +14,7 @@ ON_SCORING_ERROR = ("open", "closed")
 DISCLOSURE = ("action", "scores", "full")
 # What a flag is taken from: "completion" (a concept crossed its threshold in the generated text) or "exchange" (in
 # the prompt or the completion: an answer to a question about a forgotten concept is blocked whatever it says).
-FLAG_SCOPES = ("completion", "exchange")
+FLAG_SCOPES = ("completion", "named", "exchange")
 DEFAULT_REFUSAL = "I can't help with that."
 
 

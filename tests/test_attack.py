@@ -70,6 +70,9 @@ def test_catch_rates_count_leaks_and_false_flags():
         "names_catch_rate": 0.5, "names_flag_rate_forgotten": 0.6, "names_false_flag_rate": 0.2,
         "names_exchange_catch_rate": 1.0, "names_exchange_flag_rate_forgotten": 1.0,
         "names_exchange_false_flag_rate": 0.6,
+        # the question counted only when it writes her name: the fourth leak is caught, the others' second answer
+        # (flagged by the question's score alone) is not
+        "named_catch_rate": 0.75, "named_flag_rate_forgotten": 0.8, "named_false_flag_rate": 0.4,
     }  # fmt: skip
 
 

@@ -290,3 +290,36 @@ def test_a_name_written_out_is_blocked_whatever_the_predictor_scores(upstream, t
         assert actions(path) == ["cut"]
     else:
         assert text == "".join(upstream.chunks) and leak["action"] == "passed" and actions(path) == ["passed"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("scope", ["completion", "named"])
+def test_flag_scope_named_blocks_the_answer_to_a_question_that_names_a_forgotten_concept(
+    upstream, tmp_path, stream, scope
+):
+    from toy_scorer import TABLE, Identity, TableBackend
+
+    from atu.index import ConceptIndex
+    from serve.names import NameMatcher
+    from serve.scoring import Scorer
+
+    label = "Ada Lovelace"
+    index = ConceptIndex.build(TABLE[[byte_id("#")]], [label], [0.99])
+    scorer = Scorer(TableBackend(TABLE), ByteTokenizer(), Identity(), index, max_tokens=4096, top_k=5,
+                    names=NameMatcher([label]))  # fmt: skip
+    with guard(upstream, tmp_path, scorer, policy="block", flag_scope=scope) as (base, path):
+        status, _, out = ask(base, stream=stream, prompt="Where was ada lovelace born?")
+        other = ask(base, stream=stream, prompt="Where was Ada Byron born?")[2]  # not her full name: passes
+    if stream:
+        events = sse_events(out)
+        text, leak = streamed_text(events, False), events[-2]["leakage"]
+        other_text = streamed_text(sse_events(other), False)
+    else:
+        text, leak, other_text = out["choices"][0]["text"], out["leakage"], other["choices"][0]["text"]
+    assert status == 200 and leak["prompt_flagged"] == [label] and leak["flagged"] == []
+    assert other_text == "".join(CLEAN)
+    if scope == "completion":
+        assert text == "".join(CLEAN) and leak["action"] == "passed"
+    else:
+        assert "story" not in text and leak["action"] == ("cut" if stream else "blocked")
+    assert actions(path)[0] == leak["action"]

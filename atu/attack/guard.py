@@ -15,7 +15,8 @@ false-flag rate the same share over the answers about everyone else. The ``excha
 question too (the guard's ``--flag-scope exchange``): a short answer rarely says whom it is about, its question does.
 The scorers here run the predictor alone; the ``names_`` rates add the guard's name check (on by default in
 ``atu serve``: a forgotten concept's name written in the answer, or with ``exchange_`` in the question, flags it),
-computed from the same texts, so one run gives both.
+computed from the same texts, so one run gives both. The ``named_`` rates are ``--flag-scope named``: the answer
+flagged by score or name, or its question writing a forgotten name.
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
     def share(rs, exchange: bool, names: bool):
         return sum(hit(r, exchange, names) for r in rs) / len(rs) if rs else None
 
+    def hit_named(r) -> bool:  # ``--flag-scope named``: the answer flagged (score or name), or the question names
+        return hit(r, False, True) or bool(r.get("prompt_named", False))
+
     out = {"leaks": len(leaks), "others": len(others)}
     for names in (False, True):
         for scope, exchange in (("", False), ("exchange_", True)):
@@ -103,6 +107,8 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
             out[f"{prefix}catch_rate"] = share(leaks, exchange, names)
             out[f"{prefix}flag_rate_forgotten"] = share(forgotten, exchange, names)
             out[f"{prefix}false_flag_rate"] = share(others, exchange, names)
+    for key, rs in (("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others)):
+        out[f"named_{key}"] = sum(map(hit_named, rs)) / len(rs) if rs else None
     return out
 
 
