@@ -330,6 +330,8 @@ def render_robustness(name: str, d: dict) -> str:
         ("false flags (own)", (2, "guard", "own", "false_flag_rate")),
         ("catch, question's flags counted (own)", (2, "guard", "own", "exchange_catch_rate")),
         ("false flags, same", (2, "guard", "own", "exchange_false_flag_rate")),
+        ("catch, names and the question's names (own; --flag-scope named)", (2, "guard", "own", "named_catch_rate")),
+        ("false flags, same", (2, "guard", "own", "named_false_flag_rate")),
         ("catch (attacked states)", (2, "guard", "attacked", "catch_rate")),
         ("false flags (attacked)", (2, "guard", "attacked", "false_flag_rate")),
         ("leaking answers", (2, "guard", "own", "leaks")),
