@@ -121,8 +121,14 @@ class Dist:
         if self.main:
             self.barrier()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group. ``finished``: every process got here the same way, so they first wait for each
+        other (a process whose peer has already closed its connections can abort on its way out under gloo,
+        "terminate called without an active exception"); after an error, leave at once, never waiting on peers that
+        may be inside another collective."""
         if self.active and torch.distributed.is_initialized():
+            if finished:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

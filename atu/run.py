@@ -111,8 +111,10 @@ def _processes(cfg: RunConfig) -> Iterator[Dist]:
     dist = from_environment(cfg.device)
     try:
         yield dist
-    finally:
-        dist.close()
+    except BaseException:
+        dist.close(finished=False)
+        raise
+    dist.close()
 
 
 def run(
