@@ -102,8 +102,8 @@ class Bench:
         """Every probe answered once: recall by group and kind, and the guard's catch and false-flag rates."""
         answers = server_answers(model, self.tokenizer, self.probes)
         scorers = {
-            "own": export_scorer(self.src.export, self.guard_model, self.tokenizer, match_names=False),
-            "attacked": export_scorer(self.src.export, model, self.tokenizer, match_names=False),
+            "own": export_scorer(self.src.export, self.guard_model, self.tokenizer),
+            "attacked": export_scorer(self.src.export, model, self.tokenizer),
         }
         rows = guard_rows(self.tokenizer, self.probes, answers, scorers, self.src.forget)
         for r, p in zip(rows, self.probes):

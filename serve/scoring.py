@@ -489,9 +489,8 @@ class Scorer:
         self.rows_scored += len(part.rows)
         thresholds, labels = self.index.thresholds, self.index.labels
         named = self.names.find(part.text, part.names_from) if self.names is not None else {}
-        over = best > thresholds
+        over = best > thresholds  # a new array: marking the named concepts in it changes nothing else
         if named:
-            over = over.copy()
             over[list(named)] = True
         hit = np.flatnonzero(over)
         flagged = [labels[c] for c in hit[np.lexsort((hit, -best[hit]))]]  # score descending

@@ -41,17 +41,15 @@ def _model_backend(model, layer: int):
     return HFBackend.from_model(model, layer)
 
 
-def export_scorer(export: Export, states_model, tokenizer, match_names: bool = True):
-    """A ``Scorer`` with the export's predictor and index, reading hook-layer states from ``states_model``; with
-    ``match_names`` a forgotten concept's name written out flags it too (the guard's default)."""
-    from serve.names import NameMatcher
+def export_scorer(export: Export, states_model, tokenizer):
+    """A ``Scorer`` with the export's predictor and index, reading hook-layer states from ``states_model``: the
+    predictor alone (``guard_rows`` finds the names written out, so one run gives the rates with and without them)."""
     from serve.scoring import Scorer
 
     cfg = json.loads((export.model_dir / "config.json").read_text())
     max_tokens = min(export.predictor.config.max_len, int(cfg.get("max_position_embeddings") or 1 << 30))
     backend = _model_backend(states_model, export.guard.hook_layer)
-    names = NameMatcher(export.index.labels) if match_names else None
-    return Scorer(backend, tokenizer, export.predictor, export.index, max_tokens=max_tokens, top_k=None, names=names)
+    return Scorer(backend, tokenizer, export.predictor, export.index, max_tokens=max_tokens, top_k=None)
 
 
 def server_answers(model, tokenizer, probes: Sequence[Probe]) -> list[str]:
@@ -89,26 +87,23 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
     forgotten = [r for r in rows if r["forgotten"]]
     others = [r for r in rows if not r["forgotten"]]
 
-    def hit(r, exchange: bool, names: bool) -> bool:
-        answer = r[f"flagged_{source}"] or (names and r.get("named", False))
-        question = r.get(f"prompt_flagged_{source}", False) or (names and r.get("prompt_named", False))
-        return bool(answer or (exchange and question))
+    def answer(r, names: bool) -> bool:
+        return bool(r[f"flagged_{source}"] or (names and r.get("named", False)))
 
-    def share(rs, exchange: bool, names: bool):
-        return sum(hit(r, exchange, names) for r in rs) / len(rs) if rs else None
+    def question(r, names: bool) -> bool:
+        return bool(r.get(f"prompt_flagged_{source}", False) or (names and r.get("prompt_named", False)))
 
-    def hit_named(r) -> bool:  # ``--flag-scope named``: the answer flagged (score or name), or the question names
-        return hit(r, False, True) or bool(r.get("prompt_named", False))
-
+    scopes = {  # rate-key prefix: whether a row counts as flagged
+        "": lambda r: answer(r, False),
+        "exchange_": lambda r: answer(r, False) or question(r, False),
+        "names_": lambda r: answer(r, True),
+        "names_exchange_": lambda r: answer(r, True) or question(r, True),
+        "named_": lambda r: answer(r, True) or bool(r.get("prompt_named", False)),  # ``--flag-scope named``
+    }
     out = {"leaks": len(leaks), "others": len(others)}
-    for names in (False, True):
-        for scope, exchange in (("", False), ("exchange_", True)):
-            prefix = ("names_" if names else "") + scope
-            out[f"{prefix}catch_rate"] = share(leaks, exchange, names)
-            out[f"{prefix}flag_rate_forgotten"] = share(forgotten, exchange, names)
-            out[f"{prefix}false_flag_rate"] = share(others, exchange, names)
-    for key, rs in (("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others)):
-        out[f"named_{key}"] = sum(map(hit_named, rs)) / len(rs) if rs else None
+    for prefix, hit in scopes.items():
+        for key, rs in (("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others)):
+            out[f"{prefix}{key}"] = sum(map(hit, rs)) / len(rs) if rs else None
     return out
 
 
@@ -116,7 +111,6 @@ def guard_report(model, tokenizer, probes: Sequence[Probe], export: Export, own_
     """Both state sources' catch and false-flag rates on ``model``'s answers (``answers``: from
     ``server_answers``, computed here when None; ``own_model``: the full-precision model the guard runs itself)."""
     answers = server_answers(model, tokenizer, probes) if answers is None else answers
-    scorers = {name: export_scorer(export, m, tokenizer, match_names=False) for name, m in (("own", own_model),
-               ("attacked", model))}  # fmt: skip
+    scorers = {"own": export_scorer(export, own_model, tokenizer), "attacked": export_scorer(export, model, tokenizer)}
     rows = guard_rows(tokenizer, probes, answers, scorers, forget)
     return {name: catch_rates(rows, name) for name in STATE_SOURCES}
