@@ -48,6 +48,7 @@ _MAX_ASK = 1 << 20  # a fetch names keys only; 1 MiB is thousands of them
 _MAX_ANSWER_HEADER = 64 << 20  # an answer's header lists shapes per recorded request
 _IDLE_S = 10.0  # a connected peer that sends nothing for this long is dropped
 _MAX_RELEASED = 65_536  # released keys remembered (32-character keys: a few MiB)
+_MAX_PENDING = 64  # steps held for a reader before the engine records the finished ones itself
 _HEADER = struct.Struct("<Q")  # every message: 8-byte little-endian length of its JSON header, header, payload
 
 
@@ -64,26 +65,38 @@ class Captured:
 
 
 class _Entry:
-    __slots__ = ("request_id", "ids", "rows", "n")
+    """One engine request's rows, kept as the pieces the steps recorded and put together when read: a decode step
+    adds one row per request, and writing it into a growing array cost the engine thread more than the step's own
+    bookkeeping (fresh pages, regrowth), while a reader asks once per scoring."""
 
-    def __init__(self, request_id: str, dim: int, capacity: int) -> None:
+    __slots__ = ("request_id", "dim", "pieces", "n")
+
+    def __init__(self, request_id: str, dim: int) -> None:
         self.request_id = request_id
-        self.ids = np.full(capacity, -1, dtype=np.int64)
-        self.rows = np.zeros((capacity, dim), dtype=np.float32)
+        self.dim = dim
+        self.pieces: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, ids, rows), in the order recorded
         self.n = 0  # rows recorded: positions 0..n-1
 
     def put(self, start: int, ids: np.ndarray, rows: np.ndarray) -> int:
-        """Store rows at positions ``start..start+len(ids)-1``; returns how many rows the entry grew by."""
+        """Rows at positions ``start..start+len(ids)-1`` (kept as given: the store's own arrays); returns how many
+        rows the entry grew by. A position recorded twice keeps the later row."""
         end = start + len(ids)
-        if end > len(self.ids):
-            cap = max(end, 2 * len(self.ids))
-            self.ids = np.concatenate([self.ids, np.full(cap - len(self.ids), -1, dtype=np.int64)])
-            self.rows = np.concatenate([self.rows, np.zeros((cap - len(self.rows), self.rows.shape[1]), np.float32)])
-        self.ids[start:end] = ids
-        self.rows[start:end] = rows
+        self.pieces.append((start, ids, rows))
         grown = max(0, end - self.n)
         self.n = max(self.n, end)
         return grown
+
+    def assemble(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) for positions 0..n-1; a position never recorded has id -1 and a zero row."""
+        if all(nxt[0] == start + len(ids) for (start, ids, _), nxt in zip(self.pieces, self.pieces[1:])) \
+                and self.pieces[0][0] == 0:  # fmt: skip
+            return np.concatenate([p[1] for p in self.pieces]), np.concatenate([p[2] for p in self.pieces])
+        ids = np.full(self.n, -1, dtype=np.int64)
+        rows = np.zeros((self.n, self.dim), dtype=np.float32)
+        for start, piece_ids, piece_rows in self.pieces:
+            ids[start : start + len(piece_ids)] = piece_ids
+            rows[start : start + len(piece_ids)] = piece_rows
+        return ids, rows
 
 
 class CaptureStore:
@@ -110,27 +123,35 @@ class CaptureStore:
         if rows.shape != (len(ids), self.dim):
             raise ValueError(f"rows must have shape ({len(ids)}, {self.dim}), got {tuple(rows.shape)}.")
         with self._lock:
-            if key in self._released:
-                return
-            entry = self._entries.get((key, request_id))
-            if entry is None:
-                entry = self._entries[(key, request_id)] = _Entry(request_id, self.dim, max(64, start + len(ids)))
-            else:
-                self._entries.move_to_end((key, request_id))
-            self._rows += entry.put(start, ids, rows)
-            while self._rows > self.max_rows and len(self._entries) > 1:
-                (old_key, old_req), old = self._entries.popitem(last=False)
-                self._rows -= old.n
-                logger.warning("capture store full: dropped %s/%s (%d rows) before the guard read it",
-                               old_key, old_req, old.n)  # fmt: skip
+            self._record(key, request_id, start, np.array(ids, dtype=np.int64), np.array(rows, dtype=np.float32))
+
+    def _record(self, key: str, request_id: str, start: int, ids: np.ndarray, rows: np.ndarray) -> None:
+        """`record` with the lock held and ``ids``/``rows`` the store's own arrays."""
+        if key in self._released:
+            return
+        entry = self._entries.get((key, request_id))
+        if entry is None:
+            entry = self._entries[(key, request_id)] = _Entry(request_id, self.dim)
+        else:
+            self._entries.move_to_end((key, request_id))
+        self._rows += entry.put(start, ids, rows)
+        while self._rows > self.max_rows and len(self._entries) > 1:
+            (old_key, old_req), old = self._entries.popitem(last=False)
+            self._rows -= old.n
+            logger.warning("capture store full: dropped %s/%s (%d rows) before the guard read it",
+                           old_key, old_req, old.n)  # fmt: skip
 
     def defer(self, marked: list[tuple[str, str, int]], step) -> None:
-        """One step's rows, still being copied: ``marked`` lists (key, request id, rows) in row order and
+        """One step's rows, maybe still being copied: ``marked`` lists (key, request id, rows) in row order and
         ``step.wait()`` gives ``(rows, ids, starts)`` (ids None when the step had no token ids; ``starts``: each
-        request's first position). Steps whose copy has finished are recorded now, without waiting for the rest."""
+        request's first position). Returns at once: the steps are recorded when a reader asks, or, past
+        ``_MAX_PENDING`` steps, those whose copy has finished are recorded here."""
         with self._lock:
             self._pending.append((marked, step))
-        if self._settling.acquire(blocking=False):  # else a reader is settling them: the engine never waits
+            backlog = len(self._pending) > _MAX_PENDING
+        # A reader records the steps when it asks (on its own thread, while the engine runs on); the engine
+        # records finished ones itself only when no reader has asked for a while, to bound the held host buffers.
+        if backlog and self._settling.acquire(blocking=False):  # else a reader is settling them: never wait
             try:
                 self._settle(block=False)
             finally:
@@ -149,11 +170,17 @@ class CaptureStore:
                     return
                 marked, step = self._pending.popleft()
             rows, ids, starts = step.wait()
+            ids = np.full(len(rows), -1, np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+            if rows.shape != (len(ids), self.dim) or sum(m[2] for m in marked) != len(rows):
+                raise ValueError(f"a step's rows {tuple(rows.shape)} do not match its requests {marked}")
             at = 0
-            for (key, req_id, count), start in zip(marked, starts):
-                tok = ids[at : at + count] if ids is not None else np.full(count, -1, np.int64)
-                self.record(key, req_id, int(start), tok.astype(np.int64), rows[at : at + count])
-                at += count
+            with self._lock:  # once per step: a decode step records one row for each of many requests
+                for (key, req_id, count), start in zip(marked, starts.tolist()):
+                    # Each request's own copy, so that its rows cost what the budget counts once the step's
+                    # buffers are gone.
+                    piece = slice(at, at + count)
+                    self._record(key, req_id, start, ids[piece].copy(), np.array(rows[piece], dtype=np.float32))
+                    at += count
 
     def take(self, keys: list[str], release: bool) -> dict[str, list[Captured]]:
         """Copies of what is recorded under each key (engine request ids ascending); ``release`` forgets them.
@@ -171,7 +198,7 @@ class CaptureStore:
             for (key, req), entry in list(self._entries.items()):
                 if key not in wanted:
                     continue
-                out[key].append(Captured(req, entry.ids[: entry.n].copy(), entry.rows[: entry.n].copy()))
+                out[key].append(Captured(req, *entry.assemble()))
                 if release:
                     del self._entries[(key, req)]
                     self._rows -= entry.n

@@ -12,6 +12,7 @@ from serve_helpers import TINY_MODEL_NAME, http, sse_events
 
 from serve.backends import BackendError, CaptureBackend, match_capture
 from serve.capture import (
+    _MAX_PENDING,
     XARG,
     CaptureClient,
     Captured,
@@ -76,21 +77,42 @@ class _Step:
         return self.arrays
 
 
-def test_store_records_deferred_steps_in_order_and_a_reader_waits_for_the_rest():
+def test_store_records_deferred_steps_in_order_when_a_reader_asks():
     store = CaptureStore(dim=4)
-    first = _Step(_rows(5), np.arange(10, 15), [0, 0])  # a prefill step of two requests, copy still running
+    first = _Step(_rows(5), np.arange(10, 15), [0, 0], ready=True)  # a prefill step of two requests
     store.defer([("k", "r1", 3), ("j", "r2", 2)], first)
-    later = _Step(_rows(1, start=3), np.array([13]), [3], ready=True)  # the next decode step, already copied
-    store.defer([("k", "r1", 1)], later)
-    assert store.pending() == 2 and len(store) == 0  # nothing is recorded ahead of an unfinished earlier step
-    first.done = True
-    store.defer([("j", "r2", 1)], _Step(_rows(1, start=9), None, [2], ready=True))  # the engine's next step
-    assert store.pending() == 0 and len(store) == 2 and first.waited
+    store.defer([("k", "r1", 1)], _Step(_rows(1, start=3), np.array([13]), [3], ready=True))  # the next decode step
+    store.defer([("j", "r2", 1)], _Step(_rows(1, start=9), None, [2], ready=True))
+    assert store.pending() == 3 and len(store) == 0 and not first.waited  # the engine's hand-off records nothing
     got = store.take(["k", "j"], release=True)
+    assert store.pending() == 0 and first.waited
     assert got["k"][0].ids.tolist() == [10, 11, 12, 13]
     np.testing.assert_array_equal(got["k"][0].rows, np.concatenate([_rows(3), _rows(1, start=3)]))
     assert got["j"][0].ids.tolist() == [13, 14, -1]  # a step without token ids records -1 at its positions
     np.testing.assert_array_equal(got["j"][0].rows, np.concatenate([_rows(2, start=3), _rows(1, start=9)]))
+
+
+def test_a_backlog_is_recorded_by_the_engine_in_order_up_to_the_first_unfinished_copy():
+    store = CaptureStore(dim=4)
+    first = _Step(_rows(1), np.array([5]), [0])  # its copy is still running
+    store.defer([("k", "r", 1)], first)
+    for t in range(1, _MAX_PENDING + 1):  # no reader asks: the steps pile up
+        store.defer([("k", "r", 1)], _Step(_rows(1, start=t), np.array([5 + t]), [t], ready=True))
+    assert store.pending() == _MAX_PENDING + 1 and len(store) == 0  # nothing ahead of the unfinished step
+    first.done = True
+    store.defer([("k", "r", 1)], _Step(_rows(1, start=99), np.array([0]), [_MAX_PENDING + 1], ready=True))
+    assert store.pending() == 0 and len(store) == 1
+    (got,) = store.take(["k"], release=True)["k"]
+    assert got.ids.tolist() == [5 + t for t in range(_MAX_PENDING + 1)] + [0]
+
+
+def test_a_position_recorded_twice_keeps_the_later_row():
+    store = CaptureStore(dim=4)
+    store.record("k", "r", 0, np.array([1, 2, 3]), _rows(3))
+    store.record("k", "r", 1, np.array([7]), _rows(1, start=20))  # a recomputed position (after a preemption)
+    (got,) = store.take(["k"], release=False)["k"]
+    assert got.ids.tolist() == [1, 7, 3]
+    np.testing.assert_array_equal(got.rows, np.concatenate([_rows(1), _rows(1, start=20), _rows(1, start=2)]))
 
 
 def test_a_reader_waits_for_steps_still_being_copied():
