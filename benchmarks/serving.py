@@ -17,8 +17,12 @@ block) a note says that the run cannot settle that target.
 
 Beside throughput, the CPU time (user + system) of the guard process and of the vLLM server (with its children)
 over each pass, divided by the requests it completed: what the guard costs per request next to what generating
-costs. Last, the latency the guard adds to a single non-streamed request, one at a time, bare and guarded
-alternating (median of the paired differences).
+costs. Beside those, what the guard did with each guarded pass's requests, read from its audit log: the share it
+blocked or cut. The random prompts' completions can cross the export's thresholds (they are calibrated on the
+world's own texts, not on random tokens); under ``block`` every such stream is cut and delivers fewer tokens, so
+the output-throughput ratio then mixes the guard's cost with its decisions, and the table says how much. Last, the
+latency the guard adds to a single non-streamed request, one at a time, bare and guarded alternating (median of the
+paired differences).
 
     python benchmarks/serving.py                   # the export of `make demo` (demo_out/export)
     python benchmarks/serving.py --quick           # smoke run: few prompts, 2 pairs, levels 1 and 8
@@ -111,8 +115,8 @@ def markdown(res: dict) -> str:
         + (f" Guard options: `{res['guard_args']}`." if res.get("guard_args") else ""),
         "",
         "| policy | requests | concurrency | bare tok/s | guarded tok/s | guarded/bare | min | max | IQR | target "
-        "| guard CPU ms/req | vLLM CPU ms/req bare | vLLM CPU ms/req guarded | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| guard CPU ms/req | vLLM CPU ms/req bare | vLLM CPU ms/req guarded | failed | blocked or cut |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in res["rows"]:
         s, target = row["ratio"], TARGETS.get((row["policy"], row["concurrency"]))
@@ -120,9 +124,10 @@ def markdown(res: dict) -> str:
             f"| {row['policy']} | {row['mode']} | {row['concurrency']} | {row['bare_tok_s']:.0f} "
             f"| {row['guarded_tok_s']:.0f} | **{s['median']:.2f}x** | {s['min']:.2f} | {s['max']:.2f} "
             f"| {s['iqr']:.2f} | {f'{target:.2f}x' if target else '-'} | {row['guard_cpu_ms']:.1f} "
-            f"| {row['vllm_cpu_ms_bare']:.1f} | {row['vllm_cpu_ms_guarded']:.1f} | {row['failed']} |"
+            f"| {row['vllm_cpu_ms_bare']:.1f} | {row['vllm_cpu_ms_guarded']:.1f} | {row['failed']} "
+            f"| {_share(row.get('stopped'))} |"
         )
-    notes = [row["note"] for row in res["rows"] if row["note"]]
+    notes = [note for row in res["rows"] for note in (row["note"], row.get("stopped_note")) if note]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     for policy, s in res["single"].items():
@@ -144,6 +149,8 @@ def level_row(policy: str, mode: str, concurrency: int, pairs: list[dict]) -> di
         return statistics.median(key(pair[target]) for pair in pairs)
 
     stats = pair_stats([pair["ratio"] for pair in pairs])
+    shares = [stopped_share(pair["guarded"].get("actions")) for pair in pairs]
+    stopped = statistics.median(shares) if None not in shares else None
     return {
         "policy": policy,
         "mode": mode,
@@ -156,8 +163,34 @@ def level_row(policy: str, mode: str, concurrency: int, pairs: list[dict]) -> di
         "vllm_cpu_ms_guarded": median("guarded", lambda r: r["cpu_ms_per_request"]["vllm"]),
         "failed": sum(pair[t]["failed"] for pair in pairs for t in ("bare", "guarded")),
         "note": spread_note(policy, mode, concurrency, stats),
+        "stopped": stopped,
+        "stopped_note": stopped_note(policy, mode, concurrency, stopped, pairs),
         "pairs": pairs,
     }
+
+
+def stopped_share(actions: dict[str, int] | None) -> float | None:
+    """The share of a pass's audited requests the guard blocked or cut; None when nothing was audited."""
+    if not actions or sum(actions.values()) == 0:
+        return None
+    return (actions.get("blocked", 0) + actions.get("cut", 0)) / sum(actions.values())
+
+
+def stopped_note(policy: str, mode: str, concurrency: int, stopped: float | None, pairs: list[dict]) -> str | None:
+    """A plain note when the guard stopped some of a level's requests: then fewer tokens reached the client and
+    the output-throughput ratio is not the guard's cost alone; the request-throughput ratio is given beside it."""
+    if not stopped:
+        return None
+    req = statistics.median(p["guarded"]["request_throughput"] / p["bare"]["request_throughput"] for p in pairs)
+    return (
+        f"{policy}, {mode}, concurrency {concurrency}: the guard blocked or cut {100 * stopped:.0f}% of the guarded "
+        f"requests (median of the passes), which then delivered fewer tokens: the output-throughput ratio counts "
+        f"only what was delivered. Requests per second, guarded/bare: {req:.2f}x (median of the pairs)."
+    )
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 # ---- measuring ----
@@ -293,8 +326,25 @@ def run_pass(cfg: argparse.Namespace, mode: str, url: str, concurrency: int, n: 
     return closed_loop(url, cfg.prompts[:n], concurrency, cfg.output_len)
 
 
-def run_pairs(cfg, mode: str, urls: dict[str, str], pids: dict[str, int], concurrency: int) -> list[dict]:
-    """``cfg.pairs`` bare/guarded pairs at one level, the order flipping from one pair to the next."""
+def audit_actions(path: str, since: float, expect: int, wait_s: float = 10.0) -> dict[str, int]:
+    """What the guard did with the requests it audited from ``since`` (unix seconds) on: {action: count}. The
+    log commits in groups, so this waits (up to ``wait_s``) until ``expect`` records are there."""
+    import sqlite3
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            rows = db.execute("SELECT action, COUNT(*) FROM records WHERE time_unix >= ? GROUP BY action", (since,))
+            counts = {action: n for action, n in rows}
+        if sum(counts.values()) >= expect or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
+
+
+def run_pairs(cfg, mode: str, urls: dict[str, str], pids: dict[str, int], concurrency: int,
+              audit: str | None = None) -> list[dict]:  # fmt: skip
+    """``cfg.pairs`` bare/guarded pairs at one level, the order flipping from one pair to the next; with
+    ``audit`` (the guard's log) each guarded pass records what the guard did with its requests."""
     n = max(16, cfg.prompts_per_client * concurrency)
     pairs = []
     for i in range(cfg.pairs):
@@ -302,7 +352,10 @@ def run_pairs(cfg, mode: str, urls: dict[str, str], pids: dict[str, int], concur
         pair = {}
         for target in order:
             print(f"=== {mode}, concurrency {concurrency}, pair {i + 1}/{cfg.pairs}: {target} ({n})", flush=True)
+            since = time.time()
             pair[target] = measured(partial(run_pass, cfg, mode, urls[target], concurrency, n), pids)
+            if target == "guarded" and audit is not None:
+                pair[target]["actions"] = audit_actions(audit, since, pair[target]["completed"])
         pair["ratio"] = pair["guarded"]["output_throughput"] / pair["bare"]["output_throughput"]
         pairs.append(pair)
     return pairs
@@ -337,7 +390,8 @@ def latency_summary(cfg, urls: dict[str, str]) -> dict | None:
     }
 
 
-def bench_policy(cfg, policy: str, urls: dict[str, str], pids: dict[str, int]) -> tuple[list[dict], dict]:
+def bench_policy(cfg, policy: str, urls: dict[str, str], pids: dict[str, int],
+                 audit: str | None = None) -> tuple[list[dict], dict]:  # fmt: skip
     """Every level and kind of request under one guard policy; (table rows, single-request latency)."""
     for mode in cfg.modes:  # a fresh guard's first requests pay for lazy set-up; no pass should carry that
         for target in ("bare", "guarded"):
@@ -345,13 +399,14 @@ def bench_policy(cfg, policy: str, urls: dict[str, str], pids: dict[str, int]) -
     rows = []
     for concurrency in cfg.concurrency:
         for mode in cfg.modes:
-            pairs = run_pairs(cfg, mode, urls, pids, concurrency)
+            pairs = run_pairs(cfg, mode, urls, pids, concurrency, audit)
             row = level_row(policy, mode, concurrency, pairs)
             s = row["ratio"]
             print(f"--- {policy}, {mode}, concurrency {concurrency}: guarded/bare {s['median']:.2f}x "
                   f"(min {s['min']:.2f}, max {s['max']:.2f}, IQR {s['iqr']:.2f})", flush=True)  # fmt: skip
-            if row["note"]:
-                print("NOTE: " + row["note"], flush=True)
+            for note in (row["note"], row["stopped_note"]):
+                if note:
+                    print("NOTE: " + note, flush=True)
             rows.append(row)
     return rows, latency_summary(cfg, urls)
 
@@ -442,8 +497,8 @@ def main() -> None:
             with atu_serve(cfg.export, free_port(), *args) as served:
                 urls = {"bare": bare.url, "guarded": served.guard_url}
                 try:
-                    rows, res["single"][policy] = bench_policy(cfg, policy, urls, {"guard": served.pid,
-                                                                                  "vllm": bare.pid})  # fmt: skip
+                    pids = {"guard": served.pid, "vllm": bare.pid}
+                    rows, res["single"][policy] = bench_policy(cfg, policy, urls, pids, audit)
                 except Exception:
                     print("the guard's last output:\n" + "\n".join(served.output[-40:]), flush=True)
                     raise

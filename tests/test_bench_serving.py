@@ -3,6 +3,7 @@ No vLLM: hand-made pass results."""
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,42 @@ def test_measured_divides_each_process_cpu_time_by_the_completed_requests():
 
     r = bench.measured(busy, {"me": os.getpid()})
     assert r["completed"] == 5 and r["cpu_ms_per_request"]["me"] >= 0.05 * 1000 / 5 * 0.5
+
+
+def test_stopped_share_counts_blocked_and_cut_among_the_audited():
+    assert bench.stopped_share({"passed": 6, "cut": 3, "blocked": 1}) == pytest.approx(0.4)
+    assert bench.stopped_share({"annotated": 5}) == 0.0
+    assert bench.stopped_share({}) is None and bench.stopped_share(None) is None
+
+
+def test_a_level_whose_requests_the_guard_stopped_says_so_with_the_request_ratio():
+    pairs = _pairs([100.0, 100.0, 100.0], [50.0, 60.0, 55.0])
+    for pair, cut in zip(pairs, (5, 6, 7)):
+        pair["bare"]["request_throughput"], pair["guarded"]["request_throughput"] = 10.0, 9.0
+        pair["guarded"]["actions"] = {"passed": 10 - cut, "cut": cut}
+    row = bench.level_row("block", "streamed", 32, pairs)
+    assert row["stopped"] == pytest.approx(0.6)
+    note = row["stopped_note"]
+    assert note and "cut 60% of the guarded requests" in note and "guarded/bare: 0.90x" in note
+    res = {"backend": "capture", "machine": "m", "export": "e", "input_len": 1, "output_len": 1, "pairs": 3,
+           "rows": [row], "single": {}}  # fmt: skip
+    md = bench.markdown(res)
+    assert "| 60% |" in md and note in md
+    clean = bench.level_row("monitor", "streamed", 8, _pairs([50.0], [49.0]))  # no audit read: nothing said
+    assert clean["stopped"] is None and clean["stopped_note"] is None
+    assert bench.markdown({**res, "rows": [clean]}).splitlines()[-1].endswith("| - |")
+
+
+def test_audit_actions_reads_what_the_guard_logged_since_the_pass_began(tmp_path):
+    from serve.audit import AuditLog
+    from serve.audit_record import AuditRecord
+
+    path = tmp_path / "audit.sqlite"
+    with AuditLog(path) as log:
+        log.append_sync(AuditRecord("old", action="cut", time=1000.0))  # before the pass: not counted
+        for i, action in enumerate(["passed", "cut", "cut", "blocked"]):
+            log.append_sync(AuditRecord(f"r{i}", action=action, time=2000.0 + i))
+        assert bench.audit_actions(str(path), 2000.0, expect=4) == {"passed": 1, "cut": 2, "blocked": 1}
+        t = time.monotonic()  # fewer records than expected: it waits, then returns what is there
+        assert bench.audit_actions(str(path), 2003.0, expect=2, wait_s=0.3) == {"blocked": 1}
+        assert time.monotonic() - t >= 0.3
