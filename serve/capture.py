@@ -66,8 +66,8 @@ class Captured:
 
 class _Entry:
     """One engine request's rows, kept as the pieces the steps recorded and put together when read: a decode step
-    adds one row per request, and writing it into a growing array cost the engine thread more than the step's own
-    bookkeeping (fresh pages, regrowth), while a reader asks once per scoring."""
+    adds one row per request, and writing each into a growing array (fresh pages, regrowth) cost several times what
+    keeping the piece costs, while a reader asks once per scoring."""
 
     __slots__ = ("request_id", "dim", "pieces", "n")
 
