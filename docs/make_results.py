@@ -223,9 +223,10 @@ def render_serving_pairs(name: str, d: dict) -> str:
         ("guarded / bare (median)", ("ratio", "median")),
         ("min", ("ratio", "min")), ("max", ("ratio", "max")), ("guard CPU ms/req", ("guard_cpu_ms",)),
         ("vLLM CPU ms/req", ("vllm_cpu_ms_guarded",)), ("failed", ("failed",)),
+        ("blocked or cut", ("stopped",)),
     ]  # fmt: skip
     out.append(columns(d.get("rows") or [], rows))
-    notes = [r["note"] for r in d.get("rows") or [] if r.get("note")]
+    notes = [n for r in d.get("rows") or [] for n in (r.get("note"), r.get("stopped_note")) if n]
     out += [f"- {n}" for n in notes]
     single = {k: v for k, v in (d.get("single") or {}).items() if v}
     if single:
