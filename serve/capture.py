@@ -48,7 +48,6 @@ _MAX_ASK = 1 << 20  # a fetch names keys only; 1 MiB is thousands of them
 _MAX_ANSWER_HEADER = 64 << 20  # an answer's header lists shapes per recorded request
 _IDLE_S = 10.0  # a connected peer that sends nothing for this long is dropped
 _MAX_RELEASED = 65_536  # released keys remembered (32-character keys: a few MiB)
-_MAX_PENDING = 64  # steps held for a reader before the engine records the finished ones itself
 _HEADER = struct.Struct("<Q")  # every message: 8-byte little-endian length of its JSON header, header, payload
 
 
@@ -103,10 +102,11 @@ class CaptureStore:
     """Rows recorded per key (one key per guarded exchange, one or more engine requests under it). Thread-safe:
     the engine thread writes, the socket thread reads."""
 
-    def __init__(self, dim: int, max_rows: int = 262_144, layer: int = 0) -> None:
-        if dim < 1 or max_rows < 1:
-            raise ValueError(f"dim and max_rows must be positive, got {dim} and {max_rows}.")
+    def __init__(self, dim: int, max_rows: int = 262_144, layer: int = 0, max_pending: int = 64) -> None:
+        if dim < 1 or max_rows < 1 or max_pending < 1:
+            raise ValueError(f"dim, max_rows and max_pending must be positive, got {dim}, {max_rows}, {max_pending}.")
         self.dim, self.max_rows, self.layer = dim, max_rows, layer
+        self.max_pending = max_pending  # steps held for a reader before the engine records the finished ones itself
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # (key, request id), oldest first
         # Keys released already: a request the guard gave up on (its client left) may still run an engine step or
         # two before vLLM sees the abort; those rows would otherwise stay until the budget pushes them out.
@@ -145,10 +145,10 @@ class CaptureStore:
         """One step's rows, maybe still being copied: ``marked`` lists (key, request id, rows) in row order and
         ``step.wait()`` gives ``(rows, ids, starts)`` (ids None when the step had no token ids; ``starts``: each
         request's first position). Returns at once: the steps are recorded when a reader asks, or, past
-        ``_MAX_PENDING`` steps, those whose copy has finished are recorded here."""
+        ``max_pending`` steps, those whose copy has finished are recorded here."""
         with self._lock:
             self._pending.append((marked, step))
-            backlog = len(self._pending) > _MAX_PENDING
+            backlog = len(self._pending) > self.max_pending
         # A reader records the steps when it asks (on its own thread, while the engine runs on); the engine
         # records finished ones itself only when no reader has asked for a while, to bound the held host buffers.
         if backlog and self._settling.acquire(blocking=False):  # else a reader is settling them: never wait

@@ -12,7 +12,6 @@ from serve_helpers import TINY_MODEL_NAME, http, sse_events
 
 from serve.backends import BackendError, CaptureBackend, match_capture
 from serve.capture import (
-    _MAX_PENDING,
     XARG,
     CaptureClient,
     Captured,
@@ -93,17 +92,17 @@ def test_store_records_deferred_steps_in_order_when_a_reader_asks():
 
 
 def test_a_backlog_is_recorded_by_the_engine_in_order_up_to_the_first_unfinished_copy():
-    store = CaptureStore(dim=4)
+    store = CaptureStore(dim=4, max_pending=4)
     first = _Step(_rows(1), np.array([5]), [0])  # its copy is still running
     store.defer([("k", "r", 1)], first)
-    for t in range(1, _MAX_PENDING + 1):  # no reader asks: the steps pile up
+    for t in range(1, store.max_pending + 1):  # no reader asks: the steps pile up
         store.defer([("k", "r", 1)], _Step(_rows(1, start=t), np.array([5 + t]), [t], ready=True))
-    assert store.pending() == _MAX_PENDING + 1 and len(store) == 0  # nothing ahead of the unfinished step
+    assert store.pending() == store.max_pending + 1 and len(store) == 0  # nothing ahead of the unfinished step
     first.done = True
-    store.defer([("k", "r", 1)], _Step(_rows(1, start=99), np.array([0]), [_MAX_PENDING + 1], ready=True))
+    store.defer([("k", "r", 1)], _Step(_rows(1, start=99), np.array([0]), [store.max_pending + 1], ready=True))
     assert store.pending() == 0 and len(store) == 1
     (got,) = store.take(["k"], release=True)["k"]
-    assert got.ids.tolist() == [5 + t for t in range(_MAX_PENDING + 1)] + [0]
+    assert got.ids.tolist() == [5 + t for t in range(store.max_pending + 1)] + [0]
 
 
 def test_a_position_recorded_twice_keeps_the_later_row():
