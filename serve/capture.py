@@ -85,10 +85,23 @@ class _Entry:
         self.n = max(self.n, end)
         return grown
 
-    def assemble(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, rows) for positions 0..n-1; a position never recorded has id -1 and a zero row."""
-        if all(nxt[0] == start + len(ids) for (start, ids, _), nxt in zip(self.pieces, self.pieces[1:])) \
-                and self.pieces[0][0] == 0:  # fmt: skip
+    def assemble(self, keep: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) for positions 0..n-1; a position never recorded has id -1 and a zero row. With ``keep`` (the
+        entry stays for later reads: a held stream is read at every scoring) the joined arrays replace the pieces,
+        so the next read joins only what came since, and the caller gets copies."""
+        if len(self.pieces) == 1 and self.pieces[0][0] == 0:
+            _, ids, rows = self.pieces[0]
+        else:
+            ids, rows = self._joined()
+        if not keep:
+            return ids, rows
+        self.pieces = [(0, ids, rows)]
+        return ids.copy(), rows.copy()
+
+    def _joined(self) -> tuple[np.ndarray, np.ndarray]:
+        starts = [start for start, _, _ in self.pieces]
+        ends = [start + len(ids) for start, ids, _ in self.pieces]
+        if starts[0] == 0 and starts[1:] == ends[:-1]:  # in order, without gaps or overlaps: the common case
             return np.concatenate([p[1] for p in self.pieces]), np.concatenate([p[2] for p in self.pieces])
         ids = np.full(self.n, -1, dtype=np.int64)
         rows = np.zeros((self.n, self.dim), dtype=np.float32)
@@ -198,7 +211,7 @@ class CaptureStore:
             for (key, req), entry in list(self._entries.items()):
                 if key not in wanted:
                     continue
-                out[key].append(Captured(req, *entry.assemble()))
+                out[key].append(Captured(req, *entry.assemble(keep=not release)))
                 if release:
                     del self._entries[(key, req)]
                     self._rows -= entry.n

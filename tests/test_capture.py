@@ -114,6 +114,20 @@ def test_a_position_recorded_twice_keeps_the_later_row():
     np.testing.assert_array_equal(got.rows, np.concatenate([_rows(1), _rows(1, start=20), _rows(1, start=2)]))
 
 
+def test_reads_that_keep_an_entry_see_every_row_since_and_never_share_its_arrays():
+    store = CaptureStore(dim=4)
+    for t in range(3):
+        store.record("k", "r", t, np.array([t]), _rows(1, start=t))
+    (first,) = store.take(["k"], release=False)["k"]  # a held stream's scoring: the entry stays
+    first.rows[:] = -1  # the reader's copy is its own
+    store.record("k", "r", 3, np.array([3]), _rows(1, start=3))
+    (second,) = store.take(["k"], release=False)["k"]
+    assert second.ids.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(second.rows, _rows(4))
+    (last,) = store.take(["k"], release=True)["k"]
+    assert last.ids.tolist() == [0, 1, 2, 3] and len(store) == 0
+
+
 def test_a_reader_waits_for_steps_still_being_copied():
     store = CaptureStore(dim=4)
     step = _Step(_rows(2), np.array([7, 8]), [0])
