@@ -105,6 +105,13 @@ class UnlearnConfig:
     # quantized (the straight-through estimator updates the full-precision weights). method full only.
     quant_aware_bits: int | None = None
     quant_aware_group_size: int | None = None  # quant_aware_bits: one step per this many input columns (None: per row)
+    # Relearning-aware unlearning (0: off): each step's hinge is taken where relearning would take the weights, the
+    # trained weights moved by this much each against the sign of their gradient of the forget texts' next-token loss
+    # (an attacker's first Adam step at this learning rate), relearn_steps times, and its gradient applied to the
+    # weights as they are. The plain hinge stops pushing once the states are under the threshold, where a few steps of
+    # fine-tuning on related facts bring them back; this one pushes until they stay under it from there. atu only.
+    relearn_rho: float = 0.0
+    relearn_steps: int = 1  # relearn_rho > 0: the attacker's steps, each at rate relearn_rho on a fresh gradient
     log_every: int = 10
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 when on a GPU (ignored on CPU)
@@ -168,6 +175,16 @@ class UnlearnConfig:
             )
         if self.retain_budget <= 0:
             raise ConfigError(f"unlearn.retain_budget must be > 0, got {self.retain_budget}")
+        self._check_relearn_aware()
+
+    def _check_relearn_aware(self) -> None:
+        rho, steps = self.relearn_rho, self.relearn_steps
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
+            raise ConfigError(f"unlearn.relearn_rho must be a number >= 0, got {rho!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"unlearn.relearn_steps must be an int >= 1, got {steps!r}")
+        if rho > 0 and self.algorithm != "atu":
+            raise ConfigError(f"unlearn.relearn_rho needs unlearn.algorithm atu, got {self.algorithm!r}")
 
     @property
     def target_kinds(self) -> list[str]:
@@ -404,13 +421,12 @@ def unlearn_stage(
     """
     batches, retain, layer = inputs.batches, inputs.retain, inputs.layer
     device = next(model.parameters()).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    autocast = _autocast(cfg, device)
     opt = make_optimizer(params, cfg)
     predictor = inputs.predictor.to(device)  # a predictor trained or loaded on the CPU follows the model
     vectors = inputs.vectors.to(device)
     taus = inputs.thresholds.to(device)
     records: list[dict] = []
-    use_retain = retain is not None and cfg.uses_retain
     model.train()
     rng = random.Random(cfg.seed + stage)
     order: list[int] = []
@@ -420,20 +436,9 @@ def unlearn_stage(
     bar = tqdm(range(n_steps), desc=desc, disable=not progress, unit="step")
     for i in bar:
         b = batches[_next_pick(order, rng, len(batches), dist)]
-        ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
-        with autocast:
-            pred = predictor(hidden_at(model, ids, attn, layer), attn)  # (B, T, D)
-            loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
-            total = loss
-            retain_losses: dict[str, torch.Tensor] = {}
-            if use_retain:
-                pick = (step_offset + i) * dist.world + dist.rank
-                retain_losses = retain_terms(model, predictor, vectors, retain, pick, layer, cfg)
-                total = total + weighted_retain(retain_losses, cfg)
-        mean_loss = dist.sum(loss.item()) / dist.world  # over the processes: the same decision on every one
-        if mean_loss == 0.0 and use_retain:
-            total = weighted_retain(retain_losses, cfg)
-        grad_norm = _optimizer_step(opt, params, total, cfg, skip=mean_loss == 0.0 and not use_retain, dist=dist)
+        pick = (step_offset + i) * dist.world + dist.rank
+        take_step = _relearn_aware_step if cfg.relearn_rho > 0 else _plain_step
+        pred, mean_loss, retain_losses, grad_norm = take_step(model, opt, params, inputs, b, pick, cfg, dist)
         if i % cfg.log_every == 0 or i == n_steps - 1:
             rec = {"step": step_offset + i, "stage": stage, "loss": mean_loss, "grad_norm": grad_norm.item()}
             rec.update(_similarity_stats(pred.detach(), vectors, b.position_mask.to(device), "forget"))
@@ -460,6 +465,89 @@ def _optimizer_step(opt, params: list[torch.nn.Parameter], total, cfg: UnlearnCo
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return grad_norm
+
+
+def _autocast(cfg: UnlearnConfig, device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+
+def _plain_step(
+    model, opt, params: list[torch.nn.Parameter], inputs: StageInputs, b: ForgetBatch, pick: int, cfg: UnlearnConfig,
+    dist: Dist,
+):  # fmt: skip
+    """One step of the hinge (and the retain terms) at the weights as they are. Returns (predictions, the hinge's
+    mean over the processes, retain losses, gradient norm)."""
+    device = next(model.parameters()).device
+    ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
+    predictor, vectors, taus = inputs.predictor, inputs.vectors.to(device), inputs.thresholds.to(device)
+    use_retain = inputs.retain is not None and cfg.uses_retain
+    with _autocast(cfg, device):
+        pred = predictor(hidden_at(model, ids, attn, inputs.layer), attn)  # (B, T, D)
+        loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
+        total = loss
+        retain_losses: dict[str, torch.Tensor] = {}
+        if use_retain:
+            retain_losses = retain_terms(model, predictor, vectors, inputs.retain, pick, inputs.layer, cfg)
+            total = total + weighted_retain(retain_losses, cfg)
+    mean_loss = dist.sum(loss.item()) / dist.world  # over the processes: the same decision on every one
+    if mean_loss == 0.0 and use_retain:
+        total = weighted_retain(retain_losses, cfg)
+    grad_norm = _optimizer_step(opt, params, total, cfg, skip=mean_loss == 0.0 and not use_retain, dist=dist)
+    return pred.detach(), mean_loss, retain_losses, grad_norm
+
+
+def attacker_step(grads: list[torch.Tensor | None], rho: float) -> list[torch.Tensor | None]:
+    """Per parameter, where one relearning step moves it: ``-rho * sign(grad)`` of the next-token loss (the first step
+    of Adam at learning rate ``rho``, which moves every weight by the rate whatever its gradient's size); None where
+    the loss does not reach the parameter."""
+    return [None if g is None else -rho * torch.sign(g) for g in grads]
+
+
+def _relearn_aware_step(
+    model, opt, params: list[torch.nn.Parameter], inputs: StageInputs, b: ForgetBatch, pick: int, cfg: UnlearnConfig,
+    dist: Dist,
+):  # fmt: skip
+    """One step whose hinge is taken where relearning would take the weights: move the trained weights as
+    ``cfg.relearn_steps`` relearning steps at rate ``cfg.relearn_rho`` on the batch's texts would, backpropagate the
+    hinge there, move them back, add the retain terms' gradient at the weights as they are, and step. Only the trained
+    weights move (the others cannot be hardened). Returns (predictions at the moved weights, the hinge there as a mean
+    over the processes, retain losses, gradient norm)."""
+    device = next(model.parameters()).device
+    autocast = _autocast(cfg, device)
+    ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
+    predictor, vectors, taus = inputs.predictor, inputs.vectors.to(device), inputs.thresholds.to(device)
+    opt.zero_grad(set_to_none=True)
+    kept = [p.detach().clone() for p in params]  # restored by copy: w + d - d is not always w
+    try:
+        for _ in range(cfg.relearn_steps):
+            with autocast:
+                nll = lm_loss(model, ids, attn)
+            moves = attacker_step(torch.autograd.grad(nll, params, allow_unused=True), cfg.relearn_rho)
+            with torch.no_grad():
+                for p, d in zip(params, moves):
+                    if d is not None:
+                        p.add_(d)
+        with autocast:
+            pred = predictor(hidden_at(model, ids, attn, inputs.layer), attn)  # (B, T, D)
+            loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
+        if loss.requires_grad and loss.item() > 0:
+            loss.backward()  # before the weights move back: the graph saved them as they are now
+    finally:
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)
+    retain_losses: dict[str, torch.Tensor] = {}
+    if inputs.retain is not None and cfg.uses_retain:
+        with autocast:
+            retain_losses = retain_terms(model, predictor, vectors, inputs.retain, pick, inputs.layer, cfg)
+        weighted_retain(retain_losses, cfg).backward()
+    mean_loss = dist.sum(loss.item()) / dist.world
+    if all(p.grad is None for p in params) and not dist.active:  # nothing to push or keep: SGD would not move
+        return pred.detach(), mean_loss, retain_losses, torch.zeros(())
+    dist.mean_grads_(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return pred.detach(), mean_loss, retain_losses, grad_norm
 
 
 def _retain_stats(model, predictor, vectors, layer: int, retain_losses: dict, retain, autocast) -> dict:

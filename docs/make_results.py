@@ -360,6 +360,36 @@ def render_robustness(name: str, d: dict) -> str:
     return "\n".join(out)
 
 
+def render_relearn_aware(name: str, d: dict) -> str:
+    """benchmarks/relearn_aware.py: relearning after ATU at each relearn_rho, training-side and on probes."""
+    spec = [
+        ("rho", ("rho",)), ("attacker steps", ("attacker_steps",)), ("seed", ("seed",)), ("stages", ("stages",)),
+        ("held-out facts' texts, loss orig / unl / relearned",
+         lambda r: slash(*(get(r, "nll", k) for k in ("original", "unlearned", "relearned")))),
+        ("loss recovery", ("nll_recovery",)),
+        ("their answers' loss orig / unl / relearned",
+         lambda r: slash(*(get(r, "answer_nll", k) for k in ("original", "unlearned", "relearned")))),
+        ("answer-loss recovery", ("answer_nll_recovery",)),
+        ("held-out probes' recall orig / unl / relearned",
+         lambda r: slash(*(get(r, "recall", k, "held_out") for k in ("original", "unlearned", "relearned")))),
+        ("probe recovery", ("recovery",)), ("forget ratio", ("forget_ratio",)), ("retain ratio", ("retain_ratio",)),
+        ("unlearning s", ("unlearn_seconds",)),
+    ]  # fmt: skip
+    head = f"Relearning: {fmt(d.get('relearn'))}; tiny world: {fmt(d.get('tiny'))}.\n"
+    return head + "\n" + columns([r for r in d.get("runs") or [] if isinstance(r, dict)], spec)
+
+
+def render_relearn_paths(name: str, d: dict) -> str:
+    """benchmarks/relearn_aware.py --paths: the answer-loss recovery when only one group of parameters relearns."""
+    head = f"Export {fmt(d.get('export'))}, hook layer {fmt(d.get('hook_layer'))}; her held-out answers' loss "
+    head += (
+        f"before / after unlearning: {slash(get(d, 'answer_nll', 'original'), get(d, 'answer_nll', 'unlearned'))}.\n"
+    )
+    rows = [[k, v] for k, v in (d.get("groups") or {}).items()]
+    spec = [("parameters that relearn", (0,)), ("answer loss", (1, "answer_nll")), ("recovery", (1, "recovery"))]
+    return head + "\n" + columns(rows, spec)
+
+
 def render_train_speed(files: list[tuple[str, dict]]) -> str:
     """benchmarks/train_speed.py: one row per file."""
     spec = [
@@ -400,6 +430,16 @@ SHAPES: list[tuple[str, Callable[[dict], bool], Renderer]] = [
         "Guard detection (`benchmarks/guard_detection.py`)",
         lambda d: "targets" in d and "before" in d,
         render_guard_detection,
+    ),
+    (
+        "Relearning-aware unlearning (`benchmarks/relearn_aware.py`)",
+        lambda d: isinstance(d.get("runs"), list) and any(isinstance(r, dict) and "rho" in r for r in d["runs"]),
+        render_relearn_aware,
+    ),
+    (
+        "Which parameters relearning goes through (`benchmarks/relearn_aware.py --paths`)",
+        lambda d: "hook_layer" in d and "groups" in d and "answer_nll" in d,
+        render_relearn_paths,
     ),
     (
         "Data it was not tuned on (`benchmarks/generality.py`)",

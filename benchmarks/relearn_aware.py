@@ -1,0 +1,275 @@
+"""Relearning-aware unlearning (`unlearn.relearn_rho`): how far each setting of rho lets relearning bring forgotten
+facts back, on the embedded world, one person.
+
+For every rho and seed: ATU at the demo's settings with ``unlearn.relearn_rho`` set, then the relearning attack of
+`benchmarks/robustness.py` (K steps of Adam at lr 3e-4 on half of her facts' texts). Two measurements:
+
+- **training side** (what a setting is chosen on): next-token loss on her corpus texts about the facts NOT relearned
+  (training texts, never probes), for the original, the unlearned and the relearned model, and its recovery
+  ``(unlearned - relearned) / (unlearned - original)``: the share of the loss unlearning added that relearning takes
+  away;
+- **evaluation** (reported, never chosen on): ROUGE-L recall of her held-out probes, recovery as in
+  `atu attack relearn`, and the forget / retain ratios at fp32.
+
+    python benchmarks/relearn_aware.py --rho 0 0.001 0.003 --seeds 0 1 2     # about 6 min per run, 2 CPU cores
+    python benchmarks/relearn_aware.py --quick                              # the tiny world, one rho, one seed
+    python benchmarks/relearn_aware.py --paths demo_out/export --name relearn_paths   # which parameters relearn
+
+Writes DIR/relearn_aware.json and DIR/relearn_aware.md (default DIR: results). Every figure is measured on this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from atu import __version__, formats
+from atu.attack.relearn import RelearnConfig, default_relearn_texts, recovery, relearn
+from atu.attack.runs import mean_of_kinds, relearn_groups
+from atu.evaluation.probes import answer_probes, mean_recall_by_kind
+from atu.hidden import decoder_layers
+from atu.loading import load_lm
+from atu.run import run as run_atu
+from atu.run_config import RunConfig, demo_settings
+from atu.texts import text_batches, token_nll
+from atu.world.build import build_world
+from atu.world.config import WorldConfig
+
+RELEARN_LR = 3e-4  # as benchmarks/robustness.py: the world model's own final training rate
+
+
+def held_out_texts(corpus, concept: str, given: list[str], probes) -> tuple[list[str], list[str]]:
+    """Her corpus texts that state none of the relearned facts (the training texts of the facts not given), and the
+    answers of those facts."""
+    given_set = set(given)
+    answers = {p.answer.strip().lower() for p in probes if p.concept == concept}
+    answers.discard(concept.lower())  # a spouse's probe whose answer is her name: every text of hers states it
+    given_answers = {a for a in answers if any(a in t.lower() for t in given)}
+    texts = [
+        r.text
+        for r in corpus
+        if r.concept == concept and r.text not in given_set and not any(a in r.text.lower() for a in given_answers)
+    ]
+    return texts, sorted(answers - given_answers)
+
+
+def mean_nll(model, tokenizer, texts: list[str], answers: list[str] | None = None) -> float:
+    """Mean next-token loss over the texts' tokens; with ``answers``, over the tokens of the first answer each text
+    states (the tokens from where it starts to where it ends), so that the question's words do not count."""
+    batches = text_batches(texts, tokenizer, 128, batch_size=16)
+    total = count = 0.0
+    start = 0
+    for (_, attn), nll in zip(batches, token_nll(model, batches)):
+        keep = attn[:, 1:].clone().float()
+        if answers is not None:
+            for row, text in enumerate(texts[start : start + len(attn)]):
+                keep[row] = 0
+                span = _answer_tokens(tokenizer, text, answers)
+                if span is not None:
+                    keep[row, span[0] - 1 : span[1] - 1] = 1  # position t-1 predicts token t
+        start += len(attn)
+        total += float((nll * keep).sum())
+        count += float(keep.sum())
+    return total / max(count, 1.0)
+
+
+def _answer_tokens(tokenizer, text: str, answers: list[str]) -> tuple[int, int] | None:
+    """(first, end) token positions, BOS counted, of the earliest answer in ``text``; None when it states none."""
+    found = [(i, a) for a in answers if (i := text.lower().find(a)) >= 0]
+    if not found:
+        return None
+    i, a = min(found)
+    first = len(tokenizer(text[:i].rstrip())["input_ids"])
+    end = len(tokenizer(text[: i + len(a)])["input_ids"])
+    return first, max(end, first + 1)
+
+
+def recall_groups(model, tokenizer, probes, groups: dict) -> dict:
+    keyed = [p for p in probes if any((p.concept, p.question) in g for g in groups.values())]
+    rows = answer_probes(model, tokenizer, keyed)
+    return {
+        name: mean_of_kinds(mean_recall_by_kind([r for r in rows if (r["concept"], r["question"]) in keys]))
+        for name, keys in groups.items()
+    }
+
+
+def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int = 1) -> dict:
+    world = build_world(WorldConfig.tiny() if tiny else WorldConfig())
+    forget = world.concepts().names()[:1]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="atu_rl_") as out:
+        raw = {**demo_settings(1, tiny), "data": {"forget": forget}, "out": out, "device": "cpu"}
+        raw["unlearn"] = {**raw.get("unlearn", {}), "seed": seed, "relearn_rho": rho, "relearn_steps": attacker_steps}
+        summary = run_atu(RunConfig.from_dict(raw, "benchmark config"), progress=False, export=True)
+        unlearned, tokenizer = load_lm(Path(summary["export"]) / "model")
+    seconds = time.perf_counter() - t0
+    original, _ = load_lm(world.model_dir)
+    corpus = formats.read_corpus(world.path("corpus.jsonl"))
+    probes = formats.read_probes(world.path("probes.jsonl"))
+    given = default_relearn_texts(corpus, probes, forget[0])
+    held, held_answers = held_out_texts(corpus, forget[0], given, probes)
+    groups = relearn_groups(probes, forget, forget[0], given)
+    groups = {
+        "held_out": groups["held_out"],
+        "given": groups["given"],
+        "her": groups["held_out"] | groups["given"],
+        "retain": groups["retain"],
+    }
+    relearned, _ = relearn(copy.deepcopy(unlearned), tokenizer, given, RelearnConfig(steps=steps, lr=RELEARN_LR))
+    models = {"original": original, "unlearned": unlearned, "relearned": relearned}
+    nll = {name: mean_nll(m, tokenizer, held) for name, m in models.items()}
+    answer_nll = {name: mean_nll(m, tokenizer, held, held_answers) for name, m in models.items()}
+    answer_added = answer_nll["unlearned"] - answer_nll["original"]
+    recall = {name: recall_groups(m, tokenizer, probes, groups) for name, m in models.items()}
+    loss_added = nll["unlearned"] - nll["original"]
+    out = {
+        "rho": rho,
+        "attacker_steps": attacker_steps,
+        "seed": seed,
+        "stages": len(summary["stages"]),
+        "stop_reason": summary["stop_reason"],
+        "unlearn_seconds": round(seconds, 1),
+        "held_out_texts": len(held),
+        "nll": nll,
+        "nll_recovery": (nll["unlearned"] - nll["relearned"]) / loss_added if loss_added > 1e-9 else None,
+        "answer_nll": answer_nll,
+        "answer_nll_recovery": (
+            (answer_nll["unlearned"] - answer_nll["relearned"]) / answer_added if answer_added > 1e-9 else None
+        ),
+        "recall": recall,
+        "recovery": recovery(*(recall[n]["held_out"] for n in ("original", "unlearned", "relearned"))),
+        "forget_ratio": _div(recall["unlearned"]["her"], recall["original"]["her"]),
+        "retain_ratio": _div(recall["unlearned"]["retain"], recall["original"]["retain"]),
+    }
+    print(
+        f"rho {rho} x{attacker_steps} seed {seed}: loss recovery {_f(out['nll_recovery'])}, "
+        f"answers {_f(out['answer_nll_recovery'])}, "
+        f"probe recovery {_f(out['recovery'])}, "
+        f"forget {_f(out['forget_ratio'])}, retain {_f(out['retain_ratio'])} ({out['unlearn_seconds']} s)",
+        flush=True,
+    )
+    return out
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def write_markdown(runs: list[dict], path: Path) -> None:
+    lines = [
+        "| rho | seed | stages | training side: held-out facts' texts, loss orig / unl / relearned | loss recovery "
+        "| their answers' loss orig / unl / relearned | answer-loss recovery "
+        "| probes: held-out recall orig / unl / relearned | probe recovery | forget ratio | retain ratio | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        n, a, rc = r["nll"], r.get("answer_nll"), r["recall"]
+        answers = f"{a['original']:.2f} / {a['unlearned']:.2f} / {a['relearned']:.2f}" if a else "-"
+        lines.append(
+            f"| {r['rho']} x{r.get('attacker_steps', 1)} | {r['seed']} | {r['stages']} "
+            f"| {n['original']:.2f} / {n['unlearned']:.2f} / "
+            f"{n['relearned']:.2f} | {_f(r['nll_recovery'])} | {answers} | {_f(r.get('answer_nll_recovery'))} "
+            f"| {_f(rc['original']['held_out'])} / "
+            f"{_f(rc['unlearned']['held_out'])} / {_f(rc['relearned']['held_out'])} | {_f(r['recovery'])} "
+            f"| {_f(r['forget_ratio'])} | {_f(r['retain_ratio'])} | {r['unlearn_seconds']} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def recovery_paths(export: Path, steps: int) -> dict:
+    """Where relearning brings her facts back through: the export relearned as the attack does, with only one group
+    of parameters allowed to move (the others' gradients zeroed), and the answer-loss recovery of each."""
+    hook = json.loads((export / "guard" / "guard.json").read_text())["hook_layer"]
+    world = build_world(WorldConfig())
+    unlearned, tokenizer = load_lm(export / "model")
+    original, _ = load_lm(world.model_dir)
+    concept = world.concepts().names()[0]
+    corpus, probes = formats.read_corpus(world.path("corpus.jsonl")), formats.read_probes(world.path("probes.jsonl"))
+    given = default_relearn_texts(corpus, probes, concept)
+    held, answers = held_out_texts(corpus, concept, given, probes)
+    before, after = mean_nll(original, tokenizer, held, answers), mean_nll(unlearned, tokenizer, held, answers)
+
+    def names(module) -> set[str]:
+        return {n for n, p in unlearned.named_parameters() if any(p is q for q in module.parameters())}
+
+    layers = decoder_layers(unlearned)
+    lower = set().union(*(names(m) for m in layers[:hook]))
+    embeddings = names(unlearned.get_input_embeddings())
+    groups = {
+        "every parameter": None,
+        f"decoder layers 0-{hook - 1} (what ATU trains)": lower,
+        f"decoder layers {hook}-{len(layers) - 1}, the final norm and an untied head": {
+            n for n, _ in unlearned.named_parameters() if n not in lower | embeddings
+        },
+        "input embeddings (tied to the head here)": embeddings,
+    }
+    out = {"export": str(export), "hook_layer": hook, "answer_nll": {"original": before, "unlearned": after},
+           "groups": {}}  # fmt: skip
+    for name, moving in groups.items():
+        model = copy.deepcopy(unlearned)
+        hooks = [
+            p.register_hook(torch.zeros_like)
+            for n, p in model.named_parameters()
+            if moving is not None and n not in moving
+        ]
+        relearned, _ = relearn(model, tokenizer, given, RelearnConfig(steps=steps, lr=RELEARN_LR))
+        for h in hooks:
+            h.remove()
+        loss = mean_nll(relearned, tokenizer, held, answers)
+        out["groups"][name] = {"answer_nll": loss, "recovery": (after - loss) / (after - before)}
+        print(f"{name}: answer loss {loss:.2f}, recovery {out['groups'][name]['recovery']:.2f}", flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rho", type=float, nargs="+", default=[0.0, 1e-3, 3e-3])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--steps", type=int, default=10, help="relearning steps K of the attack")
+    ap.add_argument("--attacker-steps", type=int, default=1, help="unlearn.relearn_steps")
+    ap.add_argument("--quick", action="store_true", help="the tiny world, rho 0.001, seed 0")
+    ap.add_argument("--out-dir", default="results")
+    ap.add_argument("--name", default="relearn_aware")
+    ap.add_argument("--paths", type=Path, metavar="EXPORT", help="only: which parameters relearning goes through")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    if args.paths:
+        paths = recovery_paths(args.paths, args.steps)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.out_dir) / f"{args.name}.json").write_text(json.dumps(paths, indent=1))
+        return paths
+    rhos, seeds = ([1e-3], [0]) if args.quick else (args.rho, args.seeds)
+    result = {
+        "atu_version": __version__,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "tiny": args.quick,
+        "relearn": {"steps": args.steps, "lr": RELEARN_LR},
+        "runs": [],
+    }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for rho in rhos:
+            result["runs"].append(one_run(rho, seed, args.quick, args.steps, args.attacker_steps))
+            # written after every run: a long sweep that stops part way keeps what it measured
+            (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+            write_markdown(result["runs"], out / f"{args.name}.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()
