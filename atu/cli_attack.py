@@ -136,6 +136,11 @@ def attack_relearn_cmd(export_dir, original, world_kind, probes, concepts, corpu
         vals = [res["recall"][m][g] for m in ("original", "unlearned", "relearned")]
         cells = "".join(f"{_fmt(mean_of_kinds(v)):>{w}}" for v, w in zip(vals, (10, 11, 11)))
         click.echo(f"{g:<17}{vals[0]['n']:>7}{cells}{_fmt(res['recovery'].get(g), '.2f'):>10}")
+    loss = res.get("answer_loss")
+    if loss:
+        click.echo(f"training side: the held-out facts' answers in {loss['texts']} corpus texts cost "
+                   f"{loss['original']:.2f} / {loss['unlearned']:.2f} / {loss['relearned']:.2f} nats a token "
+                   f"(original / unlearned / relearned); recovery {_fmt(loss['recovery'], '.2f')}")  # fmt: skip
     if "guard" in res:
         _print_guard("the relearned model", res["guard"])
     if out:

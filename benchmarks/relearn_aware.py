@@ -32,14 +32,20 @@ from pathlib import Path
 import torch
 
 from atu import __version__, formats
-from atu.attack.relearn import RelearnConfig, default_relearn_texts, recovery, relearn
+from atu.attack.relearn import (
+    RelearnConfig,
+    default_relearn_texts,
+    loss_recovery,
+    recovery,
+    relearn,
+    text_loss,
+)
 from atu.attack.runs import mean_of_kinds, relearn_groups
 from atu.evaluation.probes import answer_probes, mean_recall_by_kind
 from atu.hidden import decoder_layers
 from atu.loading import load_lm
 from atu.run import run as run_atu
 from atu.run_config import RunConfig, demo_settings
-from atu.texts import text_batches, token_nll
 from atu.world.build import build_world
 from atu.world.config import WorldConfig
 
@@ -59,37 +65,6 @@ def held_out_texts(corpus, concept: str, given: list[str], probes) -> tuple[list
         if r.concept == concept and r.text not in given_set and not any(a in r.text.lower() for a in given_answers)
     ]
     return texts, sorted(answers - given_answers)
-
-
-def mean_nll(model, tokenizer, texts: list[str], answers: list[str] | None = None) -> float:
-    """Mean next-token loss over the texts' tokens; with ``answers``, over the tokens of the first answer each text
-    states (the tokens from where it starts to where it ends), so that the question's words do not count."""
-    batches = text_batches(texts, tokenizer, 128, batch_size=16)
-    total = count = 0.0
-    start = 0
-    for (_, attn), nll in zip(batches, token_nll(model, batches)):
-        keep = attn[:, 1:].clone().float()
-        if answers is not None:
-            for row, text in enumerate(texts[start : start + len(attn)]):
-                keep[row] = 0
-                span = _answer_tokens(tokenizer, text, answers)
-                if span is not None:
-                    keep[row, span[0] - 1 : span[1] - 1] = 1  # position t-1 predicts token t
-        start += len(attn)
-        total += float((nll * keep).sum())
-        count += float(keep.sum())
-    return total / max(count, 1.0)
-
-
-def _answer_tokens(tokenizer, text: str, answers: list[str]) -> tuple[int, int] | None:
-    """(first, end) token positions, BOS counted, of the earliest answer in ``text``; None when it states none."""
-    found = [(i, a) for a in answers if (i := text.lower().find(a)) >= 0]
-    if not found:
-        return None
-    i, a = min(found)
-    first = len(tokenizer(text[:i].rstrip())["input_ids"])
-    end = len(tokenizer(text[: i + len(a)])["input_ids"])
-    return first, max(end, first + 1)
 
 
 def recall_groups(model, tokenizer, probes, groups: dict) -> dict:
@@ -125,11 +100,9 @@ def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int =
     }
     relearned, _ = relearn(copy.deepcopy(unlearned), tokenizer, given, RelearnConfig(steps=steps, lr=RELEARN_LR))
     models = {"original": original, "unlearned": unlearned, "relearned": relearned}
-    nll = {name: mean_nll(m, tokenizer, held) for name, m in models.items()}
-    answer_nll = {name: mean_nll(m, tokenizer, held, held_answers) for name, m in models.items()}
-    answer_added = answer_nll["unlearned"] - answer_nll["original"]
+    nll = {name: text_loss(m, tokenizer, held) for name, m in models.items()}
+    answer_nll = {name: text_loss(m, tokenizer, held, held_answers) for name, m in models.items()}
     recall = {name: recall_groups(m, tokenizer, probes, groups) for name, m in models.items()}
-    loss_added = nll["unlearned"] - nll["original"]
     out = {
         "rho": rho,
         "attacker_steps": attacker_steps,
@@ -139,11 +112,9 @@ def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int =
         "unlearn_seconds": round(seconds, 1),
         "held_out_texts": len(held),
         "nll": nll,
-        "nll_recovery": (nll["unlearned"] - nll["relearned"]) / loss_added if loss_added > 1e-9 else None,
+        "nll_recovery": loss_recovery(*(nll[k] for k in ("original", "unlearned", "relearned"))),
         "answer_nll": answer_nll,
-        "answer_nll_recovery": (
-            (answer_nll["unlearned"] - answer_nll["relearned"]) / answer_added if answer_added > 1e-9 else None
-        ),
+        "answer_nll_recovery": loss_recovery(*(answer_nll[k] for k in ("original", "unlearned", "relearned"))),
         "recall": recall,
         "recovery": recovery(*(recall[n]["held_out"] for n in ("original", "unlearned", "relearned"))),
         "forget_ratio": _div(recall["unlearned"]["her"], recall["original"]["her"]),
@@ -199,7 +170,7 @@ def recovery_paths(export: Path, steps: int) -> dict:
     corpus, probes = formats.read_corpus(world.path("corpus.jsonl")), formats.read_probes(world.path("probes.jsonl"))
     given = default_relearn_texts(corpus, probes, concept)
     held, answers = held_out_texts(corpus, concept, given, probes)
-    before, after = mean_nll(original, tokenizer, held, answers), mean_nll(unlearned, tokenizer, held, answers)
+    before, after = text_loss(original, tokenizer, held, answers), text_loss(unlearned, tokenizer, held, answers)
 
     def names(module) -> set[str]:
         return {n for n, p in unlearned.named_parameters() if any(p is q for q in module.parameters())}
@@ -227,7 +198,7 @@ def recovery_paths(export: Path, steps: int) -> dict:
         relearned, _ = relearn(model, tokenizer, given, RelearnConfig(steps=steps, lr=RELEARN_LR))
         for h in hooks:
             h.remove()
-        loss = mean_nll(relearned, tokenizer, held, answers)
+        loss = text_loss(relearned, tokenizer, held, answers)
         out["groups"][name] = {"answer_nll": loss, "recovery": (after - loss) / (after - before)}
         print(f"{name}: answer loss {loss:.2f}, recovery {out['groups'][name]['recovery']:.2f}", flush=True)
     return out

@@ -7,10 +7,21 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from atu.attack.guard import LEAK_RECALL, catch_rates
-from atu.attack.relearn import RelearnConfig, default_relearn_texts, held_out_probes, recovery, relearn
+from atu.attack.relearn import (
+    RelearnConfig,
+    answer_span,
+    default_relearn_texts,
+    held_out_fact_texts,
+    held_out_probes,
+    loss_recovery,
+    recovery,
+    relearn,
+    text_loss,
+)
 from atu.errors import ConfigError
 
 
@@ -33,6 +44,40 @@ def test_default_relearn_texts_state_half_the_facts_and_no_held_out_answer(tiny_
     given = {p.attribute for p in probes if p.concept == concept and p.answer in " ".join(texts)} & attributes
     assert len(given) == (len(attributes) + 1) // 2  # every other attribute, in sorted order
     assert given.isdisjoint({p.attribute for p in held})
+
+
+def test_held_out_fact_texts_state_a_held_out_answer_and_no_given_one(tiny_world):
+    concept, corpus, probes = _world_facts(tiny_world)
+    given = default_relearn_texts(corpus, probes, concept)
+    texts, answers = held_out_fact_texts(corpus, probes, [concept], given)
+    assert texts and answers and concept.lower() not in answers
+    assert not set(texts) & set(given)
+    held = {p.answer.lower() for p in held_out_probes(probes, [concept], given)}
+    given_answers = {p.answer.lower() for p in probes if p.concept == concept} - held - {concept.lower()}
+    assert given_answers
+    for t in texts:
+        assert any(a in t.lower() for a in answers) and not any(a in t.lower() for a in given_answers)
+
+
+def test_answer_loss_reads_only_the_answer_tokens(tiny_world, tiny_lm):
+    model, tok = tiny_lm
+    concept, corpus, probes = _world_facts(tiny_world)
+    texts, answers = held_out_fact_texts(corpus, probes, [concept], default_relearn_texts(corpus, probes, concept))
+    text = texts[0]
+    first, end = answer_span(tok, text, answers)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert tok.decode(ids[0, first:end]).strip().lower() in answers
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1]
+    nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+    assert text_loss(model, tok, [text], answers) == pytest.approx(nll[first - 1 : end - 1].mean().item(), abs=1e-4)
+    assert text_loss(model, tok, [text]) == pytest.approx(nll.mean().item(), abs=1e-4)
+    assert answer_span(tok, "nothing of hers", answers) is None
+
+
+def test_loss_recovery_is_the_share_of_the_added_loss_taken_away():
+    assert loss_recovery(0.5, 2.5, 1.0) == pytest.approx(0.75)
+    assert loss_recovery(0.5, 0.5, 0.2) is None  # unlearning added nothing
 
 
 def test_relearn_config_errors_name_the_field():
@@ -144,3 +189,8 @@ def test_cli_attack_relearn_on_a_given_file(tiny_run, tiny_world, tmp_path):
     held = held_out_probes(tiny_world.probes(), [concept], texts)
     assert res["recall"]["original"]["held_out"]["n"] == len(held)
     assert res["recall"]["original"]["retain"]["n"] == sum(p.concept != concept for p in tiny_world.probes())
+    # the training-side figure: the held-out facts' answers in their own corpus texts
+    loss = res["answer_loss"]
+    expected_texts, _ = held_out_fact_texts(tiny_world.corpus(), tiny_world.probes(), [concept], texts)
+    assert loss["texts"] == len(expected_texts) > 0 and "training side:" in result.output
+    assert loss["recovery"] == loss_recovery(loss["original"], loss["unlearned"], loss["relearned"])

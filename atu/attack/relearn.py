@@ -18,7 +18,7 @@ from atu.baselines import sequence_logprob
 from atu.errors import ConfigError
 from atu.formats import CorpusRecord, Probe
 from atu.hidden import decoder_layers
-from atu.texts import text_batches
+from atu.texts import text_batches, token_nll
 
 
 @dataclass
@@ -117,6 +117,64 @@ def relearn(model, tokenizer, texts: Sequence[str], cfg: RelearnConfig) -> tuple
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
     return model, [{"step": s, "loss": float(v), "texts": t} for s, v, t in logged]
+
+
+def held_out_fact_texts(
+    corpus: Sequence[CorpusRecord], probes: Sequence[Probe], forget: Sequence[str], texts: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """The training texts of the forgotten facts not relearned, and their answers (lower case): the records filed
+    under a forgotten concept, other than ``texts``, that state the answer of a held-out probe and no answer that
+    ``texts`` state. A forgotten concept's own name is never counted as an answer (every text of hers states it)."""
+    forget_set, names = set(forget), {c.strip().lower() for c in forget}
+    held = {p.answer.strip().lower() for p in held_out_probes(probes, forget, texts)} - names
+    given = {p.answer.strip().lower() for p in probes if p.concept in forget_set} - held - names
+    given_texts = set(texts)
+    out = []
+    for r in corpus:
+        low = r.text.lower()
+        if r.concept in forget_set and r.text not in given_texts and any(a in low for a in held):
+            if not any(a in low for a in given):
+                out.append(r.text)
+    return out, sorted(held)
+
+
+def answer_span(tokenizer, text: str, answers: Sequence[str]) -> tuple[int, int] | None:
+    """(first, end) token positions (BOS counted) of the earliest of ``answers`` (lower case) in ``text``; None when it
+    states none."""
+    found = [(i, a) for a in answers if (i := text.lower().find(a)) >= 0]
+    if not found:
+        return None
+    i, a = min(found)
+    first = len(tokenizer(text[:i].rstrip())["input_ids"])
+    end = len(tokenizer(text[: i + len(a)])["input_ids"])
+    return first, max(end, first + 1)
+
+
+def text_loss(model, tokenizer, texts: Sequence[str], answers: Sequence[str] | None = None) -> float:
+    """Mean next-token loss over the texts' tokens; with ``answers``, over the tokens of the first answer each text
+    states only (`answer_span`), so that the question's words do not count."""
+    batches = text_batches(list(texts), tokenizer, 128, batch_size=16)
+    total = count = 0.0
+    start = 0
+    for (_, attn), nll in zip(batches, token_nll(model, batches)):
+        keep = attn[:, 1:].clone().float()
+        if answers is not None:
+            for row, text in enumerate(texts[start : start + len(attn)]):
+                keep[row] = 0
+                span = answer_span(tokenizer, text, answers)
+                if span is not None:
+                    keep[row, span[0] - 1 : span[1] - 1] = 1  # position t-1 predicts token t
+        start += len(attn)
+        total += float((nll * keep).sum())
+        count += float(keep.sum())
+    return total / max(count, 1.0)
+
+
+def loss_recovery(before: float, unlearned: float, relearned: float) -> float | None:
+    """Share of the loss unlearning added that relearning takes away: (unlearned - relearned) / (unlearned -
+    before); None when unlearning added none."""
+    added = unlearned - before
+    return (unlearned - relearned) / added if added > 1e-9 else None
 
 
 def recovery(before: float | None, unlearned: float | None, relearned: float | None) -> float | None:

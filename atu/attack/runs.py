@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from atu import formats
 from atu.attack.guard import guard_report
 from atu.attack.quantize import QuantConfig, bucket_collapse, collapse_summary, int8_dynamic, quantize_model
-from atu.attack.relearn import RelearnConfig, default_relearn_texts, held_out_probes, recovery, relearn
+from atu.attack.relearn import (
+    RelearnConfig,
+    default_relearn_texts,
+    held_out_fact_texts,
+    held_out_probes,
+    loss_recovery,
+    recovery,
+    relearn,
+    text_loss,
+)
 from atu.attack.source import ExportSource, evaluate_loaded
 from atu.errors import ConfigError
 from atu.evaluation.probes import answer_probes, mean_recall_by_kind
@@ -162,6 +171,24 @@ def relearn_attack(
             for g in ("held_out", "other_forgotten", "given", "retain")
         },
     }
+    if src.data.corpus:
+        models = {"original": (original, tok), "unlearned": (unlearned, tok_u), "relearned": (relearned, tok_u)}
+        out["answer_loss"] = held_out_answer_loss(src, probes, texts, models)
     if guard:
         out["guard"] = guard_report(relearned, tok_u, probes, src.export, unlearned, src.forget)
     return out
+
+
+def held_out_answer_loss(src: ExportSource, probes, texts: Sequence[str], models: dict) -> dict | None:
+    """The training side of the same question: each model's loss on the answers of the held-out facts in their own
+    corpus texts, and the share of what unlearning added that relearning takes away (probe-free, so a setting can be
+    chosen on it). None when the corpus states no held-out fact apart from the given ones."""
+    held, answers = held_out_fact_texts(formats.read_corpus(src.data.corpus), probes, src.forget, texts)
+    if not held:
+        return None
+    loss = {name: text_loss(m, tk, held, answers) for name, (m, tk) in models.items()}
+    return {
+        **loss,
+        "texts": len(held),
+        "recovery": loss_recovery(*(loss[k] for k in ("original", "unlearned", "relearned"))),
+    }
