@@ -471,6 +471,26 @@ def _autocast(cfg: UnlearnConfig, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
 
+def _hinge(model, inputs: StageInputs, b: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions (B, T, D), the unlearning loss) of the frozen predictor on ``b`` at the model's weights now."""
+    device = next(model.parameters()).device
+    ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
+    pred = inputs.predictor(hidden_at(model, ids, attn, inputs.layer), attn)
+    taus = inputs.thresholds.to(device)
+    loss = unlearning_loss(
+        pred, inputs.vectors.to(device), taus, b.position_mask.to(device), b.concept_mask.to(device)
+    )
+    return pred, loss
+
+
+def _retain_losses(model, inputs: StageInputs, pick: int, cfg: UnlearnConfig) -> dict[str, torch.Tensor]:
+    """`retain_terms` on retain batch ``pick``, or none when the stage has no retain texts or no retain weight."""
+    if inputs.retain is None or not cfg.uses_retain:
+        return {}
+    vectors = inputs.vectors.to(next(model.parameters()).device)
+    return retain_terms(model, inputs.predictor, vectors, inputs.retain, pick, inputs.layer, cfg)
+
+
 def _plain_step(
     model, opt, params: list[torch.nn.Parameter], inputs: StageInputs, b: ForgetBatch, pick: int, cfg: UnlearnConfig,
     dist: Dist,
@@ -478,16 +498,12 @@ def _plain_step(
     """One step of the hinge (and the retain terms) at the weights as they are. Returns (predictions, the hinge's
     mean over the processes, retain losses, gradient norm)."""
     device = next(model.parameters()).device
-    ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
-    predictor, vectors, taus = inputs.predictor, inputs.vectors.to(device), inputs.thresholds.to(device)
     use_retain = inputs.retain is not None and cfg.uses_retain
     with _autocast(cfg, device):
-        pred = predictor(hidden_at(model, ids, attn, inputs.layer), attn)  # (B, T, D)
-        loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
+        pred, loss = _hinge(model, inputs, b)
         total = loss
-        retain_losses: dict[str, torch.Tensor] = {}
+        retain_losses = _retain_losses(model, inputs, pick, cfg)
         if use_retain:
-            retain_losses = retain_terms(model, predictor, vectors, inputs.retain, pick, inputs.layer, cfg)
             total = total + weighted_retain(retain_losses, cfg)
     mean_loss = dist.sum(loss.item()) / dist.world  # over the processes: the same decision on every one
     if mean_loss == 0.0 and use_retain:
@@ -515,7 +531,6 @@ def _relearn_aware_step(
     device = next(model.parameters()).device
     autocast = _autocast(cfg, device)
     ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
-    predictor, vectors, taus = inputs.predictor, inputs.vectors.to(device), inputs.thresholds.to(device)
     opt.zero_grad(set_to_none=True)
     kept = [p.detach().clone() for p in params]  # restored by copy: w + d - d is not always w
     try:
@@ -528,18 +543,16 @@ def _relearn_aware_step(
                     if d is not None:
                         p.add_(d)
         with autocast:
-            pred = predictor(hidden_at(model, ids, attn, inputs.layer), attn)  # (B, T, D)
-            loss = unlearning_loss(pred, vectors, taus, b.position_mask.to(device), b.concept_mask.to(device))
+            pred, loss = _hinge(model, inputs, b)
         if loss.requires_grad and loss.item() > 0:
             loss.backward()  # before the weights move back: the graph saved them as they are now
     finally:
         with torch.no_grad():
             for p, k in zip(params, kept):
                 p.copy_(k)
-    retain_losses: dict[str, torch.Tensor] = {}
-    if inputs.retain is not None and cfg.uses_retain:
-        with autocast:
-            retain_losses = retain_terms(model, predictor, vectors, inputs.retain, pick, inputs.layer, cfg)
+    with autocast:
+        retain_losses = _retain_losses(model, inputs, pick, cfg)
+    if retain_losses:
         weighted_retain(retain_losses, cfg).backward()
     mean_loss = dist.sum(loss.item()) / dist.world
     if all(p.grad is None for p in params) and not dist.active:  # nothing to push or keep: SGD would not move

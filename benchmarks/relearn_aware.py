@@ -35,6 +35,7 @@ from atu import __version__, formats
 from atu.attack.relearn import (
     RelearnConfig,
     default_relearn_texts,
+    held_out_fact_texts,
     loss_recovery,
     recovery,
     relearn,
@@ -50,21 +51,6 @@ from atu.world.build import build_world
 from atu.world.config import WorldConfig
 
 RELEARN_LR = 3e-4  # as benchmarks/robustness.py: the world model's own final training rate
-
-
-def held_out_texts(corpus, concept: str, given: list[str], probes) -> tuple[list[str], list[str]]:
-    """Her corpus texts that state none of the relearned facts (the training texts of the facts not given), and the
-    answers of those facts."""
-    given_set = set(given)
-    answers = {p.answer.strip().lower() for p in probes if p.concept == concept}
-    answers.discard(concept.lower())  # a spouse's probe whose answer is her name: every text of hers states it
-    given_answers = {a for a in answers if any(a in t.lower() for t in given)}
-    texts = [
-        r.text
-        for r in corpus
-        if r.concept == concept and r.text not in given_set and not any(a in r.text.lower() for a in given_answers)
-    ]
-    return texts, sorted(answers - given_answers)
 
 
 def recall_groups(model, tokenizer, probes, groups: dict) -> dict:
@@ -90,7 +76,7 @@ def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int =
     corpus = formats.read_corpus(world.path("corpus.jsonl"))
     probes = formats.read_probes(world.path("probes.jsonl"))
     given = default_relearn_texts(corpus, probes, forget[0])
-    held, held_answers = held_out_texts(corpus, forget[0], given, probes)
+    held, held_answers = held_out_fact_texts(corpus, probes, forget, given)
     groups = relearn_groups(probes, forget, forget[0], given)
     groups = {
         "held_out": groups["held_out"],
@@ -169,7 +155,7 @@ def recovery_paths(export: Path, steps: int) -> dict:
     concept = world.concepts().names()[0]
     corpus, probes = formats.read_corpus(world.path("corpus.jsonl")), formats.read_probes(world.path("probes.jsonl"))
     given = default_relearn_texts(corpus, probes, concept)
-    held, answers = held_out_texts(corpus, concept, given, probes)
+    held, answers = held_out_fact_texts(corpus, probes, [concept], given)
     before, after = text_loss(original, tokenizer, held, answers), text_loss(unlearned, tokenizer, held, answers)
 
     def names(module) -> set[str]:
@@ -199,8 +185,8 @@ def recovery_paths(export: Path, steps: int) -> dict:
         for h in hooks:
             h.remove()
         loss = text_loss(relearned, tokenizer, held, answers)
-        out["groups"][name] = {"answer_nll": loss, "recovery": (after - loss) / (after - before)}
-        print(f"{name}: answer loss {loss:.2f}, recovery {out['groups'][name]['recovery']:.2f}", flush=True)
+        out["groups"][name] = {"answer_nll": loss, "recovery": loss_recovery(before, after, loss)}
+        print(f"{name}: answer loss {loss:.2f}, recovery {_f(out['groups'][name]['recovery'])}", flush=True)
     return out
 
 
