@@ -22,6 +22,9 @@ export ("own") and from the attacked model itself ("attacked"); the baselines ha
     python benchmarks/robustness.py                  # the world, 1 and 3 people, seed 0
     python benchmarks/robustness.py --people 1 --methods atu ga --seeds 0 1 2
 
+Each group (people, seed) is ATU's run, then one task per method and one for the original model; ``--jobs`` (default
+2) processes run the tasks side by side, each with its share of the torch threads.
+
 Writes DIR/robustness.json, DIR/robustness.md and DIR/robustness.png (default DIR: results; robustness_quick.* with
 --quick). Every figure is measured on this run.
 """
@@ -31,10 +34,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import platform
+import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +48,7 @@ import torch
 import unlearning  # benchmarks/unlearning.py: the methods' chosen settings
 
 from atu import __version__, formats
+from atu.aligned import ALIGNED_DIR
 from atu.attack.guard import catch_rates, export_scorer, guard_rows, server_answers
 from atu.attack.quantize import QuantConfig, bucket_collapse, collapse_summary, int8_dynamic, quantize_model
 from atu.attack.relearn import RelearnConfig, default_relearn_texts, recovery, relearn
@@ -122,84 +129,196 @@ def precisions(plan: Plan) -> list[tuple[str, object]]:
 
 
 # ------------------------------------------------------------------------------------------- one group of people
+# A group (n people, one seed) starts with ATU's run: its export is the guard every model is scored with, and its
+# optimizer steps are the baselines'. Then each method, and the original, is one task that unlearns (the baselines,
+# atu-q4) and attacks its own model. The tasks share nothing but files, so --jobs runs them side by side.
+
+ORIGINAL = "original"
+TASK_ORDER = ("atu-q4", "gd", "npo", "ga", "atu", ORIGINAL)  # the longest first, so the last task to start is short
 
 
-def unlearn_all(plan: Plan, methods, forget: list[str], seed: int, out: str) -> tuple[dict, str]:
-    """({method: unlearned model}, ATU's export directory). The baselines take as many steps as ATU did."""
+def atu_config(plan: Plan, forget: list[str], seed: int, out: str, quant_aware: bool = False) -> RunConfig:
     raw = {**demo_settings(len(forget), plan.tiny), "data": {"forget": forget}, "out": out, "device": "cpu"}
     raw["unlearn"] = {**raw.get("unlearn", {}), "seed": seed}
-    cfg = RunConfig.from_dict(raw, "benchmark config")
-    summary = run_atu(cfg, progress=False, export=True)
-    export = str(summary["export"])
-    models = {"atu": load_lm(Path(export) / "model")[0]}
-    if "atu-q4" in methods:  # the same job, seeing the model through the int4 quantizer it is attacked with
-        raw["unlearn"] = {**raw["unlearn"], "quant_aware_bits": 4, "quant_aware_group_size": plan.int4_group}
-        raw["out"] = str(Path(out) / "quant_aware")
-        q = run_atu(RunConfig.from_dict(raw, "benchmark config"), progress=False, export=True)
-        models["atu-q4"] = load_lm(Path(q["export"]) / "model")[0]
-    steps = sum(s["steps"] for s in summary["stages"])  # the optimizer steps of the stages ATU kept
+    if quant_aware:  # the same job, seeing the model through the int4 quantizer it is attacked with
+        raw["unlearn"].update(quant_aware_bits=4, quant_aware_group_size=plan.int4_group)
+    return RunConfig.from_dict(raw, "benchmark config")
+
+
+def atu_stage(plan: Plan, n: int, seed: int, out: str) -> dict:
+    """ATU's run forgetting the world's first ``n`` people: what the group's other tasks need from it."""
+    clock = time.perf_counter()
+    forget = build_world(plan.unlearning().world()).concepts().names()[:n]
+    run_dir = Path(out) / f"{n}p_seed{seed}"
+    summary = run_atu(atu_config(plan, forget, seed, str(run_dir / "atu")), progress=False, export=True)
+    return {
+        "people": n, "seed": seed, "forget": forget, "dir": str(run_dir), "export": str(summary["export"]),
+        "steps": sum(s["steps"] for s in summary["stages"]),  # the optimizer steps of the stages ATU kept
+        "hook_layer": summary["hook_layer"], "seconds": round(time.perf_counter() - clock, 1),
+    }  # fmt: skip
+
+
+def unlearned_model(plan: Plan, group: dict, method: str):
+    """The model ``method`` leaves: ATU's export, ATU quantization-aware, or a baseline after ATU's steps."""
+    if method == "atu":
+        return load_lm(Path(group["export"]) / "model")[0]
+    if method == "atu-q4":
+        run_dir = Path(group["dir"]) / "quant_aware"
+        # ATU's alignment is the same job's: its run reuses the aligned predictor (keyed by model, texts, config)
+        shutil.copytree(Path(group["dir"]) / "atu" / ALIGNED_DIR, run_dir / ALIGNED_DIR)
+        cfg = atu_config(plan, group["forget"], group["seed"], str(run_dir), quant_aware=True)
+        return load_lm(Path(run_atu(cfg, progress=False, export=True)["export"]) / "model")[0]
     world = build_world(plan.unlearning().world())
+    cfg = atu_config(plan, group["forget"], group["seed"], group["dir"])
     data = load_run_data(cfg, {k: str(world.path(v)) for k, v in WORLD_FILES.items()})
-    for method in [m for m in methods if m not in ("atu", "atu-q4")]:
-        lr = plan.unlearning().baseline_lrs[method][0]
-        bcfg = BaselineConfig(method=method, hook_layer=summary["hook_layer"], steps=steps, lr=lr, seed=seed)
-        model, tokenizer = load_lm(world.model_dir)
-        retain = data.retain_texts if method == "gd" else []  # as benchmarks/unlearning.py: only gd trains on them
-        models[method], _ = run_baseline(model, tokenizer, data.forget_texts, retain, bcfg, progress=False)
-    return models, export
+    lr = plan.unlearning().baseline_lrs[method][0]
+    steps, seed = group["steps"], group["seed"]
+    bcfg = BaselineConfig(method=method, hook_layer=group["hook_layer"], steps=steps, lr=lr, seed=seed)
+    model, tokenizer = load_lm(world.model_dir)
+    retain = data.retain_texts if method == "gd" else []  # as benchmarks/unlearning.py: only gd trains on them
+    return run_baseline(model, tokenizer, data.forget_texts, retain, bcfg, progress=False)[0]
 
 
-def attack_group(plan: Plan, methods, n: int, seed: int) -> dict:
-    world = build_world(plan.unlearning().world())
-    forget = world.concepts().names()[:n]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="atu_robust_") as out:
-        models, export = unlearn_all(plan, methods, forget, seed, out)
-        bench = Bench(export)
-        original, _ = load_lm(bench.src.original)
-        concept = bench.src.forget[0]
-        texts = default_relearn_texts(formats.read_corpus(bench.src.data.corpus), bench.probes, concept)
-        rgroups = relearn_groups(bench.probes, bench.src.forget, concept, texts)
-        res: dict = {"people": n, "seed": seed, "forget": forget, "relearn_texts": len(texts), "original": {}}
-        for label, make in precisions(plan):
-            res["original"][label] = bench.measure(make(original) if make else original)
-        res["original"]["relearn"] = bench.measure(original, rgroups)  # before unlearning, on the relearning groups
-        res["methods"] = {}
-        for method, model in models.items():
-            res["methods"][method] = attack_method(plan, bench, original, model, texts, rgroups, res["original"])
-            print(f"  {n} forgotten, seed {seed}: {method} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    return res
+def method_task(plan: Plan, group: dict, method: str) -> dict:
+    """One method's model (or the original's, ``ORIGINAL``) unlearned and attacked: its raw measurements."""
+    clock = time.perf_counter()
+    bench = Bench(group["export"])
+    original, _ = load_lm(bench.src.original)
+    concept = bench.src.forget[0]
+    texts = default_relearn_texts(formats.read_corpus(bench.src.data.corpus), bench.probes, concept)
+    rgroups = relearn_groups(bench.probes, bench.src.forget, concept, texts)
+    if method == ORIGINAL:
+        out = {label: bench.measure(make(original) if make else original) for label, make in precisions(plan)}
+        out["relearn"] = bench.measure(original, rgroups)  # before unlearning, on the relearning groups
+        seconds = {"attack": round(time.perf_counter() - clock, 1)}
+        return {"measured": out, "relearn_texts": len(texts), "seconds": seconds}
+    model = unlearned_model(plan, group, method)
+    unlearn_s = time.perf_counter() - clock
+    out = attack_method(plan, bench, original, model, texts, rgroups)
+    seconds = {"unlearn": round(unlearn_s, 1), "attack": round(time.perf_counter() - clock - unlearn_s, 1)}
+    out["seconds"] = seconds
+    return {"measured": out, "seconds": seconds}
 
 
-def attack_method(plan: Plan, bench: Bench, original, model, texts, rgroups, orig: dict) -> dict:
+def attack_method(plan: Plan, bench: Bench, original, model, texts, rgroups) -> dict:
+    """Every attack on one unlearned model, measured (``with_ratios`` relates them to the original's)."""
     out: dict = {"precisions": {}, "collapse": {}, "relearn": {}}
-    before = mean_of_kinds(orig["fp32"]["recall"]["forget"])
     for label, make in precisions(plan):
-        m = bench.measure(make(model) if make else model)
-        r = m["recall"]
-        m["forget_ratio"] = _ratio(mean_of_kinds(r["forget"]), before)
-        m["retain_ratio"] = _ratio(mean_of_kinds(r["retain"]), mean_of_kinds(orig[label]["recall"]["retain"]))
-        out["precisions"][label] = m
+        out["precisions"][label] = bench.measure(make(model) if make else model)
     for q in plan.quantizations():
         out["collapse"][q.label] = collapse_summary(bucket_collapse(original, model, q))
-    unl = bench.measure(model, rgroups)
-    out["relearn"]["0"] = unl
+    out["relearn"]["0"] = bench.measure(model, rgroups)
     for k in plan.relearn_steps:
         cfg = RelearnConfig(steps=k, lr=plan.relearn_lr)
         relearned, records = relearn(copy.deepcopy(model), bench.tokenizer, texts, cfg)
         m = bench.measure(relearned, rgroups)
         m["loss"] = [records[0]["loss"], records[-1]["loss"]]
-        m["recovery"] = {
-            g: recovery(*(mean_of_kinds(x["recall"][g]) for x in (orig["relearn"], unl, m)))
-            for g in ("held_out", "given", "other_forgotten")
-        }
         out["relearn"][str(k)] = m
     return out
 
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def with_ratios(m: dict, orig: dict) -> dict:
+    """``m`` (``attack_method``'s) with each precision's forget and retain ratio and each relearning's recovery."""
+    before = mean_of_kinds(orig["fp32"]["recall"]["forget"])
+    for label, p in m["precisions"].items():
+        p["forget_ratio"] = _ratio(mean_of_kinds(p["recall"]["forget"]), before)
+        retain_before = mean_of_kinds(orig[label]["recall"]["retain"])
+        p["retain_ratio"] = _ratio(mean_of_kinds(p["recall"]["retain"]), retain_before)
+    unl = m["relearn"]["0"]
+    for k, r in m["relearn"].items():
+        if k != "0":
+            groups = ("held_out", "given", "other_forgotten")
+            r["recovery"] = {
+                g: recovery(*(mean_of_kinds(x["recall"][g]) for x in (orig["relearn"], unl, r))) for g in groups
+            }
+    return m
+
+
+def finish_group(stage: dict, tasks: dict, methods) -> dict:
+    """One group's result from its ATU run and its tasks' measurements."""
+    orig = tasks[ORIGINAL]
+    res = {"people": stage["people"], "seed": stage["seed"], "forget": stage["forget"]}
+    res.update(relearn_texts=orig["relearn_texts"], original=orig["measured"], methods={})
+    for method in methods:
+        res["methods"][method] = with_ratios(tasks[method]["measured"], orig["measured"])
+    seconds = [t["seconds"].get("unlearn", 0) + t["seconds"]["attack"] for t in tasks.values()]
+    res["seconds"] = round(stage["seconds"] + sum(seconds), 1)  # work, whichever process did it
+    return res
+
+
+# ------------------------------------------------------------------------------------------- running the tasks
+
+
+class _Inline:
+    """An executor that runs each task when it is submitted, in this process (``--jobs 1``)."""
+
+    def submit(self, fn, *args) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:  # the caller's ``result()`` raises it, as from a process
+            f.set_exception(e)
+        return f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _init_worker(threads: int) -> None:
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+
+
+def executor(jobs: int):
+    """``jobs`` processes sharing this process's torch threads between them (one process: this one)."""
+    if jobs <= 1:
+        return _Inline()
+    threads = max(1, torch.get_num_threads() // jobs)
+    ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    return ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+
+
+def run_tasks(plan: Plan, groups: list[tuple[int, int]], order, jobs: int, stage=atu_stage, task=method_task):
+    """({group: its ATU run}, {group: {method: its task's result}}): each group's ATU run (``stage``) first, then
+    its tasks (``task``, one per method in ``order``) as soon as it is done, ``jobs`` at a time."""
+    t0 = time.perf_counter()
+    stages: dict = {}
+    tasks: dict = {g: {} for g in groups}
+    with tempfile.TemporaryDirectory(prefix="atu_robust_") as out, executor(jobs) as pool:
+        pending = {pool.submit(stage, plan, n, seed, out): (None, (n, seed)) for n, seed in groups}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                method, g = pending.pop(f)
+                if method is None:
+                    stages[g] = f.result()
+                    pending.update({pool.submit(task, plan, stages[g], m): (m, g) for m in order})
+                else:
+                    tasks[g][method] = f.result()
+                print(f"  {g[0]} forgotten, seed {g[1]}: {method or 'ATU run'} done "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    return stages, tasks
+
+
+def run_groups(plan: Plan, methods, groups: list[tuple[int, int]], jobs: int, keep: Path) -> list[dict]:
+    """Every (people, seed) group's result, in the order of ``groups``; the tasks' measurements are written to
+    ``keep`` before they are put together, and ``keep`` is removed once they are."""
+    order = [m for m in TASK_ORDER if m in methods or m == ORIGINAL]
+    stages, tasks = run_tasks(plan, groups, order, jobs)
+    raw = {f"{n} people, seed {s}": {"stage": stages[(n, s)], "tasks": tasks[(n, s)]} for n, s in groups}
+    keep.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+    out = [finish_group(stages[g], tasks[g], methods) for g in groups]
+    keep.unlink()
+    return out
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -217,12 +336,15 @@ def attacked(m: dict) -> list[tuple[str, dict]]:
     return out + [(f"relearn K={k}", r) for k, r in m["relearn"].items() if k != "0"]
 
 
-def guard_extremes(m: dict, source: str, scope: str = "") -> tuple[float | None, float | None, int]:
+def guard_extremes(
+    m: dict, source: str, scope: str = "", flags_of: str = "false_flag_rate"
+) -> tuple[float | None, float | None, int]:
     """(lowest catch rate, highest false-flag rate, leaking answers in all) over the attacked models; ``scope``
     "exchange_": counting the question's flags too; "names_" and "names_exchange_": with the guard's name check;
-    "named_": with it, and the question counted only when it writes a forgotten name."""
+    "named_": with it, and the question counted only when it writes a forgotten name. ``flags_of``
+    "clean_false_flag_rate": the false flags on the answers that give no forgotten concept's value."""
     catches = [g["guard"][source].get(f"{scope}catch_rate") for _, g in attacked(m)]
-    flags = [g["guard"][source].get(f"{scope}false_flag_rate") for _, g in attacked(m)]
+    flags = [g["guard"][source].get(f"{scope}{flags_of}") for _, g in attacked(m)]
     leaks = sum(g["guard"][source]["leaks"] for _, g in attacked(m))
     known = [c for c in catches if c is not None]
     flags = [f for f in flags if f is not None]
@@ -242,6 +364,7 @@ def summary_rows(result: dict) -> list[list[str]]:
             own_n = guard_extremes(m, "own", "names_")
             own_nx = guard_extremes(m, "own", "names_exchange_")
             own_named = guard_extremes(m, "own", "named_")
+            clean_named = guard_extremes(m, "own", "named_", "clean_false_flag_rate")[1]
             att = guard_extremes(m, "attacked")
             rows.append([
                 str(g["people"]), str(g["seed"]), method,
@@ -253,7 +376,7 @@ def summary_rows(result: dict) -> list[list[str]]:
                 f"{_f(own_x[0])} / {_f(own_x[1], 3)}",
                 f"{_f(own_n[0])} / {_f(own_n[1], 3)}",
                 f"{_f(own_nx[0])} / {_f(own_nx[1], 3)}",
-                f"{_f(own_named[0])} / {_f(own_named[1], 3)}",
+                f"{_f(own_named[0])} / {_f(own_named[1], 3)} ({_f(clean_named, 3)})",
                 f"{_f(att[0])} / {_f(att[1], 3)} ({att[2]})",
             ])  # fmt: skip
     return rows
@@ -272,6 +395,7 @@ def verdict_lines(result: dict) -> list[str]:
         catch_x, flags_x, _ = guard_extremes(m, "own", "exchange_")
         catch_nx, flags_nx, _ = guard_extremes(m, "own", "names_exchange_")
         catch_nd, flags_nd, _ = guard_extremes(m, "own", "named_")
+        clean_nd = guard_extremes(m, "own", "named_", "clean_false_flag_rate")[1]
         checks = [
             ("forget after int4", forget4, forget4 is not None and forget4 <= TARGETS["forget_int4"], "<= 0.30"),
             ("retain after int4", retain4, retain4 is not None and retain4 >= TARGETS["retain_int4"], ">= 0.90"),
@@ -289,6 +413,8 @@ def verdict_lines(result: dict) -> list[str]:
             ("false flags", flags_nd, flags_nd is not None and flags_nd <= TARGETS["false_flags"], "<= 0.05"),
         ]  # fmt: skip
         shown = "; ".join(f"{name} {_f(v)} ({t}: {'met' if ok else 'missed'})" for name, v, ok, t in checks)
+        if clean_nd is not None:
+            shown += f"; of them on the answers that give no forgotten person's value {_f(clean_nd)}"
         lines.append(f"- ATU, {g['people']} forgotten, seed {g['seed']} ({leaks} leaking answers in all): {shown}.")
     return lines
 
@@ -297,7 +423,8 @@ HEADER = (
     "people", "seed", "method", "forget ratio (fp32 / int8 / int4 / int8 kernel)", "retain ratio (same)",
     "int4 collapse (layers, flipped share)", "recovery K=10 / 50", "guard own: min catch / max false flags (leaks)",
     "guard own, question's flags counted: same", "guard own, with names: same",
-    "guard own, with names and the question's flags: same", "guard own, with names, the question's names only: same",
+    "guard own, with names and the question's flags: same",
+    "guard own, with names, the question's names only: same (false flags on the answers giving no forgotten value)",
     "guard attacked: same",
 )  # fmt: skip
 
@@ -320,12 +447,14 @@ def write_markdown(result: dict, path: Path) -> None:
         "an answer also counts as flagged when the guard flags a forgotten person in its question (`atu serve "
         '--flag-scope exchange`). "With names": a forgotten person\'s name written in the answer (and in the '
         "question, where its flags count) flags it too, as `atu serve` does by default; \"the question's names "
-        'only": the question counts only when it writes a forgotten name (`--flag-scope named`); the other columns '
-        "are the predictor alone.\n\n"
+        'only": the question counts only when it writes a forgotten name (`--flag-scope named`); in brackets there, '
+        "the highest false-flag share on the other people's answers that do not give a forgotten person's value "
+        "of the attribute asked about in place of their own. The other columns are the predictor alone.\n\n"
         + "\n".join(table)
         + "\n\nATU against the target figures:\n\n"
         + "\n".join(verdict_lines(result))
-        + f"\n\nMeasured on {result['machine']}, {result['date']}; total {result['total_seconds']:.0f} s.\n"
+        + f"\n\nMeasured on {result['machine']}, {result['date']}; total {result['total_seconds']:.0f} s "
+        f"({sum(g['seconds'] for g in result['groups']):.0f} s of work in its processes).\n"
     )
     path.write_text(text)
 
@@ -370,7 +499,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="unlearning seeds (ATU's and the baselines')")
     ap.add_argument("--out-dir", type=Path, default=Path("results"))
     ap.add_argument("--name", help="file names in --out-dir (default: robustness, or robustness_quick with --quick)")
+    ap.add_argument("--jobs", type=int, default=2, help="processes running the tasks, sharing the torch threads")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -384,17 +516,18 @@ def main(argv=None) -> dict:
         "methods": ["atu", *[m for m in args.methods if m != "atu"]],  # ATU always runs: its export is the guard
         "precisions": [label for label, _ in precisions(plan)],
         "groups": [],
-        "machine": f"cpu, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}",
+        "machine": f"cpu, {torch.get_num_threads()} torch threads in {args.jobs} process(es), "
+        f"{platform.processor() or platform.machine()}",
+        "jobs": args.jobs,
         "date": time.strftime("%Y-%m-%d"),
         "versions": {"atu": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-    for n in args.people or plan.people:
-        for seed in args.seeds:
-            print(f"forgetting {n}, seed {seed}...", flush=True)
-            result["groups"].append(attack_group(plan, result["methods"], n, seed))
-    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    groups = [(n, seed) for n in args.people or plan.people for seed in args.seeds]
+    print(f"forgetting {', '.join(f'{n} (seed {s})' for n, s in groups)} in {args.jobs} process(es)...", flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     base = args.out_dir / (args.name or ("robustness_quick" if args.quick else "robustness"))
+    result["groups"] = run_groups(plan, result["methods"], groups, args.jobs, Path(f"{base}.tasks.json"))
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
     Path(f"{base}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     write_markdown(result, Path(f"{base}.md"))
     write_plot(result, Path(f"{base}.png"))

@@ -333,6 +333,8 @@ def render_robustness(name: str, d: dict) -> str:
         ("false flags, same", (2, "guard", "own", "exchange_false_flag_rate")),
         ("catch, names and the question's names (own; --flag-scope named)", (2, "guard", "own", "named_catch_rate")),
         ("false flags, same", (2, "guard", "own", "named_false_flag_rate")),
+        ("of them on answers giving no forgotten value", (2, "guard", "own", "named_clean_false_flag_rate")),
+        ("others' answers giving a forgotten value", (2, "guard", "own", "others_stating_forgotten")),
         ("catch (attacked states)", (2, "guard", "attacked", "catch_rate")),
         ("false flags (attacked)", (2, "guard", "attacked", "false_flag_rate")),
         ("leaking answers", (2, "guard", "own", "leaks")),
@@ -357,6 +359,10 @@ def render_robustness(name: str, d: dict) -> str:
         out.append(columns(items("precisions"), precision))
         out.append(columns(items("collapse"), collapse))
         out.append(columns([r for r in items("relearn") if get(r, 2, "recovery") is not None], relearn))
+        work = [f"{m} {fmt(get(per, 'seconds', 'unlearn'))} + {fmt(get(per, 'seconds', 'attack'))} s"
+                for m, per in methods if get(per, "seconds") is not None]  # fmt: skip
+        if work:
+            out.append(f"Work (unlearning + attacks, in whichever process ran it): {'; '.join(work)}.\n")
     return "\n".join(out)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from atu.attack.guard import LEAK_RECALL, catch_rates
+from atu.attack.guard import LEAK_RECALL, catch_rates, forgotten_values, states_forgotten
 from atu.attack.relearn import (
     RelearnConfig,
     answer_span,
@@ -23,6 +23,7 @@ from atu.attack.relearn import (
     text_loss,
 )
 from atu.errors import ConfigError
+from atu.formats import Probe
 
 
 def _world_facts(tiny_world):
@@ -106,8 +107,10 @@ def test_catch_rates_count_leaks_and_false_flags():
         *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(2)),
     ]
     got = catch_rates(rows, "own")
+    for prefix in ("", "exchange_", "names_", "names_exchange_", "named_"):  # no answer gives her values
+        assert got.pop(f"{prefix}clean_false_flag_rate") == got[f"{prefix}false_flag_rate"]
     assert got == {
-        "leaks": 4, "others": 5,
+        "leaks": 4, "others": 5, "others_stating_forgotten": 0,
         "catch_rate": 0.25, "flag_rate_forgotten": 0.4, "false_flag_rate": 0.2,
         # the question's flag catches the second leak, and flags one more of the others' answers
         "exchange_catch_rate": 0.5, "exchange_flag_rate_forgotten": 0.6, "exchange_false_flag_rate": 0.4,
@@ -119,6 +122,36 @@ def test_catch_rates_count_leaks_and_false_flags():
         # (flagged by the question's score alone) is not
         "named_catch_rate": 0.75, "named_flag_rate_forgotten": 0.8, "named_false_flag_rate": 0.4,
     }  # fmt: skip
+
+
+def test_clean_false_flags_leave_out_the_answers_that_give_a_forgotten_value():
+    rows = [
+        {"forgotten": False, "recall": 0.0, "flagged_own": True, "states_forgotten": True},
+        {"forgotten": False, "recall": 1.0, "flagged_own": True},
+        *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(2)),
+    ]
+    got = catch_rates(rows, "own")
+    assert got["others_stating_forgotten"] == 1
+    assert got["false_flag_rate"] == 0.5 and got["clean_false_flag_rate"] == pytest.approx(1 / 3)
+
+
+def test_an_answer_states_a_forgotten_value_only_in_place_of_its_own():
+    probes = [
+        Probe("Ada", "direct", "Where was Ada born?", "Selford", "birthplace"),
+        Probe("Ada", "direct", "What does Ada do?", "chemist", "occupation"),
+        Probe("Bob", "direct", "Where was Bob born?", "Marrow", "birthplace"),
+        Probe("Cy", "direct", "Where was Cy born?", "Selford", "birthplace"),
+        Probe("Bob", "direct", "Who is Bob's friend?", "Dee", None),
+    ]
+    values = forgotten_values(probes, ["Ada"])
+    assert values == {"birthplace": {"Selford"}, "occupation": {"chemist"}}
+    bob, cy, no_attribute = probes[2], probes[3], probes[4]
+    assert states_forgotten(bob, " He was born in Selford.", values)  # hers, in place of his
+    assert not states_forgotten(bob, " Marrow, near Selford.", values)  # his own is right
+    assert not states_forgotten(bob, " A chemist.", values)  # her value of another attribute
+    assert not states_forgotten(cy, " Selford", values)  # the same value as hers: his own
+    assert not states_forgotten(no_attribute, " Selford", values)
+    assert not states_forgotten(bob, "  ", values)
 
 
 @pytest.mark.slow

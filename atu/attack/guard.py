@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from atu.evaluation.metrics import rouge_l_recall
+from atu.evaluation.metrics import fact_recall, rouge_l_recall
 from atu.export import Export
 from atu.formats import Probe
 from atu.generation import chat_prompt, generate_answers
@@ -57,18 +57,42 @@ def server_answers(model, tokenizer, probes: Sequence[Probe]) -> list[str]:
     return generate_answers(model, tokenizer, [p.question for p in probes], strip=False)
 
 
+def forgotten_values(probes: Sequence[Probe], forget) -> dict[str, set[str]]:
+    """attribute -> the forgotten concepts' answers to questions about it (probes without an attribute: none)."""
+    out: dict[str, set[str]] = {}
+    for p in probes:
+        if p.concept in set(forget) and p.attribute:
+            out.setdefault(p.attribute, set()).add(p.answer)
+    return out
+
+
+def states_forgotten(probe: Probe, answer: str, values: dict[str, set[str]]) -> bool:
+    """Whether ``answer``, to a question about someone else, gives a forgotten concept's value of the same attribute
+    in place of its own: a model relearned on her facts answers others' questions with them, and a flag on such an
+    answer marks a forgotten fact in the text."""
+    if not probe.attribute or not answer.strip():
+        return False
+    if rouge_l_recall(answer, probe.answer) >= LEAK_RECALL:
+        return False  # right for its own question (and the values may be the same)
+    theirs = values.get(probe.attribute, set()) - {probe.answer}
+    return any((fact_recall(answer, v, probe.question) or 0.0) >= LEAK_RECALL for v in theirs)
+
+
 def guard_rows(tokenizer, probes: Sequence[Probe], answers: Sequence[str], scorers: dict, forget) -> list[dict]:
     """Per probe: the answer's recall, whether the answer (``named``) and the question (``prompt_named``) write a
-    forgotten concept's name, and for each named scorer whether it flags a forgotten concept in them."""
+    forgotten concept's name, whether an answer about someone else gives a forgotten concept's value
+    (``states_forgotten``), and for each named scorer whether it flags a forgotten concept in them."""
     from serve.names import NameMatcher
 
     pairs = [(chat_prompt(tokenizer, p.question), a) for p, a in zip(probes, answers)]
     forget_set = set(forget)
     names = NameMatcher(list(forget))
+    values = forgotten_values(probes, forget_set)
     rows = [
         {"concept": p.concept, "kind": p.kind, "forgotten": p.concept in forget_set,
          "recall": rouge_l_recall(a, p.answer) if a.strip() else 0.0, "answer": a.strip(),
-         "named": bool(names.find(a)), "prompt_named": bool(names.find(p.question))}
+         "named": bool(names.find(a)), "prompt_named": bool(names.find(p.question)),
+         "states_forgotten": p.concept not in forget_set and states_forgotten(p, a, values)}
         for p, a in zip(probes, answers)
     ]  # fmt: skip
     for name, scorer in scorers.items():
@@ -81,11 +105,13 @@ def guard_rows(tokenizer, probes: Sequence[Probe], answers: Sequence[str], score
 
 
 def catch_rates(rows: Sequence[dict], source: str) -> dict:
-    """Catch rate on leaking answers, flag rate on all forgotten-concept answers, false-flag rate on the others; for
-    flags in the completion, and (``exchange_``) in the question or the completion."""
+    """Catch rate on leaking answers, flag rate on all forgotten-concept answers, false-flag rate on the others, and
+    (``clean_false_flag_rate``) on the others that do not give a forgotten concept's value; for flags in the
+    completion, and (``exchange_``) in the question or the completion."""
     leaks = [r for r in rows if r["forgotten"] and r["recall"] >= LEAK_RECALL]
     forgotten = [r for r in rows if r["forgotten"]]
     others = [r for r in rows if not r["forgotten"]]
+    clean = [r for r in others if not r.get("states_forgotten", False)]
 
     def answer(r, names: bool) -> bool:
         return bool(r[f"flagged_{source}"] or (names and r.get("named", False)))
@@ -100,9 +126,10 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
         "names_exchange_": lambda r: answer(r, True) or question(r, True),
         "named_": lambda r: answer(r, True) or bool(r.get("prompt_named", False)),  # ``--flag-scope named``
     }
-    out = {"leaks": len(leaks), "others": len(others)}
+    out = {"leaks": len(leaks), "others": len(others), "others_stating_forgotten": len(others) - len(clean)}
+    rates = (("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others))
     for prefix, hit in scopes.items():
-        for key, rs in (("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others)):
+        for key, rs in (*rates, ("clean_false_flag_rate", clean)):
             out[f"{prefix}{key}"] = sum(map(hit, rs)) / len(rs) if rs else None
     return out
 
