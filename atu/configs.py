@@ -174,6 +174,11 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# What a calibrated false-positive rate counts: "union", the texts any concept flags (what a guard over all the
+# concepts does to clean traffic); "concept", each concept's texts on their own (the union grows with the count).
+FPR_SCOPES = ("union", "concept")
+
+
 def is_open_fraction(value: Any) -> bool:
     """Whether ``value`` is a number strictly between 0 and 1 (a bool is not a number here)."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < 1

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 
 from atu import __version__
 from atu.atomic import fsync, install_dir, sibling
-from atu.configs import is_open_fraction
+from atu.configs import FPR_SCOPES, is_open_fraction
 from atu.errors import AtuError, ConfigError, FormatError
 from atu.index import ConceptIndex
 from atu.model_card import model_card
@@ -73,6 +73,9 @@ class GuardConfig:
     # How the index's thresholds were set: None = the unlearning's final thresholds (tau); a number = calibrated so
     # that at most this share of held-out retain texts scores above them.
     threshold_fpr: float | None = None
+    # What threshold_fpr counts (atu.configs.FPR_SCOPES): the texts any concept flags ("union") or each concept's
+    # ("concept", how exports without this field were calibrated).
+    threshold_fpr_scope: str = "concept"
 
     def __post_init__(self) -> None:
         for name in ("hook_layer", "window", "hidden_size", "embedding_dim", "num_layers"):
@@ -92,6 +95,10 @@ class GuardConfig:
             )
         if self.threshold_fpr is not None and not is_open_fraction(self.threshold_fpr):
             raise ConfigError(f"GuardConfig.threshold_fpr must be in (0, 1) or None, got {self.threshold_fpr!r}.")
+        if self.threshold_fpr_scope not in FPR_SCOPES:
+            raise ConfigError(
+                f"GuardConfig.threshold_fpr_scope must be one of {FPR_SCOPES}, got {self.threshold_fpr_scope!r}."
+            )
         if self.concept_target not in CONCEPT_TARGETS:
             raise ConfigError(
                 f"GuardConfig.concept_target must be one of {CONCEPT_TARGETS}, got {self.concept_target!r}."

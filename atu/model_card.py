@@ -85,7 +85,8 @@ def model_card(
     for section, keys in _SETTINGS.items():
         values = config.get(section) or {}
         lines += [f"| `{section}.{k}` | `{values[k]}` |" for k in keys if k in values]
-    lines += [f"| `{k}` | `{config[k]}` |" for k in ("guard_target", "guard_fpr", "stop_signal") if k in config]
+    top = ("guard_target", "guard_fpr", "guard_fpr_scope", "stop_signal")
+    lines += [f"| `{k}` | `{config[k]}` |" for k in top if k in config]
     lines += ["", "## Evaluation", ""]
     lines += _evaluation_lines(evaluation)
     if (evaluation or {}).get("stop_reason"):

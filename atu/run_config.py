@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from atu.align import AlignConfig
-from atu.configs import dataclass_from_dict, is_open_fraction
+from atu.configs import FPR_SCOPES, dataclass_from_dict, is_open_fraction
 from atu.errors import ConfigError
 from atu.loading import DEFAULT_ENCODER
 from atu.unlearn import UnlearnConfig
@@ -88,6 +88,10 @@ class RunConfig:
     # (data.validation) exceeds, measured with the exported predictor on the exported model. None: use the
     # unlearning's final thresholds (tau), which sit wherever the schedule stopped, not where retain texts score.
     guard_fpr: float | None = 0.05
+    # What guard_fpr counts: "union", the held-out texts that any forgotten concept flags (the share of clean traffic
+    # the guard flags, whatever the number of concepts); "concept", each concept's on its own (the union grows with
+    # the number of concepts).
+    guard_fpr_scope: str = "union"
     # What the guard's concept vectors in the export embed: "centroid" (the mean embedding of the concept's own
     # forget-text windows: its facts, so an answer that no longer states them scores lower), "name",
     # "description", or None for the unlearning's own target (unlearn.target). The unlearning never sees it.
@@ -104,6 +108,8 @@ class RunConfig:
             raise ConfigError(f"guard_target must be one of {GUARD_TARGETS}, got {self.guard_target!r}")
         if self.guard_fpr is not None and not is_open_fraction(self.guard_fpr):
             raise ConfigError(f"guard_fpr must be a number in (0, 1) or null, got {self.guard_fpr!r}")
+        if self.guard_fpr_scope not in FPR_SCOPES:
+            raise ConfigError(f"guard_fpr_scope must be one of {FPR_SCOPES}, got {self.guard_fpr_scope!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.model not in WORLD_MODELS and (self.data.corpus is None or self.data.concepts is None):

@@ -24,7 +24,7 @@ import torch
 from atu.concept_reader import ConceptReader
 from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
-from atu.evaluation.evaluate import EvalInputs, evaluate_model, fpr_thresholds
+from atu.evaluation.evaluate import EvalInputs, calibrated_thresholds, evaluate_model, too_few_to_calibrate
 from atu.evaluation.metrics import auroc
 from atu.export import GuardConfig, GuardFiles, write_export
 from atu.index import ConceptIndex
@@ -162,7 +162,8 @@ def build_guard(
 
     The index's vectors embed ``cfg.guard_target`` (default: the unlearning target, whose vectors are
     ``concept_vectors``); with ``cfg.guard_fpr`` the thresholds are set to that false-positive rate on the held-out
-    retain texts, else they are the schedule's final thresholds."""
+    retain texts (over all the concepts or each, ``cfg.guard_fpr_scope``), else they are the schedule's final
+    thresholds."""
     guard_target = cfg.guard_target or cfg.unlearn.target_kinds[0]
     vectors = concept_vectors.cpu()  # the unlearning's first target kind
     if guard_target != cfg.unlearn.target_kinds[0]:
@@ -171,10 +172,17 @@ def build_guard(
     calibrated = cfg.guard_fpr is not None and bool(job.data.validation)
     if calibrated:
         held = ConceptReader(predictor, layer, vectors).concept_scores(final, job.tokenizer, job.data.validation)
-        thresholds = fpr_thresholds(held.numpy(), cfg.guard_fpr)
+        thresholds = calibrated_thresholds(held.numpy(), cfg.guard_fpr, cfg.guard_fpr_scope)
+        if too_few_to_calibrate(len(job.data.validation), cfg.guard_fpr):
+            logger.warning(
+                "guard_fpr %g on %d held-out texts: no text may score above a threshold, so each is the concept's "
+                "highest held-out score; %d or more texts (data.validation) place them at that rate",
+                cfg.guard_fpr, len(job.data.validation), int(np.ceil(1 / cfg.guard_fpr)),
+            )  # fmt: skip
         logger.info(
-            "guard thresholds at %.0f%% false positives on held-out texts: %s", 100 * cfg.guard_fpr, thresholds
-        )
+            "guard thresholds at %.0f%% false positives (%s) on held-out texts: %s",
+            100 * cfg.guard_fpr, cfg.guard_fpr_scope, thresholds,
+        )  # fmt: skip
     guard = GuardConfig(
         hook_layer=layer,
         window=cfg.align.window,
@@ -184,6 +192,7 @@ def build_guard(
         num_layers=final.config.num_hidden_layers,
         concept_target=guard_target,
         threshold_fpr=cfg.guard_fpr if calibrated else None,
+        threshold_fpr_scope=cfg.guard_fpr_scope,
     )
     return guard, ConceptIndex.build(vectors.numpy(), job.data.forget, thresholds)
 

@@ -16,7 +16,8 @@ from atu.predictor import EmbeddingPredictor, load_predictor, save_predictor
 from atu.schedule import ScheduleResult
 
 UNLEARNED_DIR = "unlearned"  # in a run directory: what `atu unlearn` leaves for `atu export`
-# The config sections that decide the unlearned model; the guard's (guard_target, guard_fpr) may change at export.
+# The config sections that decide the unlearned model; the guard's (guard_target, guard_fpr, guard_fpr_scope) may
+# change at export.
 UNLEARN_KEYS = ("model", "encoder", "data", "align", "unlearn", "stop_signal")
 
 

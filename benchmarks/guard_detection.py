@@ -95,13 +95,14 @@ def before_export(world: BuiltWorld, after, cfg: RunConfig, progress: bool) -> t
         thresholds = after.index.thresholds
         if after.guard.threshold_fpr is not None:  # calibrate like atu.run does, on this model and predictor
             from atu.concept_reader import ConceptReader
-            from atu.evaluation.evaluate import fpr_thresholds
+            from atu.evaluation.evaluate import calibrated_thresholds
             from atu.run_data import load_run_data, resolve_world
 
             validation = load_run_data(cfg, resolve_world(cfg, progress=False)[1]).validation
             vectors = torch.from_numpy(after.index.vectors())
             held = ConceptReader(predictor, layer, vectors).concept_scores(model, tokenizer, validation)
-            thresholds = fpr_thresholds(held.numpy(), after.guard.threshold_fpr)
+            guard = after.guard
+            thresholds = calibrated_thresholds(held.numpy(), guard.threshold_fpr, guard.threshold_fpr_scope)
         index = ConceptIndex.build(after.index.vectors(), after.index.labels, thresholds)
         write_export(
             tmp / "export",

@@ -364,6 +364,7 @@ def _guard(**changes):
         ({"encoder": " "}, r"encoder must be a non-empty"),
         ({"input_normalisation": "rms"}, r"input_normalisation must be one of \('l2',\), got 'rms'"),
         ({"concept_target": "alias"}, r"concept_target must be one of"),
+        ({"threshold_fpr_scope": "any"}, r"threshold_fpr_scope must be one of \('union', 'concept'\)"),
     ],
 )
 def test_guard_config_validation(changes, match):
@@ -374,6 +375,8 @@ def test_guard_config_validation(changes, match):
 def test_guard_config_dict_round_trip():
     guard = _guard(concept_target="centroid")
     assert GuardConfig.from_dict(guard.to_dict()) == guard
+    old = {k: v for k, v in guard.to_dict().items() if k != "threshold_fpr_scope"}  # an export from before it
+    assert GuardConfig.from_dict(old).threshold_fpr_scope == "concept"
     with pytest.raises(ConfigError, match=r"Unknown GuardConfig keys \['layer'\]"):
         GuardConfig.from_dict({**guard.to_dict(), "layer": 3})
     with pytest.raises(ConfigError, match=r"missing required keys \['encoder'\]"):

@@ -92,6 +92,49 @@ def test_fpr_thresholds_against_naive_count(n, fpr):
         assert len(lower) == 0 or (col > lower.max()).mean() > fpr
 
 
+@pytest.mark.parametrize("n, c, fpr", [(1, 3, 0.05), (40, 3, 0.05), (100, 5, 0.05), (101, 2, 0.1), (60, 30, 0.2)])
+def test_union_fpr_thresholds_hold_the_share_any_concept_flags(n, c, fpr):
+    import numpy as np
+
+    from atu.evaluation.evaluate import fpr_thresholds, union_fpr_thresholds
+
+    rng = np.random.default_rng(n + c)
+    scores = np.round(rng.normal(size=(n, c)), 1).astype(np.float32)  # rounded: plenty of ties
+    thr = union_fpr_thresholds(scores, fpr)
+    assert (scores > thr).any(axis=1).mean() <= fpr  # the union within fpr
+    assert all(thr[j] in scores[:, j] for j in range(c))
+    assert np.all(thr >= fpr_thresholds(scores, fpr))  # never below each concept's own
+    for r in range(int(n * fpr) + 1):  # brute force: no common rank within fpr gives lower thresholds
+        at_r = fpr_thresholds(scores, (r + 0.5) / n)  # at most r of each concept's texts above
+        if (scores > at_r).any(axis=1).mean() <= fpr:
+            assert np.all(thr <= at_r)
+
+
+def test_union_fpr_thresholds_of_one_concept_are_its_own():
+    import numpy as np
+
+    from atu.evaluation.evaluate import fpr_thresholds, union_fpr_thresholds
+
+    scores = np.random.default_rng(0).normal(size=(97, 1)).astype(np.float32)
+    for fpr in (0.01, 0.05, 0.3):
+        assert np.array_equal(union_fpr_thresholds(scores, fpr), fpr_thresholds(scores, fpr))
+    with pytest.raises(ValueError, match="fpr must be in"):
+        union_fpr_thresholds(scores, 0.0)
+
+
+def test_too_few_texts_to_calibrate_leave_the_thresholds_at_the_highest_scores():
+    import numpy as np
+
+    from atu.evaluation.evaluate import calibrated_thresholds, too_few_to_calibrate
+
+    scores = np.random.default_rng(1).normal(size=(17, 3)).astype(np.float32)
+    assert too_few_to_calibrate(17, 0.05) and not too_few_to_calibrate(20, 0.05)
+    for scope in ("union", "concept"):  # under one text of 17 at 5%: both scopes give each concept's highest score
+        assert np.array_equal(calibrated_thresholds(scores, 0.05, scope), scores.max(axis=0))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        calibrated_thresholds(scores, 0.05, "each")
+
+
 def test_fpr_thresholds_rejects_bad_input():
     import numpy as np
 

@@ -41,12 +41,13 @@ def test_export_thresholds_are_calibrated_on_held_out_texts(tiny_run):
     out, cfg, summary = tiny_run
     exp = load_export(out / "export")
     assert exp.guard.threshold_fpr == cfg.guard_fpr == 0.05
+    assert exp.guard.threshold_fpr_scope == cfg.guard_fpr_scope == "union"
     assert summary["guard_thresholds"] == pytest.approx(exp.index.thresholds.tolist(), abs=1e-4)
     data = load_run_data(cfg, resolve_world(cfg, progress=False)[1])
     model, tok = load_lm(exp.model_dir)
     held = ConceptReader.from_export(exp).concept_scores(model, tok, data.validation).numpy()
-    above = (held > exp.index.thresholds[None, :]).mean(0)  # (C,) share of held-out texts the guard would flag
-    assert (above <= 0.05).all(), above
+    above = (held > exp.index.thresholds[None, :]).any(1).mean()  # share of held-out texts any concept flags
+    assert above <= 0.05, above
     # Each threshold is one of the held-out scores (with the tiny world's 2 held-out texts: the highest).
     assert all(t in held[:, c] for c, t in enumerate(exp.index.thresholds))
 

@@ -53,12 +53,12 @@ def test_align_unlearn_export_give_the_export_of_atu_run(tiny_run, tmp_path):
     assert staged.index.labels == ran.index.labels
 
     # The guard may change at export, without unlearning again; the unlearning settings may not.
-    cfg.guard_fpr = 0.25
+    cfg.guard_fpr, cfg.guard_fpr_scope = 0.25, "concept"
     result = cli.invoke(main, ["export", _write(cfg, tmp_path / "fpr.yaml"), "--to", str(tmp_path / "fpr")])
     assert result.exit_code == 0, result.output
     other = load_export(tmp_path / "fpr")
     assert other.manifest["files"]["model/model.safetensors"] == ran.manifest["files"]["model/model.safetensors"]
-    assert other.guard.threshold_fpr == 0.25
+    assert (other.guard.threshold_fpr, other.guard.threshold_fpr_scope) == (0.25, "concept")
     result = cli.invoke(main, ["export", _write(cfg, tmp_path / "fpr.yaml"), "--to", str(tmp_path / "fpr")])
     assert result.exit_code == 1 and "exists" in result.output  # an explicit destination is not replaced by default
     cfg.unlearn.lr = cfg.unlearn.lr * 2

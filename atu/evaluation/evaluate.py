@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from atu.concept_reader import ConceptReader
+from atu.configs import FPR_SCOPES
 from atu.evaluation.metrics import auroc, is_degenerate
 from atu.evaluation.probes import answer_probes, mean_recall_by_kind, stand_in_probes
 from atu.formats import ConceptSet, Probe
@@ -155,3 +156,42 @@ def fpr_thresholds(scores, fpr: float):
         while (s[:, c] > thr[c]).mean() > fpr:
             thr[c] = ordered[np.searchsorted(ordered[:, c], thr[c], side="right"), c]
     return thr.astype(np.float32)
+
+
+def too_few_to_calibrate(n: int, fpr: float) -> bool:
+    """Whether ``fpr`` of ``n`` texts is under one text: the thresholds can only be the highest scores seen."""
+    return n * fpr < 1
+
+
+def calibrated_thresholds(scores, fpr: float, scope: str):
+    """``union_fpr_thresholds`` (scope "union") or ``fpr_thresholds`` ("concept") of ``scores``."""
+    if scope not in FPR_SCOPES:
+        raise ValueError(f"scope must be one of {FPR_SCOPES}, got {scope!r}.")
+    return union_fpr_thresholds(scores, fpr) if scope == "union" else fpr_thresholds(scores, fpr)
+
+
+def union_fpr_thresholds(scores, fpr: float):
+    """(N, C) scores of texts that must not be flagged -> (C,) thresholds such that at most ``fpr`` of the texts
+    score above the threshold of any concept: the share of clean traffic a guard over all C concepts flags, which
+    per-concept thresholds at ``fpr`` each let grow with C.
+
+    Every concept gets the same rank: the thresholds that leave at most j of its N scores above them, for the largest
+    j whose union stays within ``fpr`` (j = 0, each concept's highest score, always does). One concept: the same as
+    ``fpr_thresholds``."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float32)
+    fpr_thresholds(s, fpr)  # validates shapes and fpr
+    n = s.shape[0]
+
+    def at_rank(j: int):  # at most j of each concept's scores above (ties resolved as fpr_thresholds does)
+        return fpr_thresholds(s, (j + 0.5) / n)
+
+    lo, hi = 0, int(np.floor(n * fpr + 1e-9))  # the union of j per concept is at least j texts
+    while lo < hi:  # the largest j within fpr: the union only grows with j
+        mid = (lo + hi + 1) // 2
+        if (s > at_rank(mid)).any(axis=1).mean() <= fpr:
+            lo = mid
+        else:
+            hi = mid - 1
+    return at_rank(lo)
