@@ -450,7 +450,11 @@ def run_schedule(
         predictor, driving, stages = sch.resume(s, checkpoint, start.aligned.predictor, opts.replace_stale)
         stop_reason = "schedule complete: every stage stayed within the retain budget"
         cfg = _resumed_config(unlearn_cfg, stages)
+        going = floor_progress(stages, s.plan, unlearn_cfg)  # a resumed run that had levelled off stays stopped
         for stage in itertools.count(len(stages)):
+            if going.stop:
+                stop_reason = going.stop
+                break
             if s.plan.stage(stage) is None:
                 break
             done = sch.stage(s, stage, predictor, cfg)  # unlearn within the budget, re-align, record
@@ -461,9 +465,6 @@ def run_schedule(
             stages.append(done.record)
             sch.keep(s, stages, predictor, driving, checkpoint, opts.on_stage)
             going = floor_progress(stages, s.plan, unlearn_cfg)
-            if going.stop:
-                stop_reason = going.stop
-                break
         forgetting = sch.forgetting(s, stages)
         logger.info("%s", stop_reason)
         log({"event": "stopped", "reason": stop_reason, "forgetting": forgetting})

@@ -318,3 +318,15 @@ def test_on_stage_hands_over_each_kept_stage_and_the_last_is_the_exported_model(
     for n, p in exported.state_dict().items():
         torch.testing.assert_close(p, seen[-1][1][n], msg=n)
     assert any(not torch.equal(seen[0][1][n], seen[-1][1][n]) for n in seen[0][1])
+
+
+def test_a_run_that_levelled_off_stays_stopped_when_run_again(tmp_path, tiny_world):
+    """A finished placed schedule, run again in its directory, resumes with every stage kept and runs no more: the
+    stop is decided from the kept stages, not only after a new one."""
+    cfg = tiny_run_config(tmp_path, taus=None, steps_per_stage=2, extra_stages=3, progress_patience=1,
+                          progress_min=100.0)  # fmt: skip
+    cfg.data.forget = tiny_world.concepts().names()[:1]
+    first = run(cfg, progress=False, export=False)
+    assert "levelled off" in first["stop_reason"], first["stop_reason"]
+    again = run(cfg, progress=False, export=False)
+    assert again["stages"] == first["stages"] and again["stop_reason"] == first["stop_reason"]
