@@ -49,7 +49,7 @@ import unlearning  # benchmarks/unlearning.py: the methods' chosen settings
 
 from atu import __version__, formats
 from atu.aligned import ALIGNED_DIR
-from atu.attack.guard import catch_rates, export_scorer, guard_rows, server_answers
+from atu.attack.guard import catch_rates, export_scorer, guard_rows, named_examples, server_answers
 from atu.attack.quantize import QuantConfig, bucket_collapse, collapse_summary, int8_dynamic, quantize_model
 from atu.attack.relearn import RelearnConfig, default_relearn_texts, recovery, relearn
 from atu.attack.runs import INT8_KERNEL, mean_of_kinds, relearn_groups
@@ -119,7 +119,8 @@ class Bench:
             g: mean_recall_by_kind([r for r in rows if r["key"] in keys])
             for g, keys in (groups or self.groups).items()
         }
-        return {"recall": recall, "guard": {s: catch_rates(rows, s) for s in ("own", "attacked")}}
+        guard = {s: catch_rates(rows, s) for s in ("own", "attacked")}
+        return {"recall": recall, "guard": guard, "guard_examples": named_examples(rows, "own")}
 
 
 def precisions(plan: Plan) -> list[tuple[str, object]]:
@@ -365,6 +366,7 @@ def summary_rows(result: dict) -> list[list[str]]:
             own_nx = guard_extremes(m, "own", "names_exchange_")
             own_named = guard_extremes(m, "own", "named_")
             clean_named = guard_extremes(m, "own", "named_", "clean_false_flag_rate")[1]
+            nameless = guard_extremes(m, "own", "named_", "nameless_false_flag_rate")[1]
             att = guard_extremes(m, "attacked")
             rows.append([
                 str(g["people"]), str(g["seed"]), method,
@@ -376,7 +378,7 @@ def summary_rows(result: dict) -> list[list[str]]:
                 f"{_f(own_x[0])} / {_f(own_x[1], 3)}",
                 f"{_f(own_n[0])} / {_f(own_n[1], 3)}",
                 f"{_f(own_nx[0])} / {_f(own_nx[1], 3)}",
-                f"{_f(own_named[0])} / {_f(own_named[1], 3)} ({_f(clean_named, 3)})",
+                f"{_f(own_named[0])} / {_f(own_named[1], 3)} ({_f(clean_named, 3)}; {_f(nameless, 3)})",
                 f"{_f(att[0])} / {_f(att[1], 3)} ({att[2]})",
             ])  # fmt: skip
     return rows
@@ -396,6 +398,7 @@ def verdict_lines(result: dict) -> list[str]:
         catch_nx, flags_nx, _ = guard_extremes(m, "own", "names_exchange_")
         catch_nd, flags_nd, _ = guard_extremes(m, "own", "named_")
         clean_nd = guard_extremes(m, "own", "named_", "clean_false_flag_rate")[1]
+        nameless_nd = guard_extremes(m, "own", "named_", "nameless_false_flag_rate")[1]
         checks = [
             ("forget after int4", forget4, forget4 is not None and forget4 <= TARGETS["forget_int4"], "<= 0.30"),
             ("retain after int4", retain4, retain4 is not None and retain4 >= TARGETS["retain_int4"], ">= 0.90"),
@@ -415,6 +418,8 @@ def verdict_lines(result: dict) -> list[str]:
         shown = "; ".join(f"{name} {_f(v)} ({t}: {'met' if ok else 'missed'})" for name, v, ok, t in checks)
         if clean_nd is not None:
             shown += f"; of them on the answers that give no forgotten person's value {_f(clean_nd)}"
+        if nameless_nd is not None:
+            shown += f", and that write no forgotten name either {_f(nameless_nd)}"
         lines.append(f"- ATU, {g['people']} forgotten, seed {g['seed']} ({leaks} leaking answers in all): {shown}.")
     return lines
 
@@ -424,7 +429,8 @@ HEADER = (
     "int4 collapse (layers, flipped share)", "recovery K=10 / 50", "guard own: min catch / max false flags (leaks)",
     "guard own, question's flags counted: same", "guard own, with names: same",
     "guard own, with names and the question's flags: same",
-    "guard own, with names, the question's names only: same (false flags on the answers giving no forgotten value)",
+    "guard own, with names, the question's names only: same (false flags on the answers giving no forgotten value; "
+    "and writing no forgotten name)",
     "guard attacked: same",
 )  # fmt: skip
 
@@ -449,7 +455,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "question, where its flags count) flags it too, as `atu serve` does by default; \"the question's names "
         'only": the question counts only when it writes a forgotten name (`--flag-scope named`); in brackets there, '
         "the highest false-flag share on the other people's answers that do not give a forgotten person's value "
-        "of the attribute asked about in place of their own. The other columns are the predictor alone.\n\n"
+        "of the attribute asked about in place of their own, and on those whose question and answer write no "
+        "forgotten name either. The other columns are the predictor alone.\n\n"
         + "\n".join(table)
         + "\n\nATU against the target figures:\n\n"
         + "\n".join(verdict_lines(result))

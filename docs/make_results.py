@@ -334,6 +334,7 @@ def render_robustness(name: str, d: dict) -> str:
         ("catch, names and the question's names (own; --flag-scope named)", (2, "guard", "own", "named_catch_rate")),
         ("false flags, same", (2, "guard", "own", "named_false_flag_rate")),
         ("of them on answers giving no forgotten value", (2, "guard", "own", "named_clean_false_flag_rate")),
+        ("and writing no forgotten name", (2, "guard", "own", "named_nameless_false_flag_rate")),
         ("others' answers giving a forgotten value", (2, "guard", "own", "others_stating_forgotten")),
         ("catch (attacked states)", (2, "guard", "attacked", "catch_rate")),
         ("false flags (attacked)", (2, "guard", "attacked", "false_flag_rate")),

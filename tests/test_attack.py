@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from atu.attack.guard import LEAK_RECALL, catch_rates, forgotten_values, states_forgotten
+from atu.attack.guard import LEAK_RECALL, catch_rates, forgotten_values, named_examples, states_forgotten
 from atu.attack.relearn import (
     RelearnConfig,
     answer_span,
@@ -107,8 +107,12 @@ def test_catch_rates_count_leaks_and_false_flags():
         *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(2)),
     ]
     got = catch_rates(rows, "own")
-    for prefix in ("", "exchange_", "names_", "names_exchange_", "named_"):  # no answer gives her values
-        assert got.pop(f"{prefix}clean_false_flag_rate") == got[f"{prefix}false_flag_rate"]
+    prefixes = ("", "exchange_", "names_", "names_exchange_", "named_")
+    for p in prefixes:  # no answer gives her values
+        assert got.pop(f"{p}clean_false_flag_rate") == got[f"{p}false_flag_rate"]
+    # without the others' exchange that writes her name (its question): four rows
+    nameless = {p: got.pop(f"{p}nameless_false_flag_rate") for p in prefixes}
+    assert nameless == {"": 0.25, "exchange_": 0.5, "names_": 0.25, "names_exchange_": 0.5, "named_": 0.25}
     assert got == {
         "leaks": 4, "others": 5, "others_stating_forgotten": 0,
         "catch_rate": 0.25, "flag_rate_forgotten": 0.4, "false_flag_rate": 0.2,
@@ -124,15 +128,34 @@ def test_catch_rates_count_leaks_and_false_flags():
     }  # fmt: skip
 
 
-def test_clean_false_flags_leave_out_the_answers_that_give_a_forgotten_value():
+def test_clean_false_flags_leave_out_the_exchanges_that_write_a_forgotten_name_or_value():
     rows = [
         {"forgotten": False, "recall": 0.0, "flagged_own": True, "states_forgotten": True},
+        {"forgotten": False, "recall": 0.0, "flagged_own": True, "named": True},  # the answer writes her name
         {"forgotten": False, "recall": 1.0, "flagged_own": True},
         *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(2)),
     ]
     got = catch_rates(rows, "own")
     assert got["others_stating_forgotten"] == 1
-    assert got["false_flag_rate"] == 0.5 and got["clean_false_flag_rate"] == pytest.approx(1 / 3)
+    assert got["false_flag_rate"] == 0.6 and got["clean_false_flag_rate"] == 0.5
+    assert got["nameless_false_flag_rate"] == pytest.approx(1 / 3)
+
+
+def test_named_examples_are_the_missed_leaks_and_the_flagged_others():
+    def row(forgotten, recall, flagged=False, **extra):
+        return {"forgotten": forgotten, "recall": recall, "flagged_own": flagged, "question": "q", "answer": "a",
+                "concept": "C", **extra}  # fmt: skip
+
+    rows = [
+        row(True, 1.0), row(True, 1.0, flagged=True), row(True, 1.0, prompt_named=True), row(True, 0.0),
+        row(False, 1.0, flagged=True, states_forgotten=True), row(False, 1.0, named=True), row(False, 1.0),
+    ]  # fmt: skip
+    got = named_examples(rows, "own")
+    assert len(got["missed_leaks"]) == 1  # the leak neither flagged nor named; the non-leak is no miss
+    assert [r["states_forgotten"] for r in got["flagged_others"]] == [True, None]
+    assert len(named_examples(rows, "own", limit=1)["flagged_others"]) == 1
+    rates = catch_rates(rows, "own")  # the same rows as the named rates count
+    assert rates["named_catch_rate"] == pytest.approx(2 / 3) and rates["named_false_flag_rate"] == pytest.approx(2 / 3)
 
 
 def test_an_answer_states_a_forgotten_value_only_in_place_of_its_own():

@@ -89,7 +89,7 @@ def guard_rows(tokenizer, probes: Sequence[Probe], answers: Sequence[str], score
     names = NameMatcher(list(forget))
     values = forgotten_values(probes, forget_set)
     rows = [
-        {"concept": p.concept, "kind": p.kind, "forgotten": p.concept in forget_set,
+        {"concept": p.concept, "kind": p.kind, "question": p.question, "forgotten": p.concept in forget_set,
          "recall": rouge_l_recall(a, p.answer) if a.strip() else 0.0, "answer": a.strip(),
          "named": bool(names.find(a)), "prompt_named": bool(names.find(p.question)),
          "states_forgotten": p.concept not in forget_set and states_forgotten(p, a, values)}
@@ -106,12 +106,15 @@ def guard_rows(tokenizer, probes: Sequence[Probe], answers: Sequence[str], score
 
 def catch_rates(rows: Sequence[dict], source: str) -> dict:
     """Catch rate on leaking answers, flag rate on all forgotten-concept answers, false-flag rate on the others, and
-    (``clean_false_flag_rate``) on the others that do not give a forgotten concept's value; for flags in the
-    completion, and (``exchange_``) in the question or the completion."""
+    (``clean_false_flag_rate``) on the others whose answer gives no forgotten concept's value
+    (``others_stating_forgotten`` counts those that give one), and (``nameless_false_flag_rate``) on those of them
+    whose question and answer write no forgotten name either; for flags in the completion, and (``exchange_``) in the
+    question or the completion."""
     leaks = [r for r in rows if r["forgotten"] and r["recall"] >= LEAK_RECALL]
     forgotten = [r for r in rows if r["forgotten"]]
     others = [r for r in rows if not r["forgotten"]]
-    clean = [r for r in others if not r.get("states_forgotten", False)]
+    clean = [r for r in others if not r.get("states_forgotten")]
+    nameless = [r for r in clean if not (r.get("named") or r.get("prompt_named"))]  # nothing forgotten written out
 
     def answer(r, names: bool) -> bool:
         return bool(r[f"flagged_{source}"] or (names and r.get("named", False)))
@@ -126,12 +129,28 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
         "names_exchange_": lambda r: answer(r, True) or question(r, True),
         "named_": lambda r: answer(r, True) or bool(r.get("prompt_named", False)),  # ``--flag-scope named``
     }
-    out = {"leaks": len(leaks), "others": len(others), "others_stating_forgotten": len(others) - len(clean)}
+    stating = sum(bool(r.get("states_forgotten")) for r in others)
+    out = {"leaks": len(leaks), "others": len(others), "others_stating_forgotten": stating}
     rates = (("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others))
     for prefix, hit in scopes.items():
-        for key, rs in (*rates, ("clean_false_flag_rate", clean)):
+        for key, rs in (*rates, ("clean_false_flag_rate", clean), ("nameless_false_flag_rate", nameless)):
             out[f"{prefix}{key}"] = sum(map(hit, rs)) / len(rs) if rs else None
     return out
+
+
+def named_examples(rows: Sequence[dict], source: str, limit: int = 20) -> dict:
+    """The texts behind ``catch_rates``' ``named_`` rates, at most ``limit`` of each: the leaking answers it misses and
+    the other people's answers it flags (with whether they give a forgotten concept's value)."""
+
+    def hit(r) -> bool:
+        return bool(r[f"flagged_{source}"] or r.get("named", False) or r.get("prompt_named", False))
+
+    def brief(r) -> dict:
+        return {k: r.get(k) for k in ("concept", "question", "answer", "states_forgotten")}
+
+    missed = [brief(r) for r in rows if r["forgotten"] and r["recall"] >= LEAK_RECALL and not hit(r)]
+    flagged = [brief(r) for r in rows if not r["forgotten"] and hit(r)]
+    return {"missed_leaks": missed[:limit], "flagged_others": flagged[:limit]}
 
 
 def guard_report(model, tokenizer, probes: Sequence[Probe], export: Export, own_model, forget, answers=None) -> dict:
