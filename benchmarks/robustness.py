@@ -343,7 +343,8 @@ def guard_extremes(
     """(lowest catch rate, highest false-flag rate, leaking answers in all) over the attacked models; ``scope``
     "exchange_": counting the question's flags too; "names_" and "names_exchange_": with the guard's name check;
     "named_": with it, and the question counted only when it writes a forgotten name. ``flags_of``
-    "clean_false_flag_rate": the false flags on the answers that give no forgotten concept's value."""
+    "clean_false_flag_rate": the false flags on the answers that give no forgotten concept's value;
+    "nameless_false_flag_rate": on those whose question and answer write no forgotten name either."""
     catches = [g["guard"][source].get(f"{scope}catch_rate") for _, g in attacked(m)]
     flags = [g["guard"][source].get(f"{scope}{flags_of}") for _, g in attacked(m)]
     leaks = sum(g["guard"][source]["leaks"] for _, g in attacked(m))

@@ -60,8 +60,9 @@ def server_answers(model, tokenizer, probes: Sequence[Probe]) -> list[str]:
 def forgotten_values(probes: Sequence[Probe], forget) -> dict[str, set[str]]:
     """attribute -> the forgotten concepts' answers to questions about it (probes without an attribute: none)."""
     out: dict[str, set[str]] = {}
+    forget_set = set(forget)
     for p in probes:
-        if p.concept in set(forget) and p.attribute:
+        if p.concept in forget_set and p.attribute:
             out.setdefault(p.attribute, set()).add(p.answer)
     return out
 
@@ -104,6 +105,26 @@ def guard_rows(tokenizer, probes: Sequence[Probe], answers: Sequence[str], score
     return rows
 
 
+def flag_scopes(source: str) -> dict:
+    """Rate-key prefix -> whether a row counts as flagged by ``source``'s scorer: in the completion (""), also in the
+    question (``exchange_``), each with the name check (``names_``, ``names_exchange_``), and ``--flag-scope named``
+    (``named_``: the completion by score or name, the question by name only)."""
+
+    def answer(r, names: bool) -> bool:
+        return bool(r[f"flagged_{source}"] or (names and r.get("named", False)))
+
+    def question(r, names: bool) -> bool:
+        return bool(r.get(f"prompt_flagged_{source}", False) or (names and r.get("prompt_named", False)))
+
+    return {
+        "": lambda r: answer(r, False),
+        "exchange_": lambda r: answer(r, False) or question(r, False),
+        "names_": lambda r: answer(r, True),
+        "names_exchange_": lambda r: answer(r, True) or question(r, True),
+        "named_": lambda r: answer(r, True) or bool(r.get("prompt_named", False)),
+    }
+
+
 def catch_rates(rows: Sequence[dict], source: str) -> dict:
     """Catch rate on leaking answers, flag rate on all forgotten-concept answers, false-flag rate on the others, and
     (``clean_false_flag_rate``) on the others whose answer gives no forgotten concept's value
@@ -115,25 +136,14 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
     others = [r for r in rows if not r["forgotten"]]
     clean = [r for r in others if not r.get("states_forgotten")]
     nameless = [r for r in clean if not (r.get("named") or r.get("prompt_named"))]  # nothing forgotten written out
-
-    def answer(r, names: bool) -> bool:
-        return bool(r[f"flagged_{source}"] or (names and r.get("named", False)))
-
-    def question(r, names: bool) -> bool:
-        return bool(r.get(f"prompt_flagged_{source}", False) or (names and r.get("prompt_named", False)))
-
-    scopes = {  # rate-key prefix: whether a row counts as flagged
-        "": lambda r: answer(r, False),
-        "exchange_": lambda r: answer(r, False) or question(r, False),
-        "names_": lambda r: answer(r, True),
-        "names_exchange_": lambda r: answer(r, True) or question(r, True),
-        "named_": lambda r: answer(r, True) or bool(r.get("prompt_named", False)),  # ``--flag-scope named``
-    }
     stating = sum(bool(r.get("states_forgotten")) for r in others)
     out = {"leaks": len(leaks), "others": len(others), "others_stating_forgotten": stating}
-    rates = (("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others))
-    for prefix, hit in scopes.items():
-        for key, rs in (*rates, ("clean_false_flag_rate", clean), ("nameless_false_flag_rate", nameless)):
+    rates = (
+        ("catch_rate", leaks), ("flag_rate_forgotten", forgotten), ("false_flag_rate", others),
+        ("clean_false_flag_rate", clean), ("nameless_false_flag_rate", nameless),
+    )  # fmt: skip
+    for prefix, hit in flag_scopes(source).items():
+        for key, rs in rates:
             out[f"{prefix}{key}"] = sum(map(hit, rs)) / len(rs) if rs else None
     return out
 
@@ -141,9 +151,7 @@ def catch_rates(rows: Sequence[dict], source: str) -> dict:
 def named_examples(rows: Sequence[dict], source: str, limit: int = 20) -> dict:
     """The texts behind ``catch_rates``' ``named_`` rates, at most ``limit`` of each: the leaking answers it misses and
     the other people's answers it flags (with whether they give a forgotten concept's value)."""
-
-    def hit(r) -> bool:
-        return bool(r[f"flagged_{source}"] or r.get("named", False) or r.get("prompt_named", False))
+    hit = flag_scopes(source)["named_"]
 
     def brief(r) -> dict:
         return {k: r.get(k) for k in ("concept", "question", "answer", "states_forgotten")}
