@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from atu.configs import dataclass_from_dict
 from atu.errors import ConfigError
 from atu.hidden import attach_lora, check_hook_layer, freeze_above
-from atu.texts import tokenize_texts
+from atu.texts import token_logprobs, tokenize_texts
 from atu.unlearn import make_optimizer
 
 BASELINES = ("ga", "gd", "npo")
@@ -80,24 +80,10 @@ class BaselineConfig:
         return dataclass_from_dict(cls, data, "baseline")
 
 
-def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) summed next-token log-likelihood of each right-padded sequence: position t predicts token t+1, and
-    only targets that are real tokens count. ``logits`` (B, T, V), ``input_ids`` and ``attention_mask`` (B, T)."""
-    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or input_ids.shape != attention_mask.shape:
-        raise ValueError(
-            f"expected logits (B, T, V) and input_ids, attention_mask (B, T), got {tuple(logits.shape)}, "
-            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
-        )
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    token = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    return (token * attention_mask[:, 1:].to(token.dtype)).sum(-1)
-
-
 def _logprob(model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sequence summed log-prob (B,), number of predicted tokens) of one batch."""
     ids, attn = batch
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
-    return sequence_logprob(logits, ids, attn), attn[:, 1:].sum().clamp(min=1)
+    return token_logprobs(model, ids, attn).sum(-1), attn[:, 1:].sum().clamp(min=1)
 
 
 def objective(model, ref, forget_batch, retain_batch, cfg: BaselineConfig) -> tuple[torch.Tensor, dict]:

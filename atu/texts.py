@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from atu.unpad import by_length
+
 
 def tokenize_texts(texts: list[str], tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask) without touching the tokenizer's settings."""
@@ -36,11 +38,33 @@ def content_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_toke
     return mask & (input_ids != bos_token_id) if bos_token_id is not None else mask
 
 
+def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) float32 log-likelihood of each next token of right-padded sequences: position t predicts token t+1,
+    0 where that token is padding. ``logits`` (B, T, V), ``input_ids`` and ``attention_mask`` (B, T)."""
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"expected logits (B, T, V) and input_ids, attention_mask (B, T), got {tuple(logits.shape)}, "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
+        )
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return logp * attention_mask[:, 1:].to(logp.dtype)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) float32 log-probability the model gives each next token (position t predicts token t+1), 0 where
+    that token is padding. The rows run in groups of similar length (`atu.unpad.by_length`), each reduced to its
+    tokens' log-probabilities inside its group: no (B, T, V) logits over the padding are ever held."""
+
+    def run(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return next_token_logprobs(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids, attn)
+
+    return by_length(run, input_ids, attention_mask)
+
+
 def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over real tokens (full forward)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+    total = token_logprobs(model, input_ids, attention_mask).sum()
+    return -total / attention_mask[:, 1:].sum().clamp(min=1)
 
 
 def token_nll(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -51,10 +75,7 @@ def token_nll(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[t
     model.eval()
     with torch.no_grad():
         for ids, attn in batches:
-            ids, attn = ids.to(device), attn.to(device)
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            out.append((nll * attn[:, 1:]).cpu())
+            out.append(-token_logprobs(model, ids.to(device), attn.to(device)).cpu())
     model.train(was_training)
     return out
 

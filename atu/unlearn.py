@@ -25,6 +25,7 @@ from atu.formats import ConceptSet
 from atu.hidden import hidden_at
 from atu.losses import concept_similarity, similarity_drift_loss, state_drift_loss, unlearning_loss
 from atu.texts import content_mask, lm_loss, tokenize_texts
+from atu.unpad import by_length
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ def retain_terms(
     elif cfg.retain_weight > 0:
         if retain.reference is None:
             raise ValueError("retain_loss 'hidden' needs reference states: build the RetainSet with the model")
-        hidden = hidden_at(model, ids, attn, layer)  # (B, T, H)
+        hidden = by_length(lambda i, a: hidden_at(model, i, a, layer), ids, attn)  # (B, T, H)
         out["retain_loss"] = state_drift_loss(hidden, retain.reference[i].to(device), mask)
     if cfg.retain_similarity_weight > 0:
         if retain.similarity is None:
@@ -475,7 +476,7 @@ def _hinge(model, inputs: StageInputs, b: ForgetBatch) -> tuple[torch.Tensor, to
     """(predictions (B, T, D), the unlearning loss) of the frozen predictor on ``b`` at the model's weights now."""
     device = next(model.parameters()).device
     ids, attn = b.input_ids.to(device), b.attention_mask.to(device)
-    pred = inputs.predictor(hidden_at(model, ids, attn, inputs.layer), attn)
+    pred = by_length(lambda i, a: inputs.predictor(hidden_at(model, i, a, inputs.layer), a), ids, attn)
     taus = inputs.thresholds.to(device)
     loss = unlearning_loss(
         pred, inputs.vectors.to(device), taus, b.position_mask.to(device), b.concept_mask.to(device)

@@ -397,6 +397,23 @@ def render_relearn_paths(name: str, d: dict) -> str:
     return head + "\n" + columns(rows, spec)
 
 
+def render_length_groups(name: str, d: dict) -> str:
+    """benchmarks/length_groups.py: each training loss timed on whole padded batches and on groups of one length."""
+    share = d.get("real_token_share") or {}
+    head = (
+        f"{fmt(d.get('people'))} people forgotten, batches of {fmt(d.get('batch_size'))}, {fmt(d.get('steps'))} steps "
+        f"each way, {fmt(d.get('threads'))} torch thread(s); real tokens per padded position: forget "
+        f"{fmt(share.get('forget'))}, retain {fmt(share.get('retain'))}.\n"
+    )
+    rows = [[k, v] for k, v in (d.get("losses") or {}).items()]
+    spec = [
+        ("loss", (0,)), ("whole s", (1, "seconds_whole")), ("grouped s", (1, "seconds_grouped")),
+        ("speed-up", (1, "speedup")), ("loss rel. diff", (1, "loss_rel_diff")),
+        ("grad rel. diff", (1, "grad_rel_diff")),
+    ]  # fmt: skip
+    return head + "\n" + columns(rows, spec)
+
+
 def render_train_speed(files: list[tuple[str, dict]]) -> str:
     """benchmarks/train_speed.py: one row per file."""
     spec = [
@@ -461,6 +478,11 @@ SHAPES: list[tuple[str, Callable[[dict], bool], Renderer]] = [
         render_serving_pairs,
     ),
     ("Concept index (`benchmarks/index_scale.py`)", lambda d: "kinds" in d, render_index),
+    (
+        "Batches run by length (`benchmarks/length_groups.py`)",
+        lambda d: "losses" in d and "real_token_share" in d,
+        render_length_groups,
+    ),
     ("One `atu run` (its eval.json)", lambda d: "before" in d and "after" in d and "stop_reason" in d, render_run),
 ]
 TRAIN_SPEED = "Training speed (`benchmarks/train_speed.py`)"

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from atu.baselines import BaselineConfig, run_baseline, sequence_logprob
+from atu.baselines import BaselineConfig, run_baseline
 from atu.errors import ConfigError
 from atu.hidden import decoder_layers
+from atu.texts import next_token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +32,7 @@ def _run(tiny_lm, texts, **kw):
     return model, records, upper, lower
 
 
-def test_sequence_logprob_matches_naive_loop():
+def test_next_token_logprobs_match_a_naive_loop():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7)
     ids = torch.randint(0, 7, (3, 5))
@@ -41,10 +42,10 @@ def test_sequence_logprob_matches_naive_loop():
         for t in range(4):
             if mask[b, t + 1]:
                 expected[b] += torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]]
-    torch.testing.assert_close(sequence_logprob(logits, ids, mask), expected)
-    assert sequence_logprob(logits, ids, mask)[2] == 0  # a one-token sequence predicts nothing
+    torch.testing.assert_close(next_token_logprobs(logits, ids, mask).sum(-1), expected)
+    assert next_token_logprobs(logits, ids, mask)[2].abs().sum() == 0  # a one-token sequence predicts nothing
     with pytest.raises(ValueError, match="expected logits"):
-        sequence_logprob(logits[0], ids, mask)
+        next_token_logprobs(logits[0], ids, mask)
 
 
 @pytest.mark.parametrize("method", ["ga", "gd", "npo"])

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from atu.baselines import sequence_logprob
 from atu.errors import ConfigError
 from atu.formats import CorpusRecord, Probe
 from atu.hidden import decoder_layers
-from atu.texts import text_batches, token_nll
+from atu.texts import lm_loss, text_batches, token_nll
 
 
 @dataclass
@@ -107,8 +106,7 @@ def relearn(model, tokenizer, texts: Sequence[str], cfg: RelearnConfig) -> tuple
         picked, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
         ((ids, attn),) = text_batches([texts[i] for i in picked], tokenizer, cfg.max_length, batch_size=len(picked))
         ids, attn = ids.to(device), attn.to(device)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
-        loss = -sequence_logprob(logits, ids, attn).sum() / attn[:, 1:].sum().clamp(min=1)
+        loss = lm_loss(model, ids, attn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
