@@ -44,9 +44,12 @@ def batches(texts: list[str], tokenizer, size: int, seed: int) -> list[tuple[tor
     return [tokenize_texts(texts[i : i + size], tokenizer, 256) for i in range(0, len(texts), size)]
 
 
-def losses(model, predictor, layer: int, bos: int) -> dict:
-    """name -> loss(forget batch, retain batch): each training loss of the package, at the model's weights."""
+def losses(model, predictor, layer: int, bos: int, retain: list) -> dict:
+    """name -> loss(forget batch, retain batch): each training loss of the package, at the model's weights.
+    ``retain``: the retain batches, whose layer-``layer`` states are taken now, as a run keeps them."""
     ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        states = {ids.data_ptr(): hidden_at(ref, ids, attn, layer) for ids, attn in retain}
     dim = predictor.config.output_dim
     vectors = F.normalize(torch.randn(1, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
     taus = torch.tensor([-1.0])  # every position above it: the hinge does its full work
@@ -55,8 +58,7 @@ def losses(model, predictor, layer: int, bos: int) -> dict:
         (ids, attn), (r_ids, r_attn) = fb, rb
         pred = by_length(lambda i, a: predictor(hidden_at(model, i, a, layer), a), ids, attn)
         hinge = unlearning_loss(pred, vectors, taus, content_mask(ids, attn, bos))
-        with torch.no_grad():
-            reference = hidden_at(ref, r_ids, r_attn, layer)
+        reference = states[r_ids.data_ptr()]
         hidden = by_length(lambda i, a: hidden_at(model, i, a, layer), r_ids, r_attn)
         # + 0.01: the model is still the reference, and a drift of zero has no gradient to time
         return hinge + state_drift_loss(hidden + 0.01, reference, content_mask(r_ids, r_attn, bos))
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
     predictor = new_predictor(AlignConfig(), model.config.hidden_size, 384).eval().requires_grad_(False)
     model.train()
     rows = {}
-    for name, fn in losses(model, predictor, layer, tok.bos_token_id).items():
+    for name, fn in losses(model, predictor, layer, tok.bos_token_id, retain).items():
         if name == "relearn":  # the attacker trains every weight; the unlearning methods the hook layer's and below
             params = list(model.requires_grad_(True).parameters())
         else:
