@@ -7,6 +7,7 @@ and checks that they agree: the loss and every gradient, whole against grouped.
 
     python benchmarks/length_groups.py                 # the embedded world, its first three people forgotten
     python benchmarks/length_groups.py --people 1 --steps 10
+    python benchmarks/length_groups.py --device cuda --out OUT_DIR/length_groups_cuda.json   # on a GPU
 
 Writes results/length_groups.json (or --out) and prints a table. Figures are measured on this run only.
 """
@@ -37,11 +38,12 @@ from atu.world.build import build_world
 from atu.world.config import WorldConfig
 
 
-def batches(texts: list[str], tokenizer, size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled right-padded batches, as the training loops draw them."""
+def batches(texts: list[str], tokenizer, size: int, seed: int, device: str = "cpu") -> list[tuple]:
+    """Shuffled right-padded (input_ids, attention_mask) batches, as the training loops draw them."""
     texts = list(texts)
     random.Random(seed).shuffle(texts)
-    return [tokenize_texts(texts[i : i + size], tokenizer, 256) for i in range(0, len(texts), size)]
+    out = [tokenize_texts(texts[i : i + size], tokenizer, 256) for i in range(0, len(texts), size)]
+    return [(ids.to(device), attn.to(device)) for ids, attn in out]
 
 
 def losses(model, predictor, layer: int, bos: int, retain: list) -> dict:
@@ -51,8 +53,9 @@ def losses(model, predictor, layer: int, bos: int, retain: list) -> dict:
     with torch.no_grad():
         states = {ids.data_ptr(): hidden_at(ref, ids, attn, layer) for ids, attn in retain}
     dim = predictor.config.output_dim
-    vectors = F.normalize(torch.randn(1, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    taus = torch.tensor([-1.0])  # every position above it: the hinge does its full work
+    device = next(model.parameters()).device
+    vectors = F.normalize(torch.randn(1, dim, generator=torch.Generator().manual_seed(0)), dim=-1).to(device)
+    taus = torch.tensor([-1.0], device=device)  # every position above it: the hinge does its full work
 
     def atu(fb, rb):
         (ids, attn), (r_ids, r_attn) = fb, rb
@@ -70,13 +73,21 @@ def losses(model, predictor, layer: int, bos: int, retain: list) -> dict:
     return {"atu": atu, "gd": baseline("gd"), "npo": baseline("npo"), "relearn": lambda fb, rb: lm_loss(model, *fb)}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def one_step(fn, fb, rb, params) -> tuple[float, float, list[torch.Tensor]]:
     """(seconds, loss, gradients) of one forward and backward."""
     for p in params:
         p.grad = None
+    device = params[0].device
+    _sync(device)
     clock = time.perf_counter()
     loss = fn(fb, rb)
     loss.backward()
+    _sync(device)
     seconds = time.perf_counter() - clock
     return seconds, float(loss.detach()), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
@@ -113,19 +124,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=20, help="batch pairs timed per loss, each both ways")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the benchmarks' processes use one each)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--out", type=Path, default=Path("results/length_groups.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     world = build_world(WorldConfig())
-    model, tok = load_lm(world.model_dir)
+    model, tok = load_lm(world.model_dir, device=args.device)
     corpus = world.corpus()
     names = world.concepts().names()[: args.people]
-    forget = batches([r.text for r in corpus if r.concept in names], tok, args.batch_size, 0)
-    retain = batches([r.text for r in corpus if r.concept not in names], tok, args.batch_size, 1)
+    forget = batches([r.text for r in corpus if r.concept in names], tok, args.batch_size, 0, args.device)
+    retain = batches([r.text for r in corpus if r.concept not in names], tok, args.batch_size, 1, args.device)
     pairs = [(forget[i % len(forget)], retain[i % len(retain)]) for i in range(args.steps)]
     layer = max(1, model.config.num_hidden_layers // 2)
-    predictor = new_predictor(AlignConfig(), model.config.hidden_size, 384).eval().requires_grad_(False)
+    predictor = new_predictor(AlignConfig(), model.config.hidden_size, 384).to(args.device).eval()
+    predictor.requires_grad_(False)
     model.train()
     rows = {}
     for name, fn in losses(model, predictor, layer, tok.bos_token_id, retain).items():
@@ -141,7 +154,8 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M"), "people": args.people, "batch_size": args.batch_size,
         "steps": args.steps, "threads": args.threads, "hook_layer": layer,
         "real_token_share": {"forget": efficiency(forget), "retain": efficiency(retain)},
-        "losses": rows, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "losses": rows, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
     }  # fmt: skip
     print(f"real tokens per padded position: forget {efficiency(forget):.2f}, retain {efficiency(retain):.2f}")
