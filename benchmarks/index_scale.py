@@ -18,9 +18,10 @@ cosine 0.2 to 0.9, four consecutive "tokens" per concept, like a phrase that nam
 of the world corpus's 8-token future windows as queries (t = 0.6 / 0.7 / 0.8: names sit close together in MiniLM).
 
 A sweep at the largest size then measures what else could meet the target (128 vectors against 100,000
-concepts in under 10 ms): hnsw with other ``M`` / ``efSearch``, the current top-64 scoring against a proposed
-"candidates + exact rescore" scoring (top-k ids per query from the approximate index, then the exact cosine of
-every candidate against every query), IVF, and an exact flat path with a faster memory layout.
+concepts in at most 2 ms p50, at least 0.99 of the concepts above the threshold found exactly): hnsw with other
+``M`` / ``efSearch``, the current top-64 scoring against a proposed "candidates + exact rescore" scoring (top-k
+ids per query from the approximate index, then the exact cosine of every candidate against every query), IVF, and
+an exact flat path with a faster memory layout.
 
     python benchmarks/index_scale.py                  # 10 .. 100,000 concepts + sweep at 100,000 (about 5 min)
     python benchmarks/index_scale.py --quick          # 10 .. 10,000 + sweep at 10,000 (about 1 min)
@@ -64,7 +65,8 @@ K = 10
 # corpus windows than names do.
 THRESHOLDS = {"random": (0.2, 0.3, 0.4), "names": (0.6, 0.7, 0.8), "facts": (0.6, 0.7, 0.8)}
 GUARD_THRESHOLD = {"random": 0.3, "names": 0.7, "facts": 0.7}
-TARGET_MS = 10.0
+TARGET_MS = 2.0
+TARGET_RECALL = 0.99  # guard recall at the target's threshold
 TARGET_CONCEPTS = 100_000
 SIZES = (10, 100, 1_000, 10_000, 100_000)
 QUICK_SIZES = (10, 100, 1_000, 10_000)
@@ -406,7 +408,7 @@ def _brief(row: dict) -> dict:
         "concept_scores_p50_ms": row["concept_scores_ms"]["p50"],
         "concept_scores_p99_ms": row["concept_scores_ms"]["p99"],
         "threshold_recall": row["threshold_recall"],
-        "meets_target": row["concepts"] >= TARGET_CONCEPTS and row["concept_scores_ms"]["p50"] < TARGET_MS,
+        "meets_target": row["concepts"] >= TARGET_CONCEPTS and row["concept_scores_ms"]["p50"] <= TARGET_MS,
     }
 
 
@@ -418,7 +420,7 @@ def recommend(sweep_rows: list[dict], guard_t: float) -> dict:
         return r["threshold_recall"][str(guard_t)]["exact_match"] or 0.0
 
     full = [r for r in sweep_rows if exact(r) == 1.0]
-    fast = [r for r in sweep_rows if r["concept_scores_ms"]["p50"] < TARGET_MS]
+    fast = [r for r in sweep_rows if r["concept_scores_ms"]["p50"] <= TARGET_MS]
     return {
         "fastest_exact": _brief(min(full, key=lambda r: r["concept_scores_ms"]["p50"])) if full else None,
         "best_under_target": _brief(max(fast, key=lambda r: (exact(r), -r["concept_scores_ms"]["p50"])))
@@ -505,10 +507,14 @@ def write_markdown(result: dict, path: Path) -> None:
             )
     rec = result.get("recommendation") or {}
     lines += ["", "## Target", ""]
-    lines.append(f"128 vectors against {TARGET_CONCEPTS:,} concepts in under {TARGET_MS:g} ms.")
+    lines.append(
+        f"128 vectors against {TARGET_CONCEPTS:,} concepts in at most {TARGET_MS:g} ms p50, with guard recall at "
+        f"t={guard_t} at least {TARGET_RECALL:g}."
+    )
     for r in result["kinds"]:
         if r["concepts"] == TARGET_CONCEPTS:
-            met = r["concept_scores_ms"]["p50"] < TARGET_MS
+            recall = r["threshold_recall"][str(guard_t)]["exact_match"] or 0.0
+            met = r["concept_scores_ms"]["p50"] <= TARGET_MS and recall >= TARGET_RECALL
             lines.append(
                 f"- `atu.index` kind {r['kind']} ({r['resolved']}): concept_scores p50 "
                 f"{r['concept_scores_ms']['p50']:.2f} ms, guard recall at t={guard_t} "
@@ -516,7 +522,7 @@ def write_markdown(result: dict, path: Path) -> None:
             )
     for key, what in (
         ("fastest_exact", f"Fastest variant with exact guard recall at t={guard_t}"),
-        ("best_under_target", f"Best guard recall at t={guard_t} under {TARGET_MS:g} ms"),
+        ("best_under_target", f"Best guard recall at t={guard_t} within {TARGET_MS:g} ms"),
     ):
         pick = rec.get(key)
         if pick:
