@@ -7,12 +7,11 @@ comparison differs only in the objective. They are comparison points, not produc
 - gd: ``-nll_forget + retain_weight * nll_retain``.
 - npo (Zhang et al. 2024, "Negative Preference Optimization"): per forget sequence,
   ``-(2/beta) * logsigmoid(-beta * (logp_theta(seq) - logp_ref(seq)))``, averaged over the batch, where logp is
-  the summed token log-likelihood and the reference is a frozen copy of the model taken before the first step.
+  the summed token log-likelihood and the reference is the model before the first step (read once per forget batch).
 """
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -86,9 +85,24 @@ def _logprob(model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Ten
     return token_logprobs(model, ids, attn).sum(-1), attn[:, 1:].sum().clamp(min=1)
 
 
-def objective(model, ref, forget_batch, retain_batch, cfg: BaselineConfig) -> tuple[torch.Tensor, dict]:
+@torch.no_grad()
+def reference_logprobs(ref, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """NPO's reference: per forget batch, the (B,) summed log-likelihood of each sequence under ``ref``, the model
+    before unlearning, on its device. The reference never changes, so it is read once here instead of a frozen copy
+    of the model running at every step."""
+    device = next(ref.parameters()).device
+    was_training = ref.training
+    ref.eval()
+    out = [_logprob(ref, (ids.to(device), attn.to(device)))[0] for ids, attn in batches]
+    ref.train(was_training)
+    return out
+
+
+def objective(model, ref_logp, forget_batch, retain_batch, cfg: BaselineConfig) -> tuple[torch.Tensor, dict]:
     """(loss, {"forget_nll", and "retain_nll" for gd}) of one step of ``cfg.method`` on one forget batch (and, for gd,
-    one retain batch); ``ref`` is the frozen model before unlearning (npo)."""
+    one retain batch); ``ref_logp`` is the batch's `reference_logprobs` (npo)."""
+    if cfg.method == "npo" and ref_logp is None:
+        raise ValueError("npo needs the forget batch's reference log-likelihoods (reference_logprobs)")
     logp, n_tok = _logprob(model, forget_batch)
     rec = {"forget_nll": -logp.sum() / n_tok}
     if cfg.method == "ga":
@@ -97,8 +111,6 @@ def objective(model, ref, forget_batch, retain_batch, cfg: BaselineConfig) -> tu
         r_logp, r_tok = _logprob(model, retain_batch)
         rec["retain_nll"] = -r_logp.sum() / r_tok
         return -rec["forget_nll"] + cfg.retain_weight * rec["retain_nll"], rec
-    with torch.no_grad():
-        ref_logp, _ = _logprob(ref, forget_batch)
     return -(2 / cfg.beta) * F.logsigmoid(-cfg.beta * (logp - ref_logp)).mean(), rec
 
 
@@ -149,8 +161,8 @@ def run_baseline(
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.method == "npo" else None
     forget = _batches(forget_texts, tokenizer, cfg, cfg.seed, device)
+    ref = reference_logprobs(model, forget) if cfg.method == "npo" else None
     retain = _batches(retain_texts, tokenizer, cfg, cfg.seed + 1, device) if retain_texts else []
     model, params = _trainable(model, cfg)
     opt = make_optimizer(params, cfg)  # reads only cfg.optimizer and cfg.lr
@@ -158,8 +170,9 @@ def run_baseline(
     model.train()
     for step in tqdm(range(cfg.steps), desc=f"baseline {cfg.method}", disable=not progress, unit="step"):
         # lr: constant (cfg.lr, set in the optimizer); forward and loss:
+        i = step % len(forget)
         loss, rec = objective(
-            model, ref, forget[step % len(forget)], retain[step % len(retain)] if retain else None, cfg
+            model, ref[i] if ref else None, forget[i], retain[step % len(retain)] if retain else None, cfg
         )
         if retain and "retain_nll" not in rec:
             with torch.no_grad():
@@ -188,7 +201,7 @@ def baseline_stage(
     params: list[torch.nn.Parameter],
     forget: list[tuple[torch.Tensor, torch.Tensor]],
     retain: list[tuple[torch.Tensor, torch.Tensor]],
-    ref,
+    ref: list[torch.Tensor] | None,
     cfg: BaselineConfig,
     *,
     stage: int,
@@ -196,12 +209,12 @@ def baseline_stage(
 ) -> list[dict]:
     """``cfg.steps`` optimizer steps of a baseline objective on ``params``, for a schedule that checks a retain budget
     between stages (as ATU's does). ``forget`` and ``retain`` are (input_ids, attention_mask) batches, cycled from
-    where the stage's number puts them; ``ref`` is the frozen model before unlearning (npo). Returns one record per
-    step: ``loss`` and ``forget_nll`` (before the step)."""
+    where the stage's number puts them; ``ref`` holds each forget batch's `reference_logprobs` (npo). Returns one
+    record per step: ``loss`` and ``forget_nll`` (before the step)."""
     if cfg.method == "gd" and not retain:
         raise ConfigError("unlearn.algorithm 'gd' needs retain texts (corpus texts about no forgotten concept)")
     if cfg.method == "npo" and ref is None:
-        raise ValueError("npo needs the reference model taken before unlearning")
+        raise ValueError("npo needs the forget batches' reference log-likelihoods (reference_logprobs)")
     device = next(model.parameters()).device
     opt = make_optimizer(params, cfg)
     logged = []
@@ -210,7 +223,7 @@ def baseline_stage(
         step = stage * cfg.steps + i
         fb = tuple(t.to(device) for t in forget[step % len(forget)])
         rb = tuple(t.to(device) for t in retain[step % len(retain)]) if cfg.method == "gd" else None
-        loss, rec = objective(model, ref, fb, rb, cfg)
+        loss, rec = objective(model, ref[step % len(forget)] if ref is not None else None, fb, rb, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

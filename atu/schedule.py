@@ -26,7 +26,7 @@ import torch
 from atu import cache
 from atu.align import AlignConfig, AlignmentData, alignment_hidden, prepare_alignment, train_predictor
 from atu.aligned import Alignment, initial_alignment
-from atu.baselines import BaselineConfig, baseline_stage
+from atu.baselines import BaselineConfig, baseline_stage, reference_logprobs
 from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
 from atu.formats import ConceptSet
@@ -197,7 +197,7 @@ class _Stages:
     held: HeldOut  # the stopping signal's texts, and the held-out forget texts
     plan: Plan
     steps: int  # optimizer steps a stage
-    ref: torch.nn.Module | None  # npo's reference: the model before unlearning
+    ref: list[torch.Tensor] | None  # npo's reference: each forget batch's log-likelihoods before unlearning
     retain_before: float  # held-out retain perplexity before unlearning (the first process's)
     forget_before: float | None  # held-out forget perplexity before unlearning (first process only)
 
@@ -252,8 +252,9 @@ class _Schedule:
         held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, self.tokenizer, acfg.max_length)
         plan = self._plan(model, predictor, batches, rows, layer)
         self.log({"event": "planned", **plan.record()})
-        # npo compares with the model before unlearning
-        ref = copy.deepcopy(model).eval().requires_grad_(False) if ucfg.algorithm == "npo" else None
+        # npo compares with the model before unlearning: its log-likelihood of each forget batch, taken now
+        forget = [(b.input_ids, b.attention_mask) for b in batches]
+        ref = reference_logprobs(model, forget) if ucfg.algorithm == "npo" else None
         model, params = make_trainable(model, layer, ucfg)
         dist.broadcast_(params.values())  # LoRA's adapters start random
         with self.view(model):

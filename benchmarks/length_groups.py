@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from atu.align import AlignConfig, new_predictor
-from atu.baselines import BaselineConfig, objective
+from atu.baselines import BaselineConfig, objective, reference_logprobs
 from atu.hidden import freeze_above, hidden_at
 from atu.loading import load_lm
 from atu.losses import state_drift_loss, unlearning_loss
@@ -46,12 +46,14 @@ def batches(texts: list[str], tokenizer, size: int, seed: int, device: str = "cp
     return [(ids.to(device), attn.to(device)) for ids, attn in out]
 
 
-def losses(model, predictor, layer: int, bos: int, retain: list) -> dict:
+def losses(model, predictor, layer: int, bos: int, retain: list, forget: list) -> dict:
     """name -> loss(forget batch, retain batch): each training loss of the package, at the model's weights.
-    ``retain``: the retain batches, whose layer-``layer`` states are taken now, as a run keeps them."""
+    What a run takes once is taken now: the ``retain`` batches' layer-``layer`` states, and NPO's reference
+    log-likelihoods of the ``forget`` batches."""
     ref = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():
         states = {ids.data_ptr(): hidden_at(ref, ids, attn, layer) for ids, attn in retain}
+    refs = {b[0].data_ptr(): logp for b, logp in zip(forget, reference_logprobs(ref, forget))}
     dim = predictor.config.output_dim
     device = next(model.parameters()).device
     vectors = F.normalize(torch.randn(1, dim, generator=torch.Generator().manual_seed(0)), dim=-1).to(device)
@@ -68,7 +70,7 @@ def losses(model, predictor, layer: int, bos: int, retain: list) -> dict:
 
     def baseline(method):
         cfg = BaselineConfig(method=method, hook_layer=layer)
-        return lambda fb, rb: objective(model, ref, fb, rb, cfg)[0]
+        return lambda fb, rb: objective(model, refs[fb[0].data_ptr()], fb, rb, cfg)[0]
 
     return {"atu": atu, "gd": baseline("gd"), "npo": baseline("npo"), "relearn": lambda fb, rb: lm_loss(model, *fb)}
 
@@ -141,7 +143,7 @@ def main(argv=None) -> dict:
     predictor.requires_grad_(False)
     model.train()
     rows = {}
-    for name, fn in losses(model, predictor, layer, tok.bos_token_id, retain).items():
+    for name, fn in losses(model, predictor, layer, tok.bos_token_id, retain, forget).items():
         if name == "relearn":  # the attacker trains every weight; the unlearning methods the hook layer's and below
             params = list(model.requires_grad_(True).parameters())
         else:

@@ -31,7 +31,7 @@ def test_every_loss_agrees_whole_and_grouped():
     predictor = EmbeddingPredictor(PredictorConfig(input_dim=32, output_dim=8, d_model=16, n_layers=1, n_heads=2))
     predictor.eval().requires_grad_(False)
     pairs = [(_batch([20, 3, 4, 18, 2], s), _batch([2, 19, 3, 17], s + 10)) for s in range(3)]
-    fns = bench.losses(model, predictor, 1, bos=1, retain=[rb for _, rb in pairs])
+    fns = bench.losses(model, predictor, 1, bos=1, retain=[rb for _, rb in pairs], forget=[fb for fb, _ in pairs])
     assert set(fns) == {"atu", "gd", "npo", "relearn"}
     for name, fn in fns.items():
         params = list(model.requires_grad_(True).parameters()) if name == "relearn" else freeze_above(model, 1)
