@@ -80,8 +80,9 @@ def by_length(
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         shapes = f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
         raise ValueError(f"expected (B, T) input_ids and attention_mask, got {shapes}")
-    lengths = attention_mask.sum(1).tolist()
-    groups = length_groups(lengths, call_cost) if is_right_padded(attention_mask) and not _whole else []
+    mask = attention_mask.detach().to("cpu", torch.bool)  # one copy to the host for both reads (a GPU syncs once)
+    lengths = mask.sum(1).tolist()
+    groups = length_groups(lengths, call_cost) if is_right_padded(mask) and not _whole else []
     if len(groups) <= 1 and (not groups or max(lengths) == input_ids.shape[1]):
         return fn(input_ids, attention_mask)
     full, outs = input_ids.shape[1], []

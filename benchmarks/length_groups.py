@@ -32,7 +32,7 @@ from atu.baselines import BaselineConfig, objective, reference_logprobs
 from atu.hidden import freeze_above, hidden_at
 from atu.loading import load_lm
 from atu.losses import state_drift_loss, unlearning_loss
-from atu.texts import content_mask, lm_loss, tokenize_texts
+from atu.texts import content_mask, lm_loss, text_batches
 from atu.unpad import by_length, whole_batches
 from atu.world.build import build_world
 from atu.world.config import WorldConfig
@@ -42,8 +42,7 @@ def batches(texts: list[str], tokenizer, size: int, seed: int, device: str = "cp
     """Shuffled right-padded (input_ids, attention_mask) batches, as the training loops draw them."""
     texts = list(texts)
     random.Random(seed).shuffle(texts)
-    out = [tokenize_texts(texts[i : i + size], tokenizer, 256) for i in range(0, len(texts), size)]
-    return [(ids.to(device), attn.to(device)) for ids, attn in out]
+    return [(ids.to(device), attn.to(device)) for ids, attn in text_batches(texts, tokenizer, 256, size)]
 
 
 def losses(model, predictor, layer: int, bos: int, retain: list, forget: list) -> dict:
