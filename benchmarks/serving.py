@@ -34,24 +34,34 @@ Writes serving.json (every pass) and serving.md (the table) under --out (default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import random
 import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bench"
 POLICIES = ("monitor", "block")
+# Not a guard policy: a pass-through proxy (benchmarks/relay_floor.py) where the guard goes, the cost of the hop alone.
+RELAY = "relay"
+RELAY_NOTE = (
+    f"{RELAY}: not the guard but a pass-through proxy in its place (benchmarks/relay_floor.py: the same aiohttp "
+    "stack, bytes copied as they arrive, no parsing, scoring or audit). Its ratio is what the hop alone costs on this "
+    "machine, the ceiling of any guard in front of this vLLM."
+)
 MODES = ("streamed", "non-streamed")
 # The guarded/bare output-throughput ratios the guard is meant to reach, by (policy, concurrency).
 TARGETS = {("monitor", 1): 0.97, ("block", 1): 0.97, ("monitor", 32): 0.95, ("block", 32): 0.90}
@@ -128,6 +138,8 @@ def markdown(res: dict) -> str:
             f"| {_share(row.get('stopped'))} |"
         )
     notes = [note for row in res["rows"] for note in (row["note"], row.get("stopped_note")) if note]
+    if any(row["policy"] == RELAY for row in res["rows"]):
+        notes.insert(0, RELAY_NOTE)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     for policy, s in res["single"].items():
@@ -411,6 +423,35 @@ def bench_policy(cfg, policy: str, urls: dict[str, str], pids: dict[str, int],
     return rows, latency_summary(cfg, urls)
 
 
+@contextlib.contextmanager
+def relay_process(upstream: str, port: int, start_timeout: float = 60.0) -> Iterator[tuple[str, int]]:
+    """Run the pass-through proxy (benchmarks/relay_floor.py) in front of ``upstream`` until exit; yields its URL
+    and process id once it relays vLLM's /health."""
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "relay_floor.py"), "--upstream", upstream, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + start_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the relay did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
+            time.sleep(0.3)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ---- the run ----
 
 
@@ -421,7 +462,13 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--concurrency", type=int, nargs="+", help="levels (default 1 8 32 64; --quick: 1 8)")
     ap.add_argument("--pairs", type=int, help="bare/guarded pairs per level (default 5; --quick: 2)")
-    ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    ap.add_argument(
+        "--policies",
+        nargs="+",
+        choices=[*POLICIES, RELAY],
+        default=list(POLICIES),
+        help=f"guard policies to measure; '{RELAY}': a pass-through proxy instead of the guard (the hop's own cost)",
+    )
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="kinds of request")
     ap.add_argument("--prompts-per-client", type=int, default=8, help="prompts per pass = this x concurrency (>= 16)")
     ap.add_argument("--input-len", type=int, default=32)
@@ -492,6 +539,12 @@ def main() -> None:
         # One guard at a time, as users run it: a second guard idling beside the first would hold a second copy of
         # its fallback model and could take CPU from the pass being measured.
         for policy in cfg.policies:
+            if policy == RELAY:
+                with relay_process(bare.url, free_port()) as (url, pid):
+                    rows, res["single"][policy] = bench_policy(cfg, policy, {"bare": bare.url, "guarded": url},
+                                                               {"guard": pid, "vllm": bare.pid})  # fmt: skip
+                res["rows"] += rows
+                continue
             audit = str(work / f"audit-{policy}.sqlite")
             args = [*guard_args, "--upstream", bare.url, "--policy", policy, "--audit", audit]
             with atu_serve(cfg.export, free_port(), *args) as served:

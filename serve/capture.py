@@ -375,11 +375,31 @@ def decoder_layer_list(model):
     return layers
 
 
+def gather_rows(hidden, residual, rows: np.ndarray):
+    """Rows ``rows`` of the residual stream (``hidden + residual``; ``hidden`` alone when ``residual`` is None), as a
+    copy: the next layer's fused add-norm overwrites its inputs in place.
+
+    Float32 tensors in host memory (the CPU engine) are read through numpy views: a decode step gathers one row per
+    marked request, and in a busy engine each small torch op costs tens of microseconds where numpy's indexing
+    costs a few, every step. Anything else (a GPU, bfloat16) is gathered by torch on its device and returned as a
+    float32 tensor there."""
+    import torch
+
+    host = hidden.device.type == "cpu" and hidden.dtype == torch.float32
+    if host and (residual is None or (residual.device.type == "cpu" and residual.dtype == torch.float32)):
+        h = hidden.detach().numpy()[rows]  # fancy indexing copies
+        return h if residual is None else np.add(h, residual.detach().numpy()[rows], out=h)
+    idx = torch.from_numpy(rows).to(hidden.device, non_blocking=True)
+    states = hidden[idx] + residual[idx] if residual is not None else hidden[idx]
+    return states.detach().float()
+
+
 class HostStep:
-    """A step's selected tensors already in host memory (the CPU engine: nothing to wait for)."""
+    """A step's selected rows, token ids and first positions already in host memory (the CPU engine: nothing to wait
+    for); numpy arrays or CPU tensors."""
 
     def __init__(self, rows, ids, starts) -> None:
-        self._arrays = (rows.numpy(), None if ids is None else ids.numpy(), starts.numpy())
+        self._arrays = (np.asarray(rows), None if ids is None else np.asarray(ids), np.asarray(starts))
 
     def ready(self) -> bool:
         return True
@@ -432,19 +452,16 @@ class _EngineCapture:
             raise RuntimeError(f"capture layer {layer} is outside 1..{len(layers)} (the model's decoder layers)")
         dim = int(runner.model_config.get_hidden_size())
         self.store = CaptureStore(dim, max(1, max_bytes // (4 * dim)), layer)  # float32 rows
-        self.rows = None  # token indices (in this step's batch) of the marked requests; None: record nothing
-        self.states = None  # (len(rows), H) of the current forward, set by the hook
+        self.rows = None  # (n,) int64 token indices (in this step's batch) of the marked requests; None: none
+        self.states = None  # (len(rows), H) of the current forward, set by the hook: numpy on the host path
         self._stream = None  # the side stream of the GPU copies (created at the first one)
 
         def hook(_module, _args, output):
             if self.rows is not None:
                 hidden, residual = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, tuple) \
                     else (output, None)  # fmt: skip
-                # Only the marked requests' rows, gathered (a copy) before the next layer's fused add-norm
-                # overwrites its inputs in place.
-                idx = self.rows.to(hidden.device, non_blocking=True)
-                states = hidden[idx] + residual[idx] if residual is not None else hidden[idx]
-                self.states = states.detach().float()  # stays on the device; ``save`` starts its copy
+                # Only the marked requests' rows; a device tensor stays there, ``save`` starts its copy.
+                self.states = gather_rows(hidden, residual, self.rows)
 
         layers[layer - 1].register_forward_hook(hook)
         self.server = serve_store(self.store, path)
@@ -467,9 +484,7 @@ class _EngineCapture:
 
     def select(self, marked) -> None:
         """Ask the hook for the rows of the ``marked`` requests (``layout``) in the coming forward."""
-        import torch
-
-        self.rows = torch.from_numpy(np.concatenate([np.arange(first, first + n) for _, _, first, n in marked]))
+        self.rows = np.concatenate([np.arange(first, first + n) for _, _, first, n in marked])
 
     def save(self, marked, input_ids, positions) -> None:
         """Start moving the marked requests' rows, token ids and first positions to host memory (on a GPU without
@@ -480,12 +495,18 @@ class _EngineCapture:
         self.rows = self.states = None
         if states is None:
             return
-        device = states.device
-        firsts = torch.from_numpy(np.array([first for _, _, first, _ in marked], dtype=np.int64))
+        firsts = np.array([first for _, _, first, _ in marked], dtype=np.int64)
         if positions.ndim > 1:  # M-RoPE positions (3, T): the first row is the text position
             positions = positions[0]
-        starts = positions[firsts.to(positions.device, non_blocking=True)]
-        ids = input_ids[rows.to(input_ids.device, non_blocking=True)] if input_ids is not None else None
+        if isinstance(states, np.ndarray):  # the host path (``gather_rows``): index the host tensors by numpy too
+            ids = None if input_ids is None else input_ids.detach().cpu().numpy()[rows]
+            step = HostStep(states, ids, positions.detach().cpu().numpy()[firsts])
+            self.store.defer([(key, req_id, count) for key, req_id, _, count in marked], step)
+            return
+        device = states.device
+        starts = positions[torch.from_numpy(firsts).to(positions.device, non_blocking=True)]
+        idx = torch.from_numpy(rows)
+        ids = input_ids[idx.to(input_ids.device, non_blocking=True)] if input_ids is not None else None
         if device.type == "cuda":
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device)

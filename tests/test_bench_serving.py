@@ -83,6 +83,18 @@ def test_markdown_has_a_row_per_level_the_notes_and_the_latency():
     assert "**3.5 ms**" in md
 
 
+def test_a_relay_row_says_it_measures_the_hop_not_the_guard():
+    rows = [bench.level_row(bench.RELAY, "streamed", 32, _pairs([100.0], [96.0]))]
+    res = {"backend": "capture", "machine": "m", "export": "e", "input_len": 1, "output_len": 1, "pairs": 1,
+           "rows": rows, "single": {}}  # fmt: skip
+    md = bench.markdown(res)
+    assert "| relay | streamed | 32 | 100 | 96 | **0.96x** |" in md and "| - |" in md  # no target for the hop
+    assert "- " + bench.RELAY_NOTE in md
+    assert bench.RELAY_NOTE not in bench.markdown(
+        {**res, "rows": [bench.level_row("monitor", "streamed", 32, _pairs([100.0], [96.0]))]}
+    )
+
+
 def test_markdown_without_notes_has_no_notes_section():
     rows = [bench.level_row("monitor", "streamed", 8, _pairs([50.0], [10.0]))]
     res = {"backend": "hf", "machine": "m", "export": "e", "input_len": 1, "output_len": 1, "pairs": 1,

@@ -16,8 +16,10 @@ from serve.capture import (
     CaptureClient,
     Captured,
     CaptureStore,
+    HostStep,
     decode_answer,
     encode_answer,
+    gather_rows,
     serve_store,
 )
 from serve.policy import take_token_ids
@@ -25,6 +27,45 @@ from serve.policy import take_token_ids
 
 def _rows(n, dim=4, start=0):
     return np.arange(start * dim, (start + n) * dim, dtype=np.float32).reshape(n, dim)
+
+
+# -- the hook's gather ---------------------------------------------------------------------------------------------
+
+
+def test_gather_rows_reads_host_float32_by_numpy_and_anything_else_by_torch_with_the_same_rows():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, residual = torch.randn(9, 6, generator=gen), torch.randn(9, 6, generator=gen)
+    rows = np.array([7, 2, 3])
+    want = (hidden + residual)[torch.from_numpy(rows)].numpy()
+    with torch.inference_mode():  # as vLLM runs its forward
+        host = gather_rows(hidden, residual, rows)
+        alone = gather_rows(hidden, None, rows)
+        other = gather_rows(hidden.double(), residual.double(), rows)  # not float32: the torch path
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_allclose(host, want, rtol=0, atol=1e-6)
+    want_alone = hidden.numpy()[rows].copy()
+    np.testing.assert_array_equal(alone, want_alone)
+    assert isinstance(other, torch.Tensor) and other.dtype == torch.float32
+    np.testing.assert_allclose(other.numpy(), want, rtol=0, atol=1e-6)
+    before = host.copy()
+    hidden.zero_(), residual.zero_()  # the next layer overwrites its inputs in place: the gathered rows are copies
+    np.testing.assert_array_equal(host, before)
+    np.testing.assert_array_equal(alone, want_alone)
+
+
+def test_a_host_step_takes_numpy_arrays_or_cpu_tensors():
+    import torch
+
+    rows, ids, starts = np.ones((2, 3), np.float32), np.array([4, 5]), np.array([0])
+    for step in (HostStep(rows, ids, starts), HostStep(torch.from_numpy(rows), torch.from_numpy(ids), starts)):
+        got_rows, got_ids, got_starts = step.wait()
+        assert step.ready()
+        np.testing.assert_array_equal(got_rows, rows)
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got_starts, starts)
+    assert HostStep(rows, None, starts).wait()[1] is None
 
 
 # -- the store ----------------------------------------------------------------------------------------------------
