@@ -227,6 +227,9 @@ def render_serving_pairs(name: str, d: dict) -> str:
     ]  # fmt: skip
     out.append(columns(d.get("rows") or [], rows))
     notes = [n for r in d.get("rows") or [] for n in (r.get("note"), r.get("stopped_note")) if n]
+    if any(r.get("policy") == "relay" for r in d.get("rows") or []):
+        notes.insert(0, "relay: a pass-through proxy (benchmarks/relay_floor.py) in the guard's place, not the guard: "
+                        "the cost of the hop alone.")  # fmt: skip
     out += [f"- {n}" for n in notes]
     single = {k: v for k, v in (d.get("single") or {}).items() if v}
     if single:
