@@ -427,6 +427,8 @@ def bench_policy(cfg, policy: str, urls: dict[str, str], pids: dict[str, int],
 def relay_process(upstream: str, port: int, start_timeout: float = 60.0) -> Iterator[tuple[str, int]]:
     """Run the pass-through proxy (benchmarks/relay_floor.py) in front of ``upstream`` until exit; yields its URL
     and process id once it relays vLLM's /health."""
+    from atu.vllm_check import stop_process
+
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "relay_floor.py"), "--upstream", upstream, "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -444,12 +446,7 @@ def relay_process(upstream: str, port: int, start_timeout: float = 60.0) -> Iter
             time.sleep(0.3)
         yield url, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 # ---- the run ----
