@@ -138,7 +138,7 @@ def post_json(url: str, body: dict, timeout: float = 120.0, key: str | None = No
         return json.loads(resp.read())
 
 
-def _wait_healthy(proc: subprocess.Popen, log, base: str, name: str, start_timeout: float) -> None:
+def wait_healthy(proc: subprocess.Popen, log, base: str, name: str, start_timeout: float) -> None:
     """Wait until the server at ``base`` answers /health; an AtuError (with the log's tail) if it exits first or
     takes longer than ``start_timeout`` seconds."""
     deadline = time.time() + start_timeout
@@ -208,7 +208,7 @@ def vllm_process(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, log, base, name, opts.start_timeout)
+        wait_healthy(proc, log, base, name, opts.start_timeout)
         logger.info("%s on %s at %s (pid %d, log %s)", name, model_dir, base, proc.pid, log.name)
         started = True
         yield RunningServer(base, proc.pid, log.name)

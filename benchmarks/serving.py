@@ -426,27 +426,18 @@ def bench_policy(cfg, policy: str, urls: dict[str, str], pids: dict[str, int],
 @contextlib.contextmanager
 def relay_process(upstream: str, port: int, start_timeout: float = 60.0) -> Iterator[tuple[str, int]]:
     """Run the pass-through proxy (benchmarks/relay_floor.py) in front of ``upstream`` until exit; yields its URL
-    and process id once it relays vLLM's /health."""
-    from atu.vllm_check import stop_process
+    and process id once it relays vLLM's /health (its output goes to a temporary log, shown if it fails to start)."""
+    from atu.vllm_check import stop_process, wait_healthy
 
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "relay_floor.py"), "--upstream", upstream, "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + start_timeout
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the relay did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
-            time.sleep(0.3)
-        yield url, proc.pid
-    finally:
-        stop_process(proc)
+    with tempfile.NamedTemporaryFile("w+", prefix="atu-relay-", suffix=".log") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_healthy(proc, log, url, "the relay", start_timeout)
+            yield url, proc.pid
+        finally:
+            stop_process(proc)
 
 
 # ---- the run ----

@@ -501,18 +501,16 @@ class _EngineCapture:
         if isinstance(states, np.ndarray):  # the host path (``gather_rows``): index the host tensors by numpy too
             ids = None if input_ids is None else input_ids.detach().cpu().numpy()[rows]
             step = HostStep(states, ids, positions.detach().cpu().numpy()[firsts])
-            self.store.defer([(key, req_id, count) for key, req_id, _, count in marked], step)
-            return
-        device = states.device
-        starts = positions[torch.from_numpy(firsts).to(positions.device, non_blocking=True)]
-        idx = torch.from_numpy(rows)
-        ids = input_ids[idx.to(input_ids.device, non_blocking=True)] if input_ids is not None else None
-        if device.type == "cuda":
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(device)
-            step = DeviceStep(states, ids, starts, self._stream)
         else:
-            step = HostStep(states, None if ids is None else ids.cpu(), starts.cpu())
+            starts = positions[torch.from_numpy(firsts).to(positions.device, non_blocking=True)]
+            idx = torch.from_numpy(rows)
+            ids = input_ids[idx.to(input_ids.device, non_blocking=True)] if input_ids is not None else None
+            if states.device.type == "cuda":
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(states.device)
+                step = DeviceStep(states, ids, starts, self._stream)
+            else:
+                step = HostStep(states, None if ids is None else ids.cpu(), starts.cpu())
         self.store.defer([(key, req_id, count) for key, req_id, _, count in marked], step)
 
 
