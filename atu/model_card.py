@@ -19,6 +19,7 @@ _SETTINGS = {
     "align": ("hook_layer", "window", "epochs", "realign_epochs"),
     "unlearn": ("taus", "steps_per_stage", "optimizer", "lr", "method", "target", "retain_weight",
                 "retain_similarity_weight", "retain_budget", "seed"),
+    "harden": ("enabled", "noise", "steps"),
 }  # fmt: skip
 
 
@@ -26,6 +27,16 @@ def concepts_digest(names: Sequence[str]) -> str:
     """sha256 of the concept names, sorted and joined by newlines (UTF-8): the card's fingerprint of what was
     forgotten. ``printf '%s\\n' NAMES | sort | head -c -1 | sha256sum`` computes the same."""
     return hashlib.sha256("\n".join(sorted(names)).encode("utf-8")).hexdigest()
+
+
+def _hardening_lines(harden: dict[str, Any]) -> list[str]:
+    if not harden.get("enabled"):
+        return []
+    return [
+        f"Then hardened against relearning: each decoder-layer weight matrix was mixed with {harden['noise']:g} parts",
+        "noise of its own scale and distilled back from the unlearned model on the retain texts for",
+        f"{harden['steps']} steps.",
+    ]
 
 
 def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
@@ -70,6 +81,7 @@ def model_card(
         f"{hook_layer} and is aligned to",
         f"the text encoder `{encoder}`; layers below it were fine-tuned until the predicted future of texts about",
         "each forgotten concept stayed below a cosine threshold that falls stage by stage.",
+        *_hardening_lines(config.get("harden") or {}),
         "",
         "## What was forgotten",
         "",

@@ -70,6 +70,7 @@ class RunResult:
     guard_target: str | None = None
     guard_thresholds: list[float] | None = None
     export: str | None = None  # the export's directory
+    harden: dict | None = None  # harden.enabled: the hardening's record (atu/harden.py)
 
     @classmethod
     def of(cls, data: RunData, result: ScheduleResult, processes: int) -> RunResult:
@@ -102,6 +103,8 @@ class RunResult:
             out.update(guard_target=self.guard_target, guard_thresholds=self.guard_thresholds)
         if self.export is not None:
             out["export"] = self.export
+        if self.harden is not None:
+            out["harden"] = self.harden
         return out
 
 
@@ -149,10 +152,21 @@ def run(
         if not dist.main:
             return None
         summary = RunResult.of(job.data, result, dist.world)
-        after, similarity = steps.evaluate_after(cfg, job, result, final)
+        result, final, unhardened = _hardened(cfg, job, start, result, final, summary, progress)
+        after, similarity = steps.evaluate_after(cfg, job, result, final, unhardened)
         summary.evaluation = Evaluation(before.probes, after, {"before": before.similarity, **similarity})
         summary.seconds = round(time.time() - t0, 1)
         return _guard_and_export(cfg, job, result, final, summary, export)
+
+
+def _hardened(cfg: RunConfig, job, start, result: ScheduleResult, final, summary: RunResult, progress: bool):
+    """(result, model, the model before hardening or None): `steps.harden` applied when ``harden.enabled`` (on
+    the first process only: the others have returned), its record kept in ``summary``."""
+    hardened = steps.harden(cfg, job, start, result, final, progress=progress)
+    if hardened is None:
+        return result, final, None
+    summary.harden = hardened.record
+    return hardened.result, hardened.model, hardened.unlearned
 
 
 def _guard_and_export(cfg: RunConfig, job, result: ScheduleResult, final, summary: RunResult, export: bool) -> dict:
@@ -193,10 +207,12 @@ def unlearn(cfg: RunConfig, *, progress: bool = True) -> dict | None:
         t0, progress = time.time(), progress and dist.main
         job = steps.prepare(cfg, dist, progress=progress)
         options = ScheduleOptions(run_dir=out, progress=progress, dist=dist)
-        result, final = steps.unlearn(cfg, job, steps.start(cfg, job, options), options)
+        start = steps.start(cfg, job, options)
+        result, final = steps.unlearn(cfg, job, start, options)
         if not dist.main:
             return None
         summary = RunResult.of(job.data, result, dist.world)
+        result, final, _ = _hardened(cfg, job, start, result, final, summary, progress)
         save_unlearned(out / UNLEARNED_DIR, final, job.tokenizer, result, summary.to_dict(), cfg.to_dict())
         summary.unlearned = str(out / UNLEARNED_DIR)
         summary.seconds = round(time.time() - t0, 1)

@@ -2,8 +2,8 @@
 The job itself (the steps it takes) is atu/run.py.
 
 The keys are the fields of ``RunConfig`` and of the stage configs it holds (``DataConfig``, ``EvalConfig``,
-``atu.align.AlignConfig``, ``atu.unlearn.UnlearnConfig``); `atu config show CONFIG` prints a config with every
-default and a line of help per key, and docs/config.md lists them all.
+``atu.align.AlignConfig``, ``atu.unlearn.UnlearnConfig``, ``atu.harden.HardenConfig``); `atu config show CONFIG`
+prints a config with every default and a line of help per key, and docs/config.md lists them all.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from atu.align import AlignConfig
 from atu.configs import FPR_SCOPES, dataclass_from_dict, is_open_fraction
 from atu.errors import ConfigError
+from atu.harden import HardenConfig
 from atu.loading import DEFAULT_ENCODER
 from atu.unlearn import UnlearnConfig
 
@@ -81,6 +82,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # the texts: corpus, concepts, what to forget, probes
     align: AlignConfig = field(default_factory=AlignConfig)  # how the embedding predictor is built and aligned
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)  # the unlearning schedule
+    # After unlearning: re-noise the decoder weights and distil the unlearned model back on the retain texts, so that
+    # relearning a few facts does not bring the rest back (off unless harden.enabled)
+    harden: HardenConfig = field(default_factory=HardenConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # answer length and the pass criteria of the evaluation
     out: str = "atu_run"  # run directory: checkpoints, metrics.jsonl, aligned/, export/, eval.json
     device: str = "auto"  # auto (CUDA when torch sees a GPU) | cpu | cuda

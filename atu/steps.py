@@ -6,6 +6,8 @@ compose, in the order `atu run` takes them:
     start            the predictor aligned to the model (or reused from ``aligned/``) and the concepts' targets
     evaluate_before  every "before" figure, on the model before it changes: probes and the aligned predictor's cosines
     unlearn          the schedule (atu/schedule.py); the unlearned model with adapters merged
+    harden           (harden.enabled) the unlearned model re-noised and distilled back (atu/harden.py), and the
+                     predictor re-aligned to it
     evaluate_after   the same figures on the unlearned model
     build_guard      the guard config and concept index of an export
     export           the export directory
@@ -13,22 +15,26 @@ compose, in the order `atu run` takes them:
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from atu.align import alignment_hidden, train_predictor
 from atu.concept_reader import ConceptReader
 from atu.distributed import SINGLE, Dist
 from atu.errors import ConfigError
 from atu.evaluation.evaluate import EvalInputs, calibrated_thresholds, evaluate_model, too_few_to_calibrate
 from atu.evaluation.metrics import auroc
 from atu.export import GuardConfig, GuardFiles, write_export
+from atu.harden import harden as harden_model
 from atu.index import ConceptIndex
 from atu.loading import load_encoder, load_lm
+from atu.progress import HeldOut
 from atu.run_config import RunConfig
 from atu.run_data import RunData, load_run_data, resolve_world
 from atu.schedule import ScheduleInputs, ScheduleOptions, ScheduleResult, ScheduleStart, run_schedule, schedule_start
@@ -138,9 +144,59 @@ def unlearn(cfg: RunConfig, job: Job, start: ScheduleStart, options: ScheduleOpt
     return result, final.eval()
 
 
-def evaluate_after(cfg: RunConfig, job: Job, result: ScheduleResult, final) -> tuple[dict | None, dict]:
+@dataclass
+class Hardened:
+    """What `harden` returns: the schedule's result with the predictor re-aligned to the hardened model."""
+
+    result: ScheduleResult
+    model: Any  # the hardened model, in eval mode
+    unlearned: Any  # the model before hardening: what the driving predictor was trained against
+    record: dict  # atu.harden.harden's record, with the re-alignment's metrics
+
+
+def harden(cfg: RunConfig, job: Job, start: ScheduleStart, result: ScheduleResult, final, *, progress: bool = True):
+    """With ``cfg.harden.enabled``: the unlearned ``final`` re-noised and distilled on `hardening_texts` (checked on
+    the stopping signal's held-out texts, as the retain budget reads them), and a copy of the exported predictor
+    re-aligned to it for ``align.epochs`` epochs (its states moved far more than a stage moves them).
+    Else None."""
+    if not cfg.harden.enabled:
+        return None
+    inputs = job.inputs
+    held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, job.tokenizer, cfg.align.max_length)
+    if cfg.unlearn.budget_min_prob > 0:  # the tokens the retain budget reads
+        held.keep_predictable(final, cfg.unlearn.budget_min_prob)
+    hardened, record = harden_model(final, job.tokenizer, hardening_texts(job.data, inputs), cfg.harden, held=held,
+                                    progress=progress)  # fmt: skip
+    rise = record.get("check_ppl_rise")
+    if rise is not None and rise > cfg.unlearn.retain_budget:
+        logger.warning(
+            "hardening raised the %s perplexity %.1f%% (retain budget %.0f%%): the distillation did not restore what "
+            "the noise removed; try more harden.steps, a lower harden.noise, or more retain texts",
+            job.inputs.validation_name, 100 * rise, 100 * cfg.unlearn.retain_budget,
+        )  # fmt: skip
+    predictor = copy.deepcopy(result.predictor)
+    train_h, val_h = alignment_hidden(hardened, start.data, result.hook_layer)
+    record["realign"] = train_predictor(
+        predictor, start.data, train_h, cfg.align.epochs, cfg.align, val_hidden=val_h,
+        progress=progress and "re-aligning to the hardened model",
+    )  # fmt: skip
+    return Hardened(replace(result, predictor=predictor), hardened.eval(), final, record)
+
+
+def hardening_texts(data: RunData, inputs: ScheduleInputs) -> list[str]:
+    """What hardening distils on: every retain text but the stopping signal's held-out ones. The noise takes from
+    every retained concept, so each one's texts must be in the distillation, the evaluation's retain texts too (the
+    retain terms of the schedule leave those out: for them they are held out)."""
+    held_out = set(inputs.validation_texts)
+    return [t for t in data.retain_texts if t not in held_out]
+
+
+def evaluate_after(
+    cfg: RunConfig, job: Job, result: ScheduleResult, final, unhardened=None
+) -> tuple[dict | None, dict]:
     """(probe figures of ``final``, or None without probes; the predictors' mean cosines on it): the exported
-    predictor's, and the one that drove the last kept stage (before the final re-alignment)."""
+    predictor's, and the one that drove the last kept stage (before the final re-alignment), read on the model it
+    drove (``unhardened`` when the model was hardened after it)."""
     texts = job.data.eval_inputs()
     reader = ConceptReader(result.predictor, result.hook_layer, result.concept_vectors)
     after = None
@@ -151,7 +207,8 @@ def evaluate_after(cfg: RunConfig, job: Job, result: ScheduleResult, final) -> t
     similarity = {"after_final_predictor": _similarity(final, job.tokenizer, reader, texts)}
     if result.driving_predictor is not None:
         driving = ConceptReader(result.driving_predictor, result.hook_layer, result.concept_vectors)
-        similarity["after_driving_predictor"] = _similarity(final, job.tokenizer, driving, texts)
+        driven = final if unhardened is None else unhardened
+        similarity["after_driving_predictor"] = _similarity(driven, job.tokenizer, driving, texts)
     return after, similarity
 
 

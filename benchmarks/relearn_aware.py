@@ -1,7 +1,8 @@
-"""Relearning-aware unlearning (`unlearn.relearn_rho`): how far each setting of rho lets relearning bring forgotten
-facts back, on the embedded world, one person.
+"""Durability against relearning: how far each setting of relearning-aware unlearning (`unlearn.relearn_rho`) and
+of hardening (`harden.noise`) lets relearning bring forgotten facts back, on the embedded world.
 
-For every rho and seed: ATU at the demo's settings with ``unlearn.relearn_rho`` set, then the relearning attack of
+For every rho, noise and seed: ATU at the demo's settings with ``unlearn.relearn_rho`` and ``harden.noise`` set
+(forgetting the world's first ``--people``), then the relearning attack of
 `benchmarks/robustness.py` (K steps of Adam at lr 3e-4 on half of her facts' texts). Two measurements:
 
 - **training side** (what a setting is chosen on): next-token loss on her corpus texts about the facts NOT relearned
@@ -12,6 +13,8 @@ For every rho and seed: ATU at the demo's settings with ``unlearn.relearn_rho`` 
   `atu attack relearn`, and the forget / retain ratios at fp32.
 
     python benchmarks/relearn_aware.py --rho 0 0.001 0.003 --seeds 0 1 2     # about 6 min per run, 2 CPU cores
+    python benchmarks/relearn_aware.py --rho 0 --noise 0 0.6 --seeds 0 1 2  # hardening off and on
+    python benchmarks/relearn_aware.py --export demo_out/export --noise 0 0.3 0.6   # harden one export, no rerun
     python benchmarks/relearn_aware.py --quick                              # the tiny world, one rho, one seed
     python benchmarks/relearn_aware.py --paths demo_out/export --name relearn_paths   # which parameters relearn
 
@@ -43,11 +46,15 @@ from atu.attack.relearn import (
 )
 from atu.attack.runs import mean_of_kinds, relearn_groups
 from atu.evaluation.probes import answer_probes, mean_recall_by_kind
+from atu.harden import HardenConfig, harden
 from atu.hidden import decoder_layers
 from atu.loading import load_lm
+from atu.progress import HeldOut
 from atu.run import run as run_atu
 from atu.run_config import RunConfig, demo_settings
-from atu.world.build import build_world
+from atu.run_data import load_run_data
+from atu.steps import hardening_texts, schedule_inputs
+from atu.world.build import WORLD_FILES, build_world
 from atu.world.config import WorldConfig
 
 RELEARN_LR = 3e-4  # as benchmarks/robustness.py: the world model's own final training rate
@@ -62,16 +69,27 @@ def recall_groups(model, tokenizer, probes, groups: dict) -> dict:
     }
 
 
-def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int = 1) -> dict:
+def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int = 1, noise: float = 0.0,
+            people: int = 1) -> dict:  # fmt: skip
     world = build_world(WorldConfig.tiny() if tiny else WorldConfig())
-    forget = world.concepts().names()[:1]
+    forget = world.concepts().names()[:people]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="atu_rl_") as out:
-        raw = {**demo_settings(1, tiny), "data": {"forget": forget}, "out": out, "device": "cpu"}
+        raw = {**demo_settings(people, tiny), "data": {"forget": forget}, "out": out, "device": "cpu"}
         raw["unlearn"] = {**raw.get("unlearn", {}), "seed": seed, "relearn_rho": rho, "relearn_steps": attacker_steps}
+        if noise:
+            raw["harden"] = {"enabled": True, "noise": noise}
         summary = run_atu(RunConfig.from_dict(raw, "benchmark config"), progress=False, export=True)
         unlearned, tokenizer = load_lm(Path(summary["export"]) / "model")
-    seconds = time.perf_counter() - t0
+    head = {"rho": rho, "attacker_steps": attacker_steps, "harden_noise": noise, "people": people,
+            "harden": summary.get("harden"), "seed": seed, "stages": len(summary["stages"]),
+            "stop_reason": summary["stop_reason"], "unlearn_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    return _reported(head, measure(world, forget, unlearned, tokenizer, steps))
+
+
+def measure(world, forget: list[str], unlearned, tokenizer, steps: int) -> dict:
+    """The relearning attack on ``unlearned``: the training-side losses and the probes' recall, of the original, the
+    unlearned and the relearned model."""
     original, _ = load_lm(world.model_dir)
     corpus = formats.read_corpus(world.path("corpus.jsonl"))
     probes = formats.read_probes(world.path("probes.jsonl"))
@@ -89,13 +107,7 @@ def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int =
     nll = {name: text_loss(m, tokenizer, held) for name, m in models.items()}
     answer_nll = {name: text_loss(m, tokenizer, held, held_answers) for name, m in models.items()}
     recall = {name: recall_groups(m, tokenizer, probes, groups) for name, m in models.items()}
-    out = {
-        "rho": rho,
-        "attacker_steps": attacker_steps,
-        "seed": seed,
-        "stages": len(summary["stages"]),
-        "stop_reason": summary["stop_reason"],
-        "unlearn_seconds": round(seconds, 1),
+    return {
         "held_out_texts": len(held),
         "nll": nll,
         "nll_recovery": loss_recovery(*(nll[k] for k in ("original", "unlearned", "relearned"))),
@@ -106,14 +118,42 @@ def one_run(rho: float, seed: int, tiny: bool, steps: int, attacker_steps: int =
         "forget_ratio": _div(recall["unlearned"]["her"], recall["original"]["her"]),
         "retain_ratio": _div(recall["unlearned"]["retain"], recall["original"]["retain"]),
     }
+
+
+def _reported(head: dict, measured: dict) -> dict:
+    out = {**head, **measured}
     print(
-        f"rho {rho} x{attacker_steps} seed {seed}: loss recovery {_f(out['nll_recovery'])}, "
-        f"answers {_f(out['answer_nll_recovery'])}, "
-        f"probe recovery {_f(out['recovery'])}, "
-        f"forget {_f(out['forget_ratio'])}, retain {_f(out['retain_ratio'])} ({out['unlearn_seconds']} s)",
+        f"rho {out['rho']} x{out['attacker_steps']} noise {out['harden_noise']} people {out['people']} seed "
+        f"{out['seed']}: loss recovery {_f(out['nll_recovery'])}, answers {_f(out['answer_nll_recovery'])}, "
+        f"probe recovery {_f(out['recovery'])}, forget {_f(out['forget_ratio'])}, retain {_f(out['retain_ratio'])}, "
+        f"hardening's held-out perplexity rise {_rise(out.get('harden'))} ({out['unlearn_seconds']} s)",
         flush=True,
     )
     return out
+
+
+def harden_export(export: Path, noise: float, steps: int, harden_steps: int | None = None) -> dict:
+    """``export``'s model (a run of the demo's settings) hardened at ``noise`` on the retain texts its run would
+    distil on, then attacked; noise 0: the export as it is."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    cfg = RunConfig.from_dict({**manifest["training_config"], "device": "cpu"}, "the export's config")
+    world = build_world(WorldConfig.tiny() if cfg.model == "world:tiny" else WorldConfig())
+    unlearned, tokenizer = load_lm(export / "model")
+    t0, record = time.perf_counter(), None
+    if noise:
+        data = load_run_data(cfg, {k: str(world.path(v)) for k, v in WORLD_FILES.items()})
+        inputs = schedule_inputs(cfg, data)
+        hcfg = HardenConfig(**{**cfg.harden.to_dict(), "enabled": True, "noise": noise})
+        hcfg.steps = harden_steps or hcfg.steps
+        held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, tokenizer, cfg.align.max_length)
+        held.keep_predictable(unlearned, cfg.unlearn.budget_min_prob)  # as `atu run` checks its hardening
+        unlearned, record = harden(unlearned, tokenizer, hardening_texts(data, inputs), hcfg, held=held)
+    forget = cfg.data.forget
+    head = {"rho": cfg.unlearn.relearn_rho, "attacker_steps": cfg.unlearn.relearn_steps, "harden_noise": noise,
+            "people": len(forget), "harden": record, "seed": cfg.unlearn.seed, "export": str(export),
+            "stages": len(manifest["eval_summary"].get("stages", [])) or None, "stop_reason": None,
+            "unlearn_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    return _reported(head, measure(world, forget, unlearned, tokenizer, steps))
 
 
 def _div(a, b):
@@ -124,23 +164,32 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _rise(record: dict | None) -> str:
+    rise = (record or {}).get("check_ppl_rise")
+    return "-" if rise is None else f"{rise:+.1%}"
+
+
 def write_markdown(runs: list[dict], path: Path) -> None:
     lines = [
-        "| rho | seed | stages | training side: held-out facts' texts, loss orig / unl / relearned | loss recovery "
+        "| rho | harden.noise | people | seed | stages "
+        "| training side: held-out facts' texts, loss orig / unl / relearned | loss recovery "
         "| their answers' loss orig / unl / relearned | answer-loss recovery "
-        "| probes: held-out recall orig / unl / relearned | probe recovery | forget ratio | retain ratio | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| probes: held-out recall orig / unl / relearned | probe recovery | forget ratio | retain ratio "
+        "| held-out perplexity rise from hardening | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         n, a, rc = r["nll"], r.get("answer_nll"), r["recall"]
         answers = f"{a['original']:.2f} / {a['unlearned']:.2f} / {a['relearned']:.2f}" if a else "-"
         lines.append(
-            f"| {r['rho']} x{r.get('attacker_steps', 1)} | {r['seed']} | {r['stages']} "
+            f"| {r['rho']} x{r.get('attacker_steps', 1)} | {r.get('harden_noise', 0)} | {r.get('people', 1)} "
+            f"| {r['seed']} | {r['stages']} "
             f"| {n['original']:.2f} / {n['unlearned']:.2f} / "
             f"{n['relearned']:.2f} | {_f(r['nll_recovery'])} | {answers} | {_f(r.get('answer_nll_recovery'))} "
             f"| {_f(rc['original']['held_out'])} / "
             f"{_f(rc['unlearned']['held_out'])} / {_f(rc['relearned']['held_out'])} | {_f(r['recovery'])} "
-            f"| {_f(r['forget_ratio'])} | {_f(r['retain_ratio'])} | {r['unlearn_seconds']} |"
+            f"| {_f(r['forget_ratio'])} | {_f(r['retain_ratio'])} | {_rise(r.get('harden'))} "
+            f"| {r['unlearn_seconds']} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -193,6 +242,9 @@ def recovery_paths(export: Path, steps: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rho", type=float, nargs="+", default=[0.0, 1e-3, 3e-3])
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.0], help="harden.noise (0: no hardening)")
+    ap.add_argument("--harden-steps", type=int, help="with --export: harden.steps (default: the config's)")
+    ap.add_argument("--people", type=int, default=1, help="forget the world's first N people")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=10, help="relearning steps K of the attack")
     ap.add_argument("--attacker-steps", type=int, default=1, help="unlearn.relearn_steps")
@@ -200,6 +252,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", default="results")
     ap.add_argument("--name", default="relearn_aware")
     ap.add_argument("--paths", type=Path, metavar="EXPORT", help="only: which parameters relearning goes through")
+    ap.add_argument(
+        "--export",
+        type=Path,
+        help="harden this export (of the demo's settings) at each --noise, without unlearning again",
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.paths:
@@ -219,12 +276,17 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        for rho in rhos:
-            result["runs"].append(one_run(rho, seed, args.quick, args.steps, args.attacker_steps))
-            # written after every run: a long sweep that stops part way keeps what it measured
-            (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-            write_markdown(result["runs"], out / f"{args.name}.md")
+    todo = [(r, n, seed) for seed in seeds for r in rhos for n in args.noise]
+    if args.export:
+        todo = [(None, n, None) for n in args.noise]
+    for rho, noise, seed in todo:
+        if args.export:
+            result["runs"].append(harden_export(args.export, noise, args.steps, args.harden_steps))
+        else:
+            result["runs"].append(one_run(rho, seed, args.quick, args.steps, args.attacker_steps, noise, args.people))
+        # written after every run: a long sweep that stops part way keeps what it measured
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        write_markdown(result["runs"], out / f"{args.name}.md")
     return result
 
 

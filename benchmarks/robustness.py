@@ -61,10 +61,13 @@ from atu.loading import load_lm
 from atu.run import run as run_atu
 from atu.run_config import RunConfig, demo_settings
 from atu.run_data import load_run_data
+from atu.run_dir import CHECKPOINT_DIR
 from atu.world.build import WORLD_FILES, build_world
 
 # atu-q4: ATU with quantization-aware unlearning at the plan's int4 setting (unlearn.quant_aware_bits)
-METHODS = ("atu", "atu-q4", "ga", "gd", "npo")
+# atu-h: ATU's own unlearned model hardened against relearning (harden.noise at HARDEN_NOISE), with its own export
+METHODS = ("atu", "atu-h", "atu-q4", "ga", "gd", "npo")
+HARDEN_NOISE = 0.6
 
 
 @dataclass(frozen=True)
@@ -135,14 +138,17 @@ def precisions(plan: Plan) -> list[tuple[str, object]]:
 # atu-q4) and attacks its own model. The tasks share nothing but files, so --jobs runs them side by side.
 
 ORIGINAL = "original"
-TASK_ORDER = ("atu-q4", "gd", "npo", "ga", "atu", ORIGINAL)  # the longest first, so the last task to start is short
+# the longest first, so the last task to start is short
+TASK_ORDER = ("atu-q4", "gd", "npo", "atu-h", "ga", "atu", ORIGINAL)
 
 
-def atu_config(plan: Plan, forget: list[str], seed: int, out: str, quant_aware: bool = False) -> RunConfig:
+def atu_config(plan: Plan, forget: list[str], seed: int, out: str, variant: str = "atu") -> RunConfig:
     raw = {**demo_settings(len(forget), plan.tiny), "data": {"forget": forget}, "out": out, "device": "cpu"}
     raw["unlearn"] = {**raw.get("unlearn", {}), "seed": seed}
-    if quant_aware:  # the same job, seeing the model through the int4 quantizer it is attacked with
+    if variant == "atu-q4":  # the same job, seeing the model through the int4 quantizer it is attacked with
         raw["unlearn"].update(quant_aware_bits=4, quant_aware_group_size=plan.int4_group)
+    if variant == "atu-h":
+        raw["harden"] = {"enabled": True, "noise": HARDEN_NOISE}
     return RunConfig.from_dict(raw, "benchmark config")
 
 
@@ -160,15 +166,18 @@ def atu_stage(plan: Plan, n: int, seed: int, out: str) -> dict:
 
 
 def unlearned_model(plan: Plan, group: dict, method: str):
-    """The model ``method`` leaves: ATU's export, ATU quantization-aware, or a baseline after ATU's steps."""
+    """(the model ``method`` leaves, its own export or None): ATU's export, ATU quantization-aware, ATU hardened, or
+    a baseline after ATU's steps (the baselines and atu-q4 are guarded by ATU's export)."""
     if method == "atu":
-        return load_lm(Path(group["export"]) / "model")[0]
-    if method == "atu-q4":
-        run_dir = Path(group["dir"]) / "quant_aware"
+        return load_lm(Path(group["export"]) / "model")[0], None
+    if method in ("atu-q4", "atu-h"):
+        run_dir = Path(group["dir"]) / method
         # ATU's alignment is the same job's: its run reuses the aligned predictor (keyed by model, texts, config)
         shutil.copytree(Path(group["dir"]) / "atu" / ALIGNED_DIR, run_dir / ALIGNED_DIR)
-        cfg = atu_config(plan, group["forget"], group["seed"], str(run_dir), quant_aware=True)
-        return load_lm(Path(run_atu(cfg, progress=False, export=True)["export"]) / "model")[0]
+        if method == "atu-h":  # hardening is no part of the checkpoint's key: the run resumes ATU's finished schedule
+            shutil.copytree(Path(group["dir"]) / "atu" / CHECKPOINT_DIR, run_dir / CHECKPOINT_DIR)
+        export = run_atu(atu_config(plan, group["forget"], group["seed"], str(run_dir), method), progress=False)
+        return load_lm(Path(export["export"]) / "model")[0], export["export"] if method == "atu-h" else None
     world = build_world(plan.unlearning().world())
     cfg = atu_config(plan, group["forget"], group["seed"], group["dir"])
     data = load_run_data(cfg, {k: str(world.path(v)) for k, v in WORLD_FILES.items()})
@@ -177,7 +186,7 @@ def unlearned_model(plan: Plan, group: dict, method: str):
     bcfg = BaselineConfig(method=method, hook_layer=group["hook_layer"], steps=steps, lr=lr, seed=seed)
     model, tokenizer = load_lm(world.model_dir)
     retain = data.retain_texts if method == "gd" else []  # as benchmarks/unlearning.py: only gd trains on them
-    return run_baseline(model, tokenizer, data.forget_texts, retain, bcfg, progress=False)[0]
+    return run_baseline(model, tokenizer, data.forget_texts, retain, bcfg, progress=False)[0], None
 
 
 def method_task(plan: Plan, group: dict, method: str) -> dict:
@@ -193,9 +202,9 @@ def method_task(plan: Plan, group: dict, method: str) -> dict:
         out["relearn"] = bench.measure(original, rgroups)  # before unlearning, on the relearning groups
         seconds = {"attack": round(time.perf_counter() - clock, 1)}
         return {"measured": out, "relearn_texts": len(texts), "seconds": seconds}
-    model = unlearned_model(plan, group, method)
+    model, export = unlearned_model(plan, group, method)
     unlearn_s = time.perf_counter() - clock
-    out = attack_method(plan, bench, original, model, texts, rgroups)
+    out = attack_method(plan, Bench(export) if export else bench, original, model, texts, rgroups)
     seconds = {"unlearn": round(unlearn_s, 1), "attack": round(time.perf_counter() - clock - unlearn_s, 1)}
     out["seconds"] = seconds
     return {"measured": out, "seconds": seconds}
@@ -385,10 +394,12 @@ def summary_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+VERDICTS = (("atu", "ATU"), ("atu-h", "ATU hardened"))  # the methods held to the targets
+
+
 def verdict_lines(result: dict) -> list[str]:
     lines = []
-    for g in result["groups"]:
-        m = g["methods"].get("atu")
+    for g, label, m in [(g, label, g["methods"].get(k)) for g in result["groups"] for k, label in VERDICTS]:
         if m is None:
             continue
         int4 = [k for k in m["precisions"] if k.startswith("int4")][0]
@@ -421,7 +432,8 @@ def verdict_lines(result: dict) -> list[str]:
             shown += f"; of them on the answers that give no forgotten person's value {_f(clean_nd)}"
         if nameless_nd is not None:
             shown += f", and that write no forgotten name either {_f(nameless_nd)}"
-        lines.append(f"- ATU, {g['people']} forgotten, seed {g['seed']} ({leaks} leaking answers in all): {shown}.")
+        head = f"- {label}, {g['people']} forgotten, seed {g['seed']} ({leaks} leaking answers in all)"
+        lines.append(f"{head}: {shown}.")
     return lines
 
 

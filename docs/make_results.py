@@ -371,9 +371,11 @@ def render_robustness(name: str, d: dict) -> str:
 
 
 def render_relearn_aware(name: str, d: dict) -> str:
-    """benchmarks/relearn_aware.py: relearning after ATU at each relearn_rho, training-side and on probes."""
+    """benchmarks/relearn_aware.py: relearning after ATU at each relearn_rho and harden.noise, training-side and on
+    probes."""
     spec = [
-        ("rho", ("rho",)), ("attacker steps", ("attacker_steps",)), ("seed", ("seed",)), ("stages", ("stages",)),
+        ("rho", ("rho",)), ("attacker steps", ("attacker_steps",)), ("harden.noise", ("harden_noise",)),
+        ("people", ("people",)), ("seed", ("seed",)), ("stages", ("stages",)),
         ("held-out facts' texts, loss orig / unl / relearned",
          lambda r: slash(*(get(r, "nll", k) for k in ("original", "unlearned", "relearned")))),
         ("loss recovery", ("nll_recovery",)),
@@ -383,7 +385,11 @@ def render_relearn_aware(name: str, d: dict) -> str:
         ("held-out probes' recall orig / unl / relearned",
          lambda r: slash(*(get(r, "recall", k, "held_out") for k in ("original", "unlearned", "relearned")))),
         ("probe recovery", ("recovery",)), ("forget ratio", ("forget_ratio",)), ("retain ratio", ("retain_ratio",)),
-        ("unlearning s", ("unlearn_seconds",)),
+        ("hardening: held-out retain perplexity before / after", lambda r: slash(
+            get(r, "harden", "check_ppl_before"), get(r, "harden", "check_ppl_after"))),
+        ("held-out forget perplexity before / after", lambda r: slash(
+            get(r, "harden", "forget_ppl_before"), get(r, "harden", "forget_ppl_after"))),
+        ("unlearning (or hardening) s", ("unlearn_seconds",)),
     ]  # fmt: skip
     head = f"Relearning: {fmt(d.get('relearn'))}; tiny world: {fmt(d.get('tiny'))}.\n"
     return head + "\n" + columns([r for r in d.get("runs") or [] if isinstance(r, dict)], spec)
@@ -459,7 +465,7 @@ SHAPES: list[tuple[str, Callable[[dict], bool], Renderer]] = [
         render_guard_detection,
     ),
     (
-        "Relearning-aware unlearning (`benchmarks/relearn_aware.py`)",
+        "Durability settings: relearning-aware unlearning and hardening (`benchmarks/relearn_aware.py`)",
         lambda d: isinstance(d.get("runs"), list) and any(isinstance(r, dict) and "rho" in r for r in d["runs"]),
         render_relearn_aware,
     ),

@@ -45,6 +45,10 @@ def test_verdict_lines_hold_each_scope_to_the_targets():
     assert bench.guard_extremes(_method(), "own", "names_exchange_") == (pytest.approx(0.95), 0.05, 4)
     (worse,) = bench.verdict_lines({"groups": [{"people": 1, "seed": 0, "methods": {"atu": _method(retain4=0.8)}}]})
     assert "retain after int4 0.80 (>= 0.90: missed)" in worse
+    both = {"atu": _method(rec10=0.7), "atu-h": _method(rec10=0.05)}
+    plain, hardened = bench.verdict_lines({"groups": [{"people": 1, "seed": 0, "methods": both}]})
+    assert plain.startswith("- ATU, 1 forgotten") and "recovery at K=10 0.70 (<= 0.25: missed)" in plain
+    assert hardened.startswith("- ATU hardened, 1 forgotten") and "recovery at K=10 0.05 (<= 0.25: met)" in hardened
 
 
 def test_with_ratios_relate_each_attack_to_the_original():

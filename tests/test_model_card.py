@@ -20,6 +20,13 @@ def test_card_without_evaluation_names_no_concept():
     assert "Secret Person" not in card
     assert "1 concept(s)" in card and concepts_digest(["Secret Person"]) in card
     assert "| `unlearn.lr` | `0.0003` |" in card and "Not evaluated" in card
+    assert "hardened" not in card
+    hardened = model_card(
+        base_model="org/model", encoder="enc", hook_layer=3, forgotten=["Secret Person"],
+        config={"harden": {"enabled": True, "noise": 0.6, "steps": 200}}, evaluation=None, version="0.1.0",
+    )  # fmt: skip
+    assert "mixed with 0.6 parts" in hardened and "for\n200 steps" in hardened
+    assert "| `harden.enabled` | `True` |" in hardened and "| `harden.noise` | `0.6` |" in hardened
 
 
 @pytest.mark.slow
