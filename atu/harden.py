@@ -17,7 +17,6 @@ teacher, the student and Adam's two moments: four copies of the model's weights.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import random
 import time
@@ -33,8 +32,6 @@ from atu.configs import is_open_fraction
 from atu.errors import ConfigError
 from atu.progress import HeldOut
 from atu.texts import text_batches
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -180,12 +177,8 @@ def harden(
     ``texts``. ``held`` (held-out texts, never trained on, read as the schedule's retain budget reads them) gives
     the record's retain and forget perplexity before and after."""
     t0 = time.time()
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
     student = renoised_copy(model, cfg.noise, cfg.seed).requires_grad_(True)
-    losses = distill(student, model, tokenizer, texts, cfg, progress=progress)
-    for n, p in model.named_parameters():
-        p.requires_grad_(flags[n])
+    losses = distill(student, model, tokenizer, texts, cfg, progress=progress)  # the teacher runs without grad
     student.requires_grad_(False)
     record = {**cfg.to_dict(), "texts": len(texts), "loss_first": losses[0], "loss_last": losses[-1]}
     if held is not None and held.retain:

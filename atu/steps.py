@@ -161,19 +161,7 @@ def harden(cfg: RunConfig, job: Job, start: ScheduleStart, result: ScheduleResul
     Else None."""
     if not cfg.harden.enabled:
         return None
-    inputs = job.inputs
-    held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, job.tokenizer, cfg.align.max_length)
-    if cfg.unlearn.budget_min_prob > 0:  # the tokens the retain budget reads
-        held.keep_predictable(final, cfg.unlearn.budget_min_prob)
-    hardened, record = harden_model(final, job.tokenizer, hardening_texts(job.data, inputs), cfg.harden, held=held,
-                                    progress=progress)  # fmt: skip
-    rise = record.get("check_ppl_rise")
-    if rise is not None and rise > cfg.unlearn.retain_budget:
-        logger.warning(
-            "hardening raised the %s perplexity %.1f%% (retain budget %.0f%%): the distillation did not restore what "
-            "the noise removed; try more harden.steps, a lower harden.noise, or more retain texts",
-            job.inputs.validation_name, 100 * rise, 100 * cfg.unlearn.retain_budget,
-        )  # fmt: skip
+    hardened, record = distil_unlearned(cfg, job.data, job.inputs, final, job.tokenizer, progress=progress)
     predictor = copy.deepcopy(result.predictor)
     train_h, val_h = alignment_hidden(hardened, start.data, result.hook_layer)
     record["realign"] = train_predictor(
@@ -181,6 +169,25 @@ def harden(cfg: RunConfig, job: Job, start: ScheduleStart, result: ScheduleResul
         progress=progress and "re-aligning to the hardened model",
     )  # fmt: skip
     return Hardened(replace(result, predictor=predictor), hardened.eval(), final, record)
+
+
+def distil_unlearned(cfg: RunConfig, data: RunData, inputs: ScheduleInputs, model, tokenizer, *,
+                     progress: bool = False) -> tuple[Any, dict]:  # fmt: skip
+    """(the hardened copy of the unlearned ``model``, its record): ``cfg.harden`` on `hardening_texts`, checked on
+    the stopping signal's held-out texts as the retain budget reads them, with a warning past the budget."""
+    held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, tokenizer, cfg.align.max_length)
+    if cfg.unlearn.budget_min_prob > 0:  # the tokens the retain budget reads
+        held.keep_predictable(model, cfg.unlearn.budget_min_prob)
+    hardened, record = harden_model(model, tokenizer, hardening_texts(data, inputs), cfg.harden, held=held,
+                                    progress=progress)  # fmt: skip
+    rise = record.get("check_ppl_rise")
+    if rise is not None and rise > cfg.unlearn.retain_budget:
+        logger.warning(
+            "hardening raised the %s perplexity %.1f%% (retain budget %.0f%%): the distillation did not restore what "
+            "the noise removed; try more harden.steps, a lower harden.noise, or more retain texts",
+            inputs.validation_name, 100 * rise, 100 * cfg.unlearn.retain_budget,
+        )  # fmt: skip
+    return hardened, record
 
 
 def hardening_texts(data: RunData, inputs: ScheduleInputs) -> list[str]:

@@ -46,14 +46,13 @@ from atu.attack.relearn import (
 )
 from atu.attack.runs import mean_of_kinds, relearn_groups
 from atu.evaluation.probes import answer_probes, mean_recall_by_kind
-from atu.harden import HardenConfig, harden
+from atu.harden import HardenConfig
 from atu.hidden import decoder_layers
 from atu.loading import load_lm
-from atu.progress import HeldOut
 from atu.run import run as run_atu
 from atu.run_config import RunConfig, demo_settings
 from atu.run_data import load_run_data
-from atu.steps import hardening_texts, schedule_inputs
+from atu.steps import distil_unlearned, schedule_inputs
 from atu.world.build import WORLD_FILES, build_world
 from atu.world.config import WorldConfig
 
@@ -142,12 +141,9 @@ def harden_export(export: Path, noise: float, steps: int, harden_steps: int | No
     t0, record = time.perf_counter(), None
     if noise:
         data = load_run_data(cfg, {k: str(world.path(v)) for k, v in WORLD_FILES.items()})
-        inputs = schedule_inputs(cfg, data)
-        hcfg = HardenConfig(**{**cfg.harden.to_dict(), "enabled": True, "noise": noise})
-        hcfg.steps = harden_steps or hcfg.steps
-        held = HeldOut.build(inputs.heldout_forget, inputs.validation_texts, tokenizer, cfg.align.max_length)
-        held.keep_predictable(unlearned, cfg.unlearn.budget_min_prob)  # as `atu run` checks its hardening
-        unlearned, record = harden(unlearned, tokenizer, hardening_texts(data, inputs), hcfg, held=held)
+        steps_ = harden_steps or cfg.harden.steps
+        cfg.harden = HardenConfig(**{**cfg.harden.to_dict(), "enabled": True, "noise": noise, "steps": steps_})
+        unlearned, record = distil_unlearned(cfg, data, schedule_inputs(cfg, data), unlearned, tokenizer)
     forget = cfg.data.forget
     head = {"rho": cfg.unlearn.relearn_rho, "attacker_steps": cfg.unlearn.relearn_steps, "harden_noise": noise,
             "people": len(forget), "harden": record, "seed": cfg.unlearn.seed, "export": str(export),
