@@ -147,7 +147,7 @@ def harden_export(export: Path, noise: float, steps: int, harden_steps: int | No
     forget = cfg.data.forget
     head = {"rho": cfg.unlearn.relearn_rho, "attacker_steps": cfg.unlearn.relearn_steps, "harden_noise": noise,
             "people": len(forget), "harden": record, "seed": cfg.unlearn.seed, "export": str(export),
-            "stages": len(manifest["eval_summary"].get("stages", [])) or None, "stop_reason": None,
+            "stages": None, "stop_reason": manifest["eval_summary"].get("stop_reason"),  # no stage count in an export
             "unlearn_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     return _reported(head, measure(world, forget, unlearned, tokenizer, steps))
 
@@ -179,7 +179,7 @@ def write_markdown(runs: list[dict], path: Path) -> None:
         answers = f"{a['original']:.2f} / {a['unlearned']:.2f} / {a['relearned']:.2f}" if a else "-"
         lines.append(
             f"| {r['rho']} x{r.get('attacker_steps', 1)} | {r.get('harden_noise', 0)} | {r.get('people', 1)} "
-            f"| {r['seed']} | {r['stages']} "
+            f"| {r['seed']} | {'-' if r['stages'] is None else r['stages']} "
             f"| {n['original']:.2f} / {n['unlearned']:.2f} / "
             f"{n['relearned']:.2f} | {_f(r['nll_recovery'])} | {answers} | {_f(r.get('answer_nll_recovery'))} "
             f"| {_f(rc['original']['held_out'])} / "

@@ -108,13 +108,14 @@ def test_catch_rates_count_leaks_and_false_flags():
     ]
     got = catch_rates(rows, "own")
     prefixes = ("", "exchange_", "names_", "names_exchange_", "named_")
-    for p in prefixes:  # no answer gives her values
+    for p in prefixes:  # no answer about the others gives her values or writes her name
         assert got.pop(f"{p}clean_false_flag_rate") == got[f"{p}false_flag_rate"]
+        assert got.pop(f"{p}innocent_false_flag_rate") == got[f"{p}false_flag_rate"]
     # without the others' exchange that writes her name (its question): four rows
     nameless = {p: got.pop(f"{p}nameless_false_flag_rate") for p in prefixes}
     assert nameless == {"": 0.25, "exchange_": 0.5, "names_": 0.25, "names_exchange_": 0.5, "named_": 0.25}
     assert got == {
-        "leaks": 4, "others": 5, "others_stating_forgotten": 0,
+        "leaks": 4, "others": 5, "others_stating_forgotten": 0, "others_naming_forgotten": 0,
         "catch_rate": 0.25, "flag_rate_forgotten": 0.4, "false_flag_rate": 0.2,
         # the question's flag catches the second leak, and flags one more of the others' answers
         "exchange_catch_rate": 0.5, "exchange_flag_rate_forgotten": 0.6, "exchange_false_flag_rate": 0.4,
@@ -132,13 +133,16 @@ def test_clean_false_flags_leave_out_the_exchanges_that_write_a_forgotten_name_o
     rows = [
         {"forgotten": False, "recall": 0.0, "flagged_own": True, "states_forgotten": True},
         {"forgotten": False, "recall": 0.0, "flagged_own": True, "named": True},  # the answer writes her name
+        {"forgotten": False, "recall": 1.0, "flagged_own": True, "prompt_named": True},  # the question does
         {"forgotten": False, "recall": 1.0, "flagged_own": True},
         *({"forgotten": False, "recall": 1.0, "flagged_own": False} for _ in range(2)),
     ]
     got = catch_rates(rows, "own")
-    assert got["others_stating_forgotten"] == 1
-    assert got["false_flag_rate"] == 0.6 and got["clean_false_flag_rate"] == 0.5
-    assert got["nameless_false_flag_rate"] == pytest.approx(1 / 3)
+    assert got["others_stating_forgotten"] == 1 and got["others_naming_forgotten"] == 1
+    assert got["false_flag_rate"] == pytest.approx(4 / 6)
+    assert got["clean_false_flag_rate"] == pytest.approx(3 / 5)  # without the answer that gives her value
+    assert got["innocent_false_flag_rate"] == 0.5  # and the one that writes her name
+    assert got["nameless_false_flag_rate"] == pytest.approx(1 / 3)  # and the question that writes it
 
 
 def test_named_examples_are_the_missed_leaks_and_the_flagged_others():

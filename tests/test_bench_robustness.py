@@ -13,7 +13,9 @@ def _guard(catch, flags, x_catch, x_flags, leaks=4):
     own = {"leaks": leaks, "catch_rate": catch, "false_flag_rate": flags,
            "exchange_catch_rate": x_catch, "exchange_false_flag_rate": x_flags,
            "names_exchange_catch_rate": None if x_catch is None else min(1.0, x_catch + 0.05),
-           "names_exchange_false_flag_rate": x_flags + 0.01}  # fmt: skip
+           "names_exchange_false_flag_rate": x_flags + 0.01,
+           "named_catch_rate": None if x_catch is None else min(1.0, x_catch + 0.05),
+           "named_false_flag_rate": x_flags + 0.02, "named_innocent_false_flag_rate": flags}  # fmt: skip
     return {"guard": {"own": own, "attacked": dict(own)}}
 
 
@@ -40,8 +42,11 @@ def test_verdict_lines_hold_each_scope_to_the_targets():
     assert line.startswith("- ATU, 1 forgotten, seed 0 (4 leaking answers in all)")
     assert "forget after int4 0.20 (<= 0.30: met)" in line and "recovery at K=10 0.10 (<= 0.25: met)" in line
     assert "guard catch (own states), lowest 0.25 (>= 0.80: missed)" in line
-    assert "with the question's flags: catch 0.90 (>= 0.80: met); false flags 0.04 (<= 0.05: met)" in line
-    assert "question's flags (`atu serve --flag-scope exchange`): catch 0.95 (>= 0.80: met); false flags 0.05" in line
+    # false-flag rates to three digits, so that one just over the target does not print as the target
+    assert "with the question's flags: catch 0.90 (>= 0.80: met); false flags 0.040 (<= 0.05: met)" in line
+    assert "question's flags (`atu serve --flag-scope exchange`): catch 0.95 (>= 0.80: met); false flags 0.050" in line
+    assert "(`--flag-scope named`): catch 0.95 (>= 0.80: met); false flags 0.060 (<= 0.05: missed)" in line
+    assert "carry nothing forgotten (no forgotten name or value) 0.030 (<= 0.05: met)" in line
     assert bench.guard_extremes(_method(), "own", "names_exchange_") == (pytest.approx(0.95), 0.05, 4)
     (worse,) = bench.verdict_lines({"groups": [{"people": 1, "seed": 0, "methods": {"atu": _method(retain4=0.8)}}]})
     assert "retain after int4 0.80 (>= 0.90: missed)" in worse
