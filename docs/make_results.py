@@ -398,6 +398,24 @@ def render_relearn_aware(name: str, d: dict) -> str:
     return head + "\n" + columns([r for r in d.get("runs") or [] if isinstance(r, dict)], spec)
 
 
+def render_harden_corpora(name: str, d: dict) -> str:
+    """benchmarks/harden_corpora.py: ATU and hardened ATU on generated corpora, each relearned."""
+    runs = [r for r in d.get("runs") or [] if isinstance(r, dict)]
+    rows = [{**r[m], "corpus": r.get("corpus"), "seed": r.get("seed"), "method": m}
+            for r in runs for m in ("atu", "atu-h") if isinstance(r.get(m), dict)]  # fmt: skip
+    spec = [
+        ("corpus", ("corpus",)), ("seed", ("seed",)), ("method", ("method",)), ("forget ratio", ("forget_ratio",)),
+        ("retain ratio", ("retain_ratio",)), ("perplexity ratio", ("perplexity_ratio",)),
+        ("hardening: held-out retain perplexity rise", ("harden", "check_ppl_rise")),
+        *((f"recovery K={k}: probes / answer loss", lambda r, k=k: slash(
+            get(r, "relearn", str(k), "held_out"), get(r, "relearn", str(k), "answer_loss")))
+          for k in d.get("steps") or []),
+        ("run s", ("run_seconds",)),
+    ]  # fmt: skip
+    head = f"harden.noise: {fmt(d.get('noise'))} (None: the library's); tiny: {fmt(d.get('quick'))}.\n"
+    return head + "\n" + columns(rows, spec)
+
+
 def render_relearn_paths(name: str, d: dict) -> str:
     """benchmarks/relearn_aware.py --paths: the answer-loss recovery when only one group of parameters relearns."""
     head = f"Export {fmt(d.get('export'))}, hook layer {fmt(d.get('hook_layer'))}; her held-out answers' loss "
@@ -466,6 +484,11 @@ SHAPES: list[tuple[str, Callable[[dict], bool], Renderer]] = [
         "Guard detection (`benchmarks/guard_detection.py`)",
         lambda d: "targets" in d and "before" in d,
         render_guard_detection,
+    ),
+    (
+        "Hardening on other corpora (`benchmarks/harden_corpora.py`)",
+        lambda d: isinstance(d.get("runs"), list) and any(isinstance(r, dict) and "atu-h" in r for r in d["runs"]),
+        render_harden_corpora,
     ),
     (
         "Durability settings: relearning-aware unlearning and hardening (`benchmarks/relearn_aware.py`)",
