@@ -194,21 +194,23 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mean_forget(r: dict) -> float | None:
+    """The mean forget ratio over the probe kinds the data has, of one run's `ratios`."""
+    xs = [r.get(f"forget {k}") for k in PROBE_KINDS]
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def lowest_retain(r: dict) -> float | None:
+    """The lowest retain ratio over the probe kinds the data has, of one run's `ratios`."""
+    xs = [r.get(f"retain {k}") for k in PROBE_KINDS]
+    xs = [x for x in xs if x is not None]
+    return min(xs) if xs else None
+
+
 def _forget_retain(runs: list[dict]) -> tuple[float | None, float | None]:
-    """(forget, retain) of a group of runs: the median over seeds of the mean forget ratio over the kinds the data
-    has, and of the lowest retain ratio over its kinds."""
-
-    def forget(r):
-        xs = [r["ratios"].get(f"forget {k}") for k in PROBE_KINDS]
-        xs = [x for x in xs if x is not None]
-        return sum(xs) / len(xs) if xs else None
-
-    def retain(r):
-        xs = [r["ratios"].get(f"retain {k}") for k in PROBE_KINDS]
-        xs = [x for x in xs if x is not None]
-        return min(xs) if xs else None
-
-    return _median([forget(r) for r in runs]), _median([retain(r) for r in runs])
+    """(forget, retain) of a group of runs: the median over seeds of `mean_forget` and of `lowest_retain`."""
+    return _median([mean_forget(r["ratios"]) for r in runs]), _median([lowest_retain(r["ratios"]) for r in runs])
 
 
 def claim(atu: tuple, base: tuple) -> str:

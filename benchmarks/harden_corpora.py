@@ -37,7 +37,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generality import build_corpus, ratios, shipped_settings  # noqa: E402
+from generality import build_corpus, lowest_retain, mean_forget, ratios, shipped_settings  # noqa: E402
 
 from atu import __version__  # noqa: E402
 from atu.aligned import ALIGNED_DIR  # noqa: E402
@@ -45,7 +45,6 @@ from atu.attack.relearn import RelearnConfig  # noqa: E402
 from atu.attack.runs import relearn_attack  # noqa: E402
 from atu.attack.source import export_source  # noqa: E402
 from atu.errors import ConfigError  # noqa: E402
-from atu.formats import PROBE_KINDS  # noqa: E402
 from atu.run import run as run_job  # noqa: E402
 from atu.run_config import RunConfig  # noqa: E402
 from atu.run_dir import CHECKPOINT_DIR  # noqa: E402
@@ -58,11 +57,9 @@ def summary_figures(summary: dict) -> dict:
     """The run's own before/after figures: mean forget ratio over the probe kinds, lowest retain ratio, perplexity
     ratio, and the hardening's record (None when off)."""
     r = ratios(summary["before"], summary["after"])
-    forget = [r.get(f"forget {k}") for k in PROBE_KINDS if r.get(f"forget {k}") is not None]
-    retain = [r.get(f"retain {k}") for k in PROBE_KINDS if r.get(f"retain {k}") is not None]
     return {
-        "forget_ratio": sum(forget) / len(forget) if forget else None,
-        "retain_ratio": min(retain) if retain else None,
+        "forget_ratio": mean_forget(r),
+        "retain_ratio": lowest_retain(r),
         "perplexity_ratio": r["perplexity"],
         "harden": summary.get("harden"),
         "stop_reason": summary.get("stop_reason"),
